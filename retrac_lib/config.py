@@ -1,0 +1,92 @@
+"""Training configuration, run sizes and the cache location.
+
+The book explains each field in chapter 1 (``notebooks/01_train_toy_ddpm.ipynb``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+SMOKE_ENV = "RETRAC_SMOKE"
+CACHE_ENV = "RETRAC_CACHE"
+
+
+def is_smoke() -> bool:
+    """True when ``RETRAC_SMOKE=1``: notebooks then use tiny sizes on the same code path."""
+    return os.environ.get(SMOKE_ENV, "0").strip() not in ("", "0", "false", "False")
+
+
+def cache_dir() -> Path:
+    """Folder for cached runs: ``$RETRAC_CACHE`` or ``~/.cache/retrac-book``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "retrac-book")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run; its hash keys the cache.
+
+    Training runs in shuffled epochs (every sample once per epoch, the last batch may be
+    smaller) with a checkpoint after every ``checkpoint_every`` epochs, so every sample has a
+    recorded timestep and noise before every checkpoint.
+    """
+
+    model: str = "unet"                       # "unet" (images) or "mlp" (2-D points)
+    block_out_channels: tuple[int, ...] = (16, 32)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    mlp_hidden: int = 128
+    mlp_layers: int = 3
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_schedule: str = "constant"             # "constant" or "cosine" (decay to 10 % of lr)
+    checkpoint_every: int = 10                # epochs between checkpoints
+    loss: str = "mse"                         # "mse" (p = 2) or "l1" (p = 1)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    clip_sample: bool = True                  # False for 2-D data
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        _check_choice("model", self.model, ("unet", "mlp"))
+        _check_choice("loss", self.loss, ("mse", "l1"))
+        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        for name in ("epochs", "batch_size", "checkpoint_every", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.model == "unet":
+            bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+            if bad:
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels} must all divide by "
+                    f"norm_num_groups={self.norm_num_groups} (GroupNorm splits channels into "
+                    f"groups); {bad} do not. Choose channel counts that are multiples of "
+                    f"{self.norm_num_groups} or change norm_num_groups."
+                )
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig fields {sorted(unknown)}.")
+        return cls(**d)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {choices}.")

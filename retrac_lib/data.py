@@ -1,0 +1,110 @@
+"""Training data that ships with packages: scikit-learn's 8x8 digits and 2-D point clouds.
+
+Nothing is downloaded. Chapter 1 shows the data; chapter 5 adds planted outliers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A training set in index order: ``images`` [N, C, H, W] (or [N, 2] points), ``labels`` [N]."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(
+                f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels."
+            )
+        if not torch.isfinite(self.images).all():
+            raise ValueError(f"{self.name}: images contain NaN or infinite values.")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.images.ndim == 4
+
+    def subset(self, indices, name: str | None = None) -> "Dataset":
+        """The samples at ``indices`` (in that order), re-indexed from 0."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Dataset(name or f"{self.name}[subset]", self.images[idx], self.labels[idx])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the exact values, dtype and shape: part of every cache key."""
+        h = hashlib.sha256()
+        for t in (self.images, self.labels):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 handwritten 8x8 digits as [N, 1, 8, 8] floats in [-1, 1].
+
+    ``split="train"`` / ``"test"`` give a seeded split stratified by label, so held-out digits
+    can serve as queries that the model never trained on.
+    """
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    labels = torch.tensor(raw.target, dtype=torch.long)
+    if split == "all":
+        return Dataset("digits", images, labels)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}.")
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=raw.target
+    )
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return Dataset(f"digits-{split}", images[idx], labels[idx])
+
+
+def moons(n: int = 512, noise: float = 0.06, seed: int = 0) -> Dataset:
+    """Two interleaving half-circles in 2-D, standardized; labels say which moon."""
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=n, noise=noise, random_state=seed)
+    return _points("moons", x, y)
+
+
+def gaussian_mixture(n: int = 512, centers: int = 4, spread: float = 0.35, seed: int = 0) -> Dataset:
+    """``centers`` Gaussian blobs on a circle, standardized; labels say which blob."""
+    rng = np.random.default_rng(seed)
+    angles = 2 * np.pi * np.arange(centers) / centers
+    means = np.stack([np.cos(angles), np.sin(angles)], 1) * 2.0
+    y = rng.integers(0, centers, size=n)
+    x = means[y] + spread * rng.standard_normal((n, 2))
+    return _points("gaussian_mixture", x, y)
+
+
+def _points(name, x, y) -> Dataset:
+    x = (x - x.mean(0)) / x.std(0)
+    return Dataset(name, torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
+
+
+LOADERS = {"digits": digits, "moons": moons, "gaussian_mixture": gaussian_mixture}
+
+
+def load(name: str, **kwargs) -> Dataset:
+    """A data set by name: one of ``LOADERS``."""
+    if name not in LOADERS:
+        raise ValueError(f"Unknown data set {name!r}; available: {', '.join(sorted(LOADERS))}.")
+    return LOADERS[name](**kwargs)

@@ -1,0 +1,34 @@
+"""The DDPM training loss, per sample: ``mean |eps_theta(x_t, t) - eps|^p``.
+
+Training, replay, per-sample gradients and attribution all call these functions, so they agree
+bit for bit. Chapter 1 derives the loss; chapter 2 differentiates it per sample.
+"""
+from __future__ import annotations
+
+import torch
+
+LOSSES = ("mse", "l1")
+
+
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+
+
+def add_noise(scheduler, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (diffusers' add_noise)."""
+    return scheduler.add_noise(x, noise, t.to(x.device))
+
+
+def error_loss(pred: torch.Tensor, noise: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample loss from predicted and true noise: mean over all but the first dimension."""
+    diff = pred - noise
+    err = diff.square() if loss == "mse" else diff.abs()
+    return err.flatten(1).mean(1)
+
+
+def diffusion_loss(model, scheduler, x, t, noise, loss: str = "mse") -> torch.Tensor:
+    """Per-sample DDPM loss [B] of ``model`` on clean samples ``x`` at timesteps ``t`` with ``noise``."""
+    check_loss(loss)
+    x_t = add_noise(scheduler, x, t, noise)
+    return error_loss(model(x_t, t.to(x.device)).sample, noise, loss)

@@ -1,0 +1,259 @@
+"""Training runs that record what attribution needs, and the load-or-train cache.
+
+For every optimizer step the log keeps which samples were in the batch, the timestep each was
+trained at and the exact noise it got; checkpoints keep their step and learning rate. Chapter 1
+trains a run and reads its log; every later chapter loads it through ``load_or_train``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import cache
+from .config import TrainConfig, cache_dir
+from .data import Dataset
+from .losses import diffusion_loss
+from .models import build_model, build_scheduler
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Weights after ``step`` optimizer steps (the end of epoch ``epoch``).
+
+    ``visits`` counts sample visits since the previous checkpoint (steps x batch size when
+    every batch is full), so ``weight(N) = lr * visits / N`` is DESIGN.md's ``lr * steps * batch / N``.
+    """
+
+    index: int
+    step: int
+    epoch: int
+    lr: float
+    visits: int
+    params: dict[str, torch.Tensor]
+
+    def weight(self, n_train: int) -> float:
+        """TracIn's checkpoint weight: learning rate times expected visits per sample."""
+        return self.lr * self.visits / n_train
+
+
+@dataclasses.dataclass
+class TrainingLog:
+    """What every optimizer step saw, stored flat over sample visits.
+
+    Step ``s`` covers visits ``step_starts[s]:step_starts[s + 1]``; ``losses[s]`` is its batch loss.
+    """
+
+    indices: torch.Tensor      # [V] long: training-set index of each visit
+    timesteps: torch.Tensor    # [V] long
+    noise: torch.Tensor        # [V, *sample_shape]
+    step_starts: torch.Tensor  # [S + 1] long
+    losses: torch.Tensor       # [S] float64
+    lrs: torch.Tensor          # [S] float64
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.losses)
+
+    def step(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, timesteps, noise) of optimizer step ``s``."""
+        if not 0 <= s < self.n_steps:
+            raise IndexError(f"step {s} out of range: the log has {self.n_steps} steps.")
+        a, b = int(self.step_starts[s]), int(self.step_starts[s + 1])
+        return self.indices[a:b], self.timesteps[a:b], self.noise[a:b]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run: configuration, data, scheduler, checkpoints, log and initial weights."""
+
+    config: TrainConfig
+    data: Dataset
+    scheduler: object
+    checkpoints: list[Checkpoint]
+    log: TrainingLog | None
+    initial_params: dict[str, torch.Tensor]
+    train_seconds: float
+    path: Path | None = None
+
+    def _check_index(self, c: int) -> int:
+        n = len(self.checkpoints)
+        if not -n <= c < n:
+            raise IndexError(
+                f"Checkpoint {c} does not exist: this run has {n} checkpoints "
+                f"(indices 0..{n - 1}, or negative from the end)."
+            )
+        return c % n
+
+    def model_at(self, c: int) -> torch.nn.Module:
+        """The denoiser with checkpoint ``c``'s weights, in eval mode."""
+        return self._model(self.checkpoints[self._check_index(c)].params)
+
+    def initial_model(self) -> torch.nn.Module:
+        """The denoiser at initialization (before any step), in eval mode."""
+        return self._model(self.initial_params)
+
+    def _model(self, params) -> torch.nn.Module:
+        model = build_model(self.config, self.data.sample_shape)
+        model.load_state_dict(params)
+        return model.eval()
+
+    def recorded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's last training timestep [N] and noise [N, ...] before checkpoint ``c``."""
+        ckpt = self.checkpoints[self._check_index(c)]
+        log = self.require_log()
+        n_visits = int(log.step_starts[ckpt.step])
+        idx = log.indices[:n_visits]
+        last = torch.full((len(self.data),), -1, dtype=torch.long)
+        last.scatter_reduce_(0, idx, torch.arange(n_visits), reduce="amax")
+        if (last < 0).any():
+            missing = (last < 0).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"Samples {missing} were never trained before checkpoint {c}.")
+        return log.timesteps[last], log.noise[last]
+
+    def require_log(self) -> TrainingLog:
+        if self.log is None:
+            raise ValueError(
+                "This run has no training log, so the timesteps and noise each sample was "
+                "trained with are unknown. Train it with rl.load_or_train, which records them."
+            )
+        return self.log
+
+    def checkpoint_weights(self) -> torch.Tensor:
+        """``lr * visits / N`` for every checkpoint."""
+        return torch.tensor([c.weight(len(self.data)) for c in self.checkpoints], dtype=torch.float64)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """Batch loss of every optimizer step."""
+        return self.require_log().losses
+
+
+def _lr_at(config: TrainConfig, step: int, total: int) -> float:
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
+    """Train a DDPM on ``data`` in shuffled epochs, recording the log and checkpoints (CPU)."""
+    start = time.perf_counter()
+    model = build_model(config, data.sample_shape).train()
+    scheduler = build_scheduler(config)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    n, bs = len(data), config.batch_size
+    total = config.epochs * math.ceil(n / bs)
+    indices, timesteps, noises, starts, losses, lrs = [], [], [], [0], [], []
+    checkpoints, visits_since = [], 0
+    bar = tqdm(total=total, desc="training", disable=not progress)
+    for epoch in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for b in range(0, n, bs):
+            idx = order[b:b + bs]
+            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
+            eps = torch.randn((len(idx), *data.sample_shape), generator=gen)
+            lr = _lr_at(config, len(losses), total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            indices.append(idx), timesteps.append(t), noises.append(eps)
+            starts.append(starts[-1] + len(idx)), losses.append(loss.item()), lrs.append(lr)
+            visits_since += len(idx)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            checkpoints.append(Checkpoint(len(checkpoints), len(losses), epoch + 1, lr, visits_since, params))
+            visits_since = 0
+    bar.close()
+    log = TrainingLog(
+        torch.cat(indices), torch.cat(timesteps), torch.cat(noises),
+        torch.tensor(starts), torch.tensor(losses, dtype=torch.float64),
+        torch.tensor(lrs, dtype=torch.float64),
+    )
+    return Run(config, data, scheduler, checkpoints, log, initial, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def run_key(config: TrainConfig, data: Dataset) -> str:
+    return cache.key_for({"kind": "run", "config": config.to_dict(), "data": data.fingerprint()})
+
+
+def _describe(config: TrainConfig, data: Dataset) -> dict:
+    return {"config": config.to_dict(), "data": {"name": data.name, "n": len(data),
+                                                 "fingerprint": data.fingerprint()}}
+
+
+def save_run(run: Run, folder: Path) -> Path:
+    """Write ``run`` atomically to ``folder`` (safetensors weights and log, JSON metadata)."""
+    with cache.atomic_folder(folder) as tmp:
+        cache.write_json(tmp / "config.json", _describe(run.config, run.data))
+        weights = {f"init/{k}": v for k, v in run.initial_params.items()}
+        for c in run.checkpoints:
+            weights.update({f"c{c.index}/{k}": v for k, v in c.params.items()})
+        cache.save_tensors(tmp / "weights.safetensors", weights)
+        cache.save_tensors(tmp / "log.safetensors", run.require_log().to_tensors())
+        cache.write_json(tmp / "meta.json", {
+            "train_seconds": run.train_seconds,
+            "checkpoints": [{k: getattr(c, k) for k in ("index", "step", "epoch", "lr", "visits")}
+                            for c in run.checkpoints],
+        })
+    return Path(folder)
+
+
+def load_run(folder: Path, config: TrainConfig, data: Dataset) -> Run:
+    """Load a saved run, refusing it unless it was trained with exactly ``config`` on ``data``."""
+    folder = Path(folder)
+    cache.verify_folder(folder)
+    saved = cache.read_json(folder / "config.json")
+    wanted = _describe(config, data)
+    if saved["config"] != wanted["config"] or saved["data"]["fingerprint"] != wanted["data"]["fingerprint"]:
+        changed = sorted(k for k in wanted["config"] if saved["config"].get(k) != wanted["config"][k])
+        if saved["data"]["fingerprint"] != wanted["data"]["fingerprint"]:
+            changed.append("data")
+        raise cache.CacheError(
+            f"The run in {folder} was trained with a different configuration (differs in: "
+            f"{', '.join(changed)}). Pass the matching config, or delete the folder to retrain."
+        )
+    weights = cache.load_tensors(folder / "weights.safetensors")
+    meta = cache.read_json(folder / "meta.json")
+    checkpoints = [
+        Checkpoint(**m, params={k.split("/", 1)[1]: v for k, v in weights.items()
+                                if k.startswith(f"c{m['index']}/")})
+        for m in meta["checkpoints"]
+    ]
+    initial = {k.split("/", 1)[1]: v for k, v in weights.items() if k.startswith("init/")}
+    log = TrainingLog(**cache.load_tensors(folder / "log.safetensors"))
+    return Run(config, data, build_scheduler(config), checkpoints, log, initial,
+               meta["train_seconds"], folder)
+
+
+def load_or_train(config: TrainConfig, data: Dataset, progress: bool = True,
+                  root: Path | None = None) -> Run:
+    """The cached run for exactly this configuration and data, training (and caching) it if absent.
+
+    The cache folder is ``root`` or ``$RETRAC_CACHE`` (default ``~/.cache/retrac-book``).
+    """
+    folder = Path(root or cache_dir()) / "runs" / run_key(config, data)
+    if folder.exists():
+        return load_run(folder, config, data)
+    run = train(config, data, progress=progress)
+    save_run(run, folder)
+    run.path = folder
+    return run
+
