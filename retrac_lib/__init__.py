@@ -4,7 +4,8 @@
     data = rl.data.digits()
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
-from . import book, cache, config, data, grads, losses, models, sampling, training
+from . import attribution, book, cache, config, data, grads, losses, models, sampling, training
+from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads
 from .sampling import generate

@@ -31,6 +31,16 @@ def key_for(payload: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """SHA-256 of exact tensor values, dtypes and shapes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path):
     """Yield a temporary folder; on success move it to ``final`` in one rename."""

@@ -5,10 +5,10 @@ Nothing is downloaded. Chapter 1 shows the data; chapter 5 adds planted outliers
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-
 import numpy as np
 import torch
+
+from .cache import tensor_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +45,7 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """SHA-256 of the exact values, dtype and shape: part of every cache key."""
-        h = hashlib.sha256()
-        for t in (self.images, self.labels):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        return tensor_fingerprint(self.images, self.labels)
 
 
 def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0) -> Dataset:

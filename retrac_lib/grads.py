@@ -26,6 +26,10 @@ def flatten(grads: dict[str, torch.Tensor], batch_dims: int = 1) -> torch.Tensor
 def check_batch(model, scheduler, x, t, noise) -> None:
     """Clear errors for inputs that do not form a batch of (sample, timestep, noise) triples."""
     check_samples(model, x, "x")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(
+            f"timesteps t must be integers (they index the noise schedule); got dtype {t.dtype}."
+        )
     if t.ndim != 1 or noise.shape != x.shape or len(t) != len(x):
         raise ValueError(
             f"x {tuple(x.shape)}, t {tuple(t.shape)} and noise {tuple(noise.shape)} must describe "
@@ -36,37 +40,59 @@ def check_batch(model, scheduler, x, t, noise) -> None:
         raise ValueError(f"timesteps must lie in [0, {n_t}); got values in [{int(t.min())}, {int(t.max())}].")
 
 
-def _sample_loss_fn(model, loss):
+def _group_loss_fn(model, loss):
     buffers = dict(model.named_buffers())
 
-    def sample_loss(params, x_t, t, noise):
-        """Loss of one sample (x_t already noised, so no scheduler indexing under vmap)."""
-        pred = functional_call(model, (params, buffers), (x_t[None], t[None])).sample
-        return error_loss(pred, noise[None], loss)[0]
+    def group_loss(params, x_t, t, noise):
+        """Mean loss of one group of draws (x_t already noised: no scheduler indexing under vmap)."""
+        pred = functional_call(model, (params, buffers), (x_t, t)).sample
+        return error_loss(pred, noise, loss).mean()
 
-    return sample_loss
+    return group_loss
+
+
+def grouped_grads(model, scheduler, x, t, noise, loss: str = "mse",
+                  chunk_size: int = 64) -> torch.Tensor:
+    """One gradient per group of draws: row ``g`` is the gradient of the mean loss over
+    ``(x[g, m], t[g, m], noise[g, m])`` for ``m < M``; ``x`` is [G, M, *sample], ``t`` is [G, M].
+
+    Because the mean of gradients is the gradient of the mean loss, this is the average
+    per-draw gradient at the cost of one batched backward pass. ``chunk_size`` bounds the draws
+    (G x M) processed at once.
+    """
+    check_loss(loss)
+    if x.ndim < 2 or t.shape != x.shape[:2] or noise.shape != x.shape:
+        raise ValueError(
+            f"x {tuple(x.shape)}, t {tuple(t.shape)} and noise {tuple(noise.shape)} must describe "
+            "the same groups: x and noise are [G, M, *sample] and t is [G, M]."
+        )
+    check_batch(model, scheduler, x.flatten(0, 1), t.flatten(), noise.flatten(0, 1))
+    device = next(model.parameters()).device
+    params = trainable_params(model)
+    groups, draws = t.shape
+    x, t, noise = x.to(device), t.to(device), noise.to(device)
+    with torch.no_grad():
+        x_t = add_noise(scheduler, x.flatten(0, 1), t.flatten(), noise.flatten(0, 1)).view_as(x)
+    per_group = vmap(grad(_group_loss_fn(model, loss)), in_dims=(None, 0, 0, 0))
+    dtype = next(iter(params.values())).dtype
+    out = torch.empty(groups, sum(p.numel() for p in params.values()), device=device, dtype=dtype)
+    step = max(1, chunk_size // draws)
+    for a in range(0, groups, step):
+        b = min(a + step, groups)
+        out[a:b] = flatten(per_group(params, x_t[a:b], t[a:b], noise[a:b]))
+    return out
 
 
 def per_sample_grads(model, scheduler, x, t, noise, loss: str = "mse",
                      chunk_size: int = 64) -> torch.Tensor:
     """Gradients of ``mean |eps_theta(x_t, t) - eps|^p`` w.r.t. all trainable parameters: [B, P].
 
-    Row ``i`` is the gradient of sample ``x[i]`` noised with ``noise[i]`` at timestep ``t[i]``.
-    Runs on the model's device; memory is bounded by ``chunk_size`` rows of activations.
+    Row ``i`` is the gradient of sample ``x[i]`` noised with ``noise[i]`` at timestep ``t[i]``,
+    computed with ``functional_call`` + ``vmap(grad(...))`` in chunks of ``chunk_size`` samples.
+    Runs on the model's device.
     """
-    check_loss(loss)
     check_batch(model, scheduler, x, t, noise)
-    device = next(model.parameters()).device
-    params = trainable_params(model)
-    x, t, noise = x.to(device), t.to(device), noise.to(device)
-    with torch.no_grad():
-        x_t = add_noise(scheduler, x, t, noise)
-    per_sample = vmap(grad(_sample_loss_fn(model, loss)), in_dims=(None, 0, 0, 0))
-    out = torch.empty(len(x), sum(p.numel() for p in params.values()), device=device)
-    for a in range(0, len(x), chunk_size):
-        b = min(a + chunk_size, len(x))
-        out[a:b] = flatten(per_sample(params, x_t[a:b], t[a:b], noise[a:b]))
-    return out
+    return grouped_grads(model, scheduler, x[:, None], t[:, None], noise[:, None], loss, chunk_size)
 
 
 def per_sample_grads_loop(model, scheduler, x, t, noise, loss: str = "mse") -> torch.Tensor:

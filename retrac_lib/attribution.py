@@ -1,0 +1,295 @@
+"""Diffusion-TracIn and Diffusion-ReTrac scores (chapters 3 and 4).
+
+For training sample ``x_i``, query ``z`` and checkpoints ``c`` with weights ``w_c``:
+
+* TracIn:  ``I(x_i, z) = sum_c w_c < g_c(x_i), (1/|T'|) sum_t m_c(z, t) >``
+* ReTrac:  ``I(x_i, z) = sum_c w_c < g_c(x_i)/|g_c(x_i)|, (1/|T'|) sum_t m_c(z, t)/|m_c(z, t)| >``
+
+``g_c(x_i)`` is the loss gradient of ``x_i`` at the timestep and noise it was last trained with
+before ``c``; ``m_c(z, t)`` the query's loss gradient averaged over ``K`` noise draws at timestep
+``t`` of the grid ``T'``. Both sums collapse to one *query vector* per query and checkpoint, so
+scoring streams the training gradients in chunks against a [Q, P] matrix: memory is bounded by
+the chunk, never N x P. The query side never loops over draws: the mean of gradients is the
+gradient of the mean loss, so each averaged gradient is one batched backward pass
+(``grads.grouped_grads``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import cache
+from .config import cache_dir
+from .grads import grouped_grads
+from .losses import check_loss
+from .models import check_samples
+from .training import run_key
+
+METHODS = ("tracin", "retrac")
+# Where ReTrac normalizes the query side: after averaging the K draws of each timestep (the
+# paper's official code), each single (t, eps) draw, or once for the fully averaged vector.
+QUERY_NORMALIZATIONS = ("per_timestep", "per_draw", "cosine")
+TRAIN_SIDES = ("recorded", "fresh_noise", "timestep_average")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionConfig:
+    """Every choice behind a score matrix; saved with it and part of its cache key."""
+
+    method: str
+    checkpoints: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    n_noise: int
+    noise_seed: int
+    train_side: str
+    normalization: str
+    loss: str
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class AttributionResult:
+    """Scores [Q, N] of every training sample for every query, with what produced them.
+
+    ``train_grad_norms`` [C, N] holds ``|g_c(x_i)|`` for each used checkpoint, the quantity the
+    timestep bias lives in.
+    """
+
+    scores: torch.Tensor
+    config: AttributionConfig
+    checkpoint_weights: torch.Tensor
+    train_grad_norms: torch.Tensor
+    seconds: float = 0.0
+
+    def top_k(self, k: int, largest: bool = True) -> torch.Tensor:
+        """Indices [Q, k] of the ``k`` highest (or lowest) scoring training samples per query."""
+        n = self.scores.shape[1]
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} must lie between 1 and the number of training samples ({n}).")
+        return self.scores.topk(k, dim=1, largest=largest).indices
+
+    def proponents(self, k: int) -> torch.Tensor:
+        """The ``k`` training samples whose training step most reduced each query's loss."""
+        return self.top_k(k, largest=True)
+
+    def opponents(self, k: int) -> torch.Tensor:
+        """The ``k`` training samples whose training step most increased each query's loss."""
+        return self.top_k(k, largest=False)
+
+    def save(self, folder: Path) -> Path:
+        """Write the result atomically (safetensors + JSON)."""
+        with cache.atomic_folder(Path(folder)) as tmp:
+            cache.save_tensors(tmp / "scores.safetensors", {
+                "scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
+                "train_grad_norms": self.train_grad_norms})
+            cache.write_json(tmp / "config.json", {"config": self.config.to_dict(),
+                                                   "seconds": self.seconds})
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> "AttributionResult":
+        """Read a result written by ``save``, refusing a corrupted or partial folder."""
+        cache.verify_folder(folder)
+        tensors = cache.load_tensors(Path(folder) / "scores.safetensors")
+        meta = cache.read_json(Path(folder) / "config.json")
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        return cls(config=AttributionConfig(**cfg), seconds=meta["seconds"], **tensors)
+
+
+def timestep_grid(n: int = 100, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``n`` evenly spaced timesteps in [1, T - 1] (the paper: 100 in [1, 999])."""
+    return torch.linspace(1, num_train_timesteps - 1, n).round().long()
+
+
+def query_noise_draws(sample_shape, n_timesteps: int, n_noise: int, seed: int) -> torch.Tensor:
+    """Seeded noise [T', K, *sample]: the same draws for every query and checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((n_timesteps, n_noise, *sample_shape), generator=gen)
+
+
+def _normalize_rows(g: torch.Tensor) -> torch.Tensor:
+    return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+
+
+def _check_finite(g: torch.Tensor, what: str, offset: int, checkpoint: int) -> None:
+    bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        raise FloatingPointError(
+            f"The gradient of {what} {offset + int(bad[0])} at checkpoint {checkpoint} is NaN or "
+            "infinite. Check that sample for NaN/inf values and the checkpoint for diverged weights."
+        )
+
+
+def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
+                  normalization: str = "per_timestep", loss: str = "mse",
+                  chunk_size: int = 256, checkpoint: int = 0) -> torch.Tensor:
+    """The query side [Q, P]: ``(1/|T'|) sum_t m(z, t)`` for TracIn, its normalized variants for ReTrac.
+
+    ``noise`` is [T', K, *sample]. Each query's draws are grouped so that one batched backward
+    pass yields each averaged gradient: one group of T' x K draws for TracIn and "cosine", T'
+    groups of K for "per_timestep", T' x K groups of one draw for "per_draw".
+    """
+    n_t, k = noise.shape[:2]
+    draws_per_group = {"tracin": n_t * k, "per_timestep": k, "per_draw": 1, "cosine": n_t * k}
+    group = draws_per_group["tracin" if method == "tracin" else normalization]
+    out = []
+    for q, z in enumerate(queries):
+        x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
+        t = timesteps.repeat_interleave(k).reshape(-1, group)
+        g = grouped_grads(model, scheduler, x, t, noise.reshape(-1, group, *z.shape), loss, chunk_size)
+        _check_finite(g, "query", q, checkpoint)
+        if method == "retrac":
+            g = _normalize_rows(g)
+        out.append(g.mean(0))
+    return torch.stack(out)
+
+
+def training_draws(run, c: int, train_side: str, timesteps: torch.Tensor,
+                   noise_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps [N, M] and noise [N, M, *sample] defining ``g_c(x_i)`` for each training sample.
+
+    "recorded" (M = 1): the timestep and noise each sample was last trained with before ``c``;
+    "fresh_noise" (M = 1): the recorded timestep with new seeded noise; "timestep_average"
+    (M = |T'|): one seeded draw at every grid timestep, averaged (an image-level variant).
+    """
+    n, shape = len(run.data), run.data.sample_shape
+    gen = torch.Generator().manual_seed(noise_seed + 1_000_003 * (c + 1))
+    if train_side == "timestep_average":
+        t = timesteps.expand(n, -1)
+        return t, torch.randn((n, len(timesteps), *shape), generator=gen)
+    t, noise = run.recorded(c)
+    if train_side == "fresh_noise":
+        noise = torch.randn(noise.shape, generator=gen)
+    return t[:, None], noise[:, None]
+
+
+def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints=None,
+              timesteps=100, n_noise: int = 16, query_noise: torch.Tensor | None = None,
+              noise_seed: int = 0, train_side: str = "recorded",
+              normalization: str = "per_timestep", loss: str | None = None,
+              chunk_size: int = 64, device=None, progress: bool = True) -> AttributionResult:
+    """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
+
+    Args:
+        queries: [Q, *sample] images or points (training images, held-out or generated ones).
+        method: "tracin" (Diffusion-TracIn) or "retrac" (Diffusion-ReTrac).
+        checkpoints: indices into ``run.checkpoints`` to sum over (default all), each weighted
+            by ``lr * steps * batch / N``.
+        timesteps: the query grid T': a number of evenly spaced timesteps in [1, T-1] or a list.
+        n_noise: K, noise draws per timestep. ``query_noise`` passes them explicitly, [K, *sample]
+            (reused at every timestep) or [T', K, *sample]; otherwise they are drawn from
+            ``noise_seed``, the same for every query and checkpoint.
+        train_side: "recorded" (default), "fresh_noise" or "timestep_average".
+        normalization: ReTrac's query-side placement, "per_timestep" (default), "per_draw" or
+            "cosine"; ignored by TracIn.
+        loss: "mse" or "l1"; default the loss the run was trained with.
+        chunk_size: training samples (and query draws / 4) per batched gradient call; bounds memory.
+        device: where gradients are computed ("cuda" when present); scores come back on the CPU.
+    """
+    start = time.perf_counter()
+    config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
+                                  query_noise, noise_seed, train_side, normalization, loss)
+    n = len(run.data)
+    scores = torch.zeros(len(queries), n, dtype=torch.float64)
+    norms = torch.zeros(len(config.checkpoints), n)
+    weights = run.checkpoint_weights()[list(config.checkpoints)]
+    bar = tqdm(total=len(config.checkpoints) * (1 + -(-n // chunk_size)), desc=method,
+               disable=not progress)
+    for j, c in enumerate(config.checkpoints):
+        model = run.model_at(c).to(device or "cpu")
+        v = query_vectors(model, run.scheduler, queries, grid, noise, method,
+                          config.normalization, config.loss, 4 * chunk_size, c)
+        bar.update()
+        t, eps = training_draws(run, c, train_side, grid, noise_seed)
+        x = run.data.images[:, None].expand(-1, t.shape[1], *run.data.sample_shape)
+        for a in range(0, n, chunk_size):
+            idx = torch.arange(a, min(a + chunk_size, n))
+            g = grouped_grads(model, run.scheduler, x[idx], t[idx], eps[idx], config.loss, chunk_size)
+            _check_finite(g, "training sample", a, c)
+            norms[j, idx] = g.norm(dim=1).cpu()
+            if method == "retrac":
+                g = _normalize_rows(g)
+            scores[:, idx] += weights[j] * (v @ g.T).double().cpu()
+            bar.update()
+    bar.close()
+    return AttributionResult(scores, config, weights, norms, time.perf_counter() - start)
+
+
+def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, noise_seed,
+            train_side, normalization, loss) -> tuple[AttributionConfig, torch.Tensor, torch.Tensor]:
+    """Validate the options of ``attribute``; return its config, timestep grid and query noise."""
+    run.require_log()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if normalization not in QUERY_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {QUERY_NORMALIZATIONS}, got {normalization!r}.")
+    if train_side not in TRAIN_SIDES:
+        raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {train_side!r}.")
+    loss = loss or run.config.loss
+    check_loss(loss)
+    n_ckpt = len(run.checkpoints)
+    checkpoints = tuple(range(n_ckpt)) if checkpoints is None else tuple(int(c) for c in checkpoints)
+    missing = [c for c in checkpoints if not 0 <= c < n_ckpt]
+    if missing or not checkpoints:
+        raise ValueError(f"Checkpoints {missing or '[]'} do not exist: the run has checkpoints "
+                         f"0..{n_ckpt - 1}.")
+    check_samples(run.model_at(checkpoints[0]), queries, "queries")
+    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
+    noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
+    config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
+                               noise_seed, train_side,
+                               normalization if method == "retrac" else "none", loss)
+    return config, grid, noise
+
+
+def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: Path | None = None,
+                      **options) -> AttributionResult:
+    """``attribute`` with a cache: the saved result for exactly this run, queries and options.
+
+    The key covers the run's configuration and data, the query values, the resolved options and
+    the query noise values, so nothing is reused when any of them changed.
+    """
+    keep = ("checkpoints", "timesteps", "n_noise", "query_noise", "noise_seed", "train_side",
+            "normalization", "loss")
+    defaults = dict(checkpoints=None, timesteps=100, n_noise=16, query_noise=None, noise_seed=0,
+                    train_side="recorded", normalization="per_timestep", loss=None)
+    resolved = {**defaults, **{k: v for k, v in options.items() if k in keep}}
+    config, _, noise = resolve(run, queries, method, **resolved)
+    key = cache.key_for({"kind": "attribution", "run": run_key(run.config, run.data),
+                         "queries": cache.tensor_fingerprint(queries),
+                         "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()})
+    folder = Path(root or cache_dir()) / "attributions" / key
+    if folder.exists():
+        return AttributionResult.load(folder)
+    result = attribute(run, queries, method, **options)
+    result.save(folder)
+    return result
+
+
+def _grid(timesteps, num_train_timesteps: int) -> torch.Tensor:
+    if isinstance(timesteps, int):
+        return timestep_grid(timesteps, num_train_timesteps)
+    grid = torch.as_tensor(timesteps, dtype=torch.long).flatten()
+    if len(grid) == 0 or grid.min() < 0 or grid.max() >= num_train_timesteps:
+        raise ValueError(f"timesteps must be a non-empty list in [0, {num_train_timesteps}).")
+    return grid
+
+
+def _query_noise(query_noise, grid, n_noise, seed, sample_shape) -> torch.Tensor:
+    if query_noise is None:
+        return query_noise_draws(sample_shape, len(grid), n_noise, seed)
+    shape = tuple(query_noise.shape)
+    if shape[1:] == tuple(sample_shape):
+        return query_noise.expand(len(grid), *shape)
+    if shape[0] == len(grid) and shape[2:] == tuple(sample_shape):
+        return query_noise
+    raise ValueError(
+        f"query_noise has shape {shape}; expected [K, {', '.join(map(str, sample_shape))}] or "
+        f"[{len(grid)} timesteps, K, {', '.join(map(str, sample_shape))}]."
+    )
