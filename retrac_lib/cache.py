@@ -50,9 +50,12 @@ def atomic_folder(final: Path):
     try:
         yield tmp
         write_manifest(tmp)
-        if final.exists():  # another process finished first; keep one copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            # another process finished the same entry first: keep its copy
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
