@@ -43,7 +43,7 @@ def image_grid(images, captions=None, ncols: int = 8, title: str | None = None,
         if i >= n:
             ax.axis("off")
             continue
-        ax.imshow(images[i, 0], cmap=cmap, vmin=-1, vmax=1)
+        ax.imshow(images[i, 0].numpy(), cmap=cmap, vmin=-1, vmax=1)
         if captions is not None:
             ax.set_title(captions[i], fontsize=7, pad=2)
     if title:
