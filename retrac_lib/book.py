@@ -5,8 +5,10 @@ With ``RETRAC_SMOKE=1`` (``config.is_smoke``) they shrink to run in seconds on t
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .config import TrainConfig, is_smoke
-from .data import Dataset, digits, moons
+from .data import Dataset, digits, digits_with_outliers, moons
 
 SMOKE_DIGITS = 96
 
@@ -50,3 +52,82 @@ def query_digits(n_per_class: int | None = None, smoke: bool | None = None) -> D
     if smoke:
         picks = picks[:4]
     return test.subset(picks, name="digits-queries")
+
+
+# ---------------------------------------------------------------------------------------------
+# chapter 5: counterfactual tests and planted outliers
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualSetup:
+    """Everything chapter 5's retraining experiments fix: run, queries and budgets.
+
+    ``loss_options`` go to ``rl.counterfactual.query_loss``; ``attribution`` to ``rl.attribute``.
+    """
+
+    config: TrainConfig
+    data: Dataset
+    queries: Dataset
+    k: int                      # removal test: proponents removed per query
+    n_subsets: int              # LDS: random subsets retrained
+    subset_fraction: float
+    subset_seed: int
+    loss_options: dict
+    attribution: dict
+
+
+def counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
+    """Chapter 5's retraining experiments: the MLP on 256 two-moons points, 100 epochs.
+
+    Small enough to retrain dozens of times on a laptop CPU: held-out moons points as queries,
+    12 held-out query points, the top 10 % of the training set removed per query, 64
+    half-size subsets for the LDS.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        return CounterfactualSetup(
+            TrainConfig(model="mlp", clip_sample=False, mlp_hidden=32, epochs=3, batch_size=32,
+                        checkpoint_every=1), moons(n=48), moons(n=16, seed=1).subset(range(3)),
+            k=5, n_subsets=6, subset_fraction=0.5, subset_seed=0,
+            loss_options=dict(timesteps=10, n_noise=4), attribution=dict(timesteps=4, n_noise=2))
+    return CounterfactualSetup(
+        TrainConfig(model="mlp", clip_sample=False, epochs=100, batch_size=64, lr=2e-3,
+                    checkpoint_every=25), moons(n=256), moons(n=64, seed=1).subset(range(12)),
+        k=25, n_subsets=64, subset_fraction=0.5, subset_seed=0,
+        loss_options=dict(timesteps=100, n_noise=32), attribution=dict(timesteps=25, n_noise=8))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierSetup:
+    """Chapter 5's planted-outlier run and the sizes of its measurements.
+
+    ``self_attribution`` goes to ``rl.attribute`` with every training image as a query (the
+    self-influence); ``attribution`` for the generated images that resemble outliers.
+    """
+
+    config: TrainConfig
+    data: Dataset
+    self_attribution: dict
+    attribution: dict
+    n_generated: int
+    n_queries: int
+
+
+def outlier_setup(smoke: bool | None = None) -> OutlierSetup:
+    """300 training digits with 9 checkerboards mixed in, the book's UNet, 40 epochs.
+
+    Self-influence needs every training image as a query, so it uses the last checkpoint and a
+    10 x 2 query grid; the generated queries use the chapters' usual options.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        return OutlierSetup(
+            TrainConfig(block_out_channels=(8, 16), epochs=2, batch_size=32, checkpoint_every=1),
+            digits_with_outliers(n_digits=60, n_outliers=3),
+            self_attribution=dict(checkpoints=[-1], timesteps=2, n_noise=1),
+            attribution=attribution_options(smoke=True), n_generated=8, n_queries=2)
+    return OutlierSetup(
+        TrainConfig(epochs=40, batch_size=32, lr=2e-3, checkpoint_every=10),
+        digits_with_outliers(n_digits=300, n_outliers=9),
+        self_attribution=dict(checkpoints=[-1], timesteps=10, n_noise=2),
+        attribution=attribution_options(smoke=False), n_generated=128, n_queries=4)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-LOSSES = ("mse", "l1")
+LOSSES = ("mse", "l1", "square_norm")
+# "square_norm" is not a training loss: it is D-TRAK's output function ``mean eps_theta(x_t, t)^2``,
+# which ignores the true noise; chapter 5 attributes with its gradient (``rl.baselines``).
 
 
 def check_loss(loss: str) -> None:
@@ -22,6 +24,8 @@ def add_noise(scheduler, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) 
 
 def error_loss(pred: torch.Tensor, noise: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-sample loss from predicted and true noise: mean over all but the first dimension."""
+    if loss == "square_norm":
+        return pred.square().flatten(1).mean(1)
     diff = pred - noise
     err = diff.square() if loss == "mse" else diff.abs()
     return err.flatten(1).mean(1)

@@ -1,0 +1,110 @@
+"""Baseline attributions under the interface of ``rl.attribute`` (chapter 5).
+
+``attribute_baseline(run, queries, method)`` returns an ``AttributionResult`` whose ``scores``
+[Q, N] rank training samples the way ``rl.attribute`` does (higher = more of a proponent):
+
+* ``"dtrak"``: D-TRAK's choice of output function (Zheng et al., ICLR 2024). Both gradients are
+  taken of ``f = mean eps_theta(x_t, t)^2`` (loss ``"square_norm"``, which ignores the true
+  noise) instead of the DDPM loss, and compared by cosine: the training gradient normalized, the
+  query gradient averaged over the whole grid and then normalized (``normalization="cosine"``).
+  D-TRAK itself projects the gradients randomly and whitens them with the inverse gradient
+  covariance (TRAK); at toy scale we keep only its output function and its normalization, so the
+  difference to "cosine" isolates the choice of output function.
+* ``"cosine"``: plain gradient cosine of the DDPM loss, without ReTrac's per-timestep
+  normalization: ``cos(g_c(x_i), mean_t m_c(z, t))`` summed over checkpoints. This is exactly
+  ``rl.attribute(method="retrac", normalization="cosine")``, which it calls.
+* ``"pixel"``: nearest neighbours in pixel (or point) space, ``-|z - x_i|_2``.
+* ``"random"``: seeded standard-normal scores, the floor every method must beat.
+
+Gradient baselines take every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
+``pixel`` and ``random`` accept and ignore them (``random`` uses ``seed``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from .attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
+from .models import check_samples
+
+BASELINES = ("dtrak", "cosine", "pixel", "random")
+# How each gradient baseline maps onto rl.attribute's options.
+_GRADIENT_OPTIONS = {
+    "dtrak": dict(normalization="cosine", loss="square_norm"),
+    "cosine": dict(normalization="cosine"),
+}
+
+
+def _check(method: str) -> None:
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {BASELINES}, got {method!r}.")
+
+
+def _gradient_options(method: str, options: dict) -> dict:
+    fixed = _GRADIENT_OPTIONS[method]
+    clash = {k: options[k] for k in fixed if k in options and options[k] != fixed[k]}
+    if clash:
+        raise ValueError(f"The {method!r} baseline fixes {fixed}; do not pass {clash}.")
+    return {**options, **fixed}
+
+
+def _renamed(result: AttributionResult, method: str) -> AttributionResult:
+    result.config = dataclasses.replace(result.config, method=method)
+    return result
+
+
+def _non_gradient(run, queries: torch.Tensor, method: str, seed: int) -> AttributionResult:
+    start = time.perf_counter()
+    check_samples(run.model_at(-1), queries, "queries")
+    train = run.data.images.flatten(1).double()
+    if method == "pixel":
+        scores = -torch.cdist(queries.flatten(1).double(), train)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.randn((len(queries), len(train)), generator=gen, dtype=torch.float64)
+    config = AttributionConfig(method, (), (), 0, seed, "none", "none", "none")
+    return AttributionResult(scores, config, torch.zeros(0, dtype=torch.float64),
+                             torch.zeros(0, len(train)), time.perf_counter() - start)
+
+
+def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, seed: int = 0,
+                       **options) -> AttributionResult:
+    """Baseline scores [Q, N] for every query and training sample of ``run``.
+
+    Args:
+        method: "dtrak", "cosine", "pixel" or "random" (see the module docstring).
+        seed: the random baseline's seed.
+        options: passed to ``rl.attribute`` by the gradient baselines ("dtrak", "cosine");
+            ignored by "pixel" and "random".
+
+    ``result.config.method`` names the baseline.
+    """
+    _check(method)
+    if method in _GRADIENT_OPTIONS:
+        return _renamed(attribute(run, queries, "retrac", **_gradient_options(method, options)),
+                        method)
+    return _non_gradient(run, queries, method, seed)
+
+
+def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *,
+                               seed: int = 0, **options) -> AttributionResult:
+    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for the gradient baselines
+    (pixel and random scores are cheap and recomputed)."""
+    _check(method)
+    if method in _GRADIENT_OPTIONS:
+        result = load_or_attribute(run, queries, "retrac", **_gradient_options(method, options))
+        return _renamed(result, method)
+    return _non_gradient(run, queries, method, seed)
+
+
+def attribute_any(run, queries: torch.Tensor, method: str, *, cached: bool = True, seed: int = 0,
+                  **options) -> AttributionResult:
+    """One entry point for every method of the book: "tracin" and "retrac" through
+    ``rl.attribute`` (or its cache), the baselines through ``attribute_baseline``."""
+    if method in ("tracin", "retrac"):
+        fn = load_or_attribute if cached else attribute
+        return fn(run, queries, method, **options)
+    fn = load_or_attribute_baseline if cached else attribute_baseline
+    return fn(run, queries, method, seed=seed, **options)

@@ -1,0 +1,360 @@
+"""Counterfactual truth for attribution scores: what retraining actually does (chapter 5).
+
+An attribution claims that some training samples lowered a query's loss. At toy scale the claim
+can be tested by retraining, with the same configuration and seed, on a changed training set:
+
+* **Removal test** (``removal_test``): for each query, drop a method's top-``k`` proponents,
+  retrain, and measure how much the query's loss rose, against dropping ``k`` random samples.
+* **Linear datamodeling score** (``random_subsets``, ``subset_losses``, ``lds``): retrain on
+  ``M`` random subsets of half the data; for each query, the Spearman correlation between the
+  subset's summed scores and the retrained model's *negative* query loss. A proponent lowers the
+  loss when it is present, so a perfect additive attribution scores +1, a random one about 0.
+
+Every retrain goes through ``rl.load_or_train`` (``retrain_on``), so it is cached by its exact
+configuration and kept samples: rerunning a chapter, or two methods asking for the same
+training set, costs nothing. The query loss (``query_loss``) is the DDPM loss averaged over a
+fixed timestep grid and fixed seeded noise, the same draws for every retrained model, so loss
+differences come from the weights alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .attribution import query_noise_draws, timestep_grid
+from .baselines import attribute_any
+from .config import TrainConfig
+from .data import Dataset
+from .losses import diffusion_loss
+from .training import Run, load_or_train
+
+__all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
+           "removal_test", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc",
+           "outliers_in_top", "run_self_influence", "chapter_table",
+           "format_table"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantity retraining changes
+
+
+@torch.no_grad()
+def query_loss(model, scheduler, queries: torch.Tensor, timesteps=100, n_noise: int = 16,
+               seed: int = 0, loss: str = "mse", chunk_size: int = 4096) -> torch.Tensor:
+    """Each query's DDPM loss [Q] (float64), averaged over a fixed grid and fixed noise.
+
+    ``timesteps`` is a number of evenly spaced timesteps in [1, T-1] (or a list); at each, the
+    same ``n_noise`` seeded draws are used for every query and every model.
+    """
+    n_train_t = scheduler.config.num_train_timesteps
+    grid = (timestep_grid(timesteps, n_train_t) if isinstance(timesteps, int)
+            else torch.as_tensor(timesteps, dtype=torch.long).flatten())
+    shape = tuple(queries.shape[1:])
+    noise = query_noise_draws(shape, len(grid), n_noise, seed).flatten(0, 1)   # [T'K, *s]
+    t = grid.repeat_interleave(n_noise)                                          # [T'K]
+    device = next(model.parameters()).device
+    model = model.eval()
+    out = torch.empty(len(queries), dtype=torch.float64)
+    per_query = len(t)
+    step = max(1, chunk_size // per_query)
+    for a in range(0, len(queries), step):
+        z = queries[a:a + step]
+        x = z[:, None].expand(-1, per_query, *shape).flatten(0, 1)
+        tt, ee = t.repeat(len(z)), noise.repeat(len(z), *([1] * len(shape)))
+        values = diffusion_loss(model, scheduler, x.to(device), tt.to(device), ee.to(device), loss)
+        out[a:a + len(z)] = values.view(len(z), per_query).double().mean(1).cpu()
+    return out
+
+
+def run_query_loss(run: Run, queries: torch.Tensor, checkpoint: int = -1, **options) -> torch.Tensor:
+    """``query_loss`` of ``run``'s model at ``checkpoint`` (default the last), with its loss."""
+    options.setdefault("loss", run.config.loss)
+    return query_loss(run.model_at(checkpoint), run.scheduler, queries, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# retraining on chosen samples
+
+
+def _kept_indices(kept, n: int) -> torch.Tensor:
+    kept = torch.as_tensor(kept)
+    if kept.dtype == torch.bool:
+        if kept.shape != (n,):
+            raise ValueError(f"A kept mask must have shape [{n}]; got {tuple(kept.shape)}.")
+        kept = kept.nonzero()
+    kept = kept.long().flatten()
+    if len(kept) == 0:
+        raise ValueError("Nothing to train on: the kept set is empty.")
+    if kept.min() < 0 or kept.max() >= n:
+        raise IndexError(f"Kept indices must lie in [0, {n}); got [{int(kept.min())}, {int(kept.max())}].")
+    kept = kept.sort().values
+    if (kept[1:] == kept[:-1]).any():
+        raise ValueError("Kept indices contain duplicates; each training sample can be kept once.")
+    return kept
+
+
+def kept_without(n: int, removed) -> torch.Tensor:
+    """The indices 0..n-1 that are not in ``removed``, in increasing order."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[torch.as_tensor(removed, dtype=torch.long)] = False
+    return mask.nonzero().flatten()
+
+
+def retrain_on(config: TrainConfig, data: Dataset, kept, progress: bool = False,
+               root: Path | None = None) -> Run:
+    """Train ``config`` (same seed) on exactly the samples ``kept`` of ``data``, in index order.
+
+    ``kept`` holds indices (or a boolean mask [N]); the run's data is ``data.subset(sorted kept)``.
+    Cached by ``rl.load_or_train``: the same kept set is never trained twice.
+    """
+    idx = _kept_indices(kept, len(data))
+    subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
+    return load_or_train(config, subset, progress=progress, root=root)
+
+
+# ---------------------------------------------------------------------------------------------
+# removal test
+
+
+@dataclasses.dataclass
+class RemovalResult:
+    """Query losses after removing each method's top-``k`` proponents of each query.
+
+    ``base_loss`` [Q] is the loss of the model trained on all data; ``loss[m]`` [Q] the loss of
+    the model retrained without ``removed[m]`` [Q, k]. ``n_retrains`` counts distinct trained
+    sets (identical ones are trained once).
+    """
+
+    k: int
+    base_loss: torch.Tensor
+    loss: dict[str, torch.Tensor]
+    removed: dict[str, torch.Tensor]
+    n_retrains: int
+    seed: int
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.loss)
+
+    def increase(self, method: str) -> torch.Tensor:
+        """Loss increase [Q] caused by removing ``method``'s top-k proponents."""
+        return self.loss[method] - self.base_loss
+
+    def relative_increase(self, method: str) -> torch.Tensor:
+        """Loss increase [Q] as a fraction of the query's loss on the full-data model."""
+        return self.increase(method) / self.base_loss
+
+
+def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
+                 scores: dict[str, torch.Tensor], k: int, *, loss_options: dict | None = None,
+                 progress: bool = True, root: Path | None = None) -> RemovalResult:
+    """Retrain without each method's top-``k`` proponents of each query; measure the query loss.
+
+    ``scores`` maps a method name to its score matrix [Q, N] (``AttributionResult.scores``) for
+    ``queries``; a "random" entry gives the reference (``k`` random samples per query). Retrains
+    use ``config`` unchanged, seed included; the loss is ``query_loss(**loss_options)``.
+    """
+    loss_options = dict(loss_options or {})
+    loss_options.setdefault("loss", config.loss)
+    n = len(data)
+    if not 1 <= k < n:
+        raise ValueError(f"k={k} must lie in [1, {n - 1}] (the training set has {n} samples).")
+    for name, s in scores.items():
+        if tuple(s.shape) != (len(queries), n):
+            raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
+                             f"[{len(queries)} queries, {n} training samples].")
+    base = load_or_train(config, data, progress=False, root=root)
+    base_loss = run_query_loss(base, queries, **loss_options)
+    removed = {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
+               for m, s in scores.items()}
+    losses = {m: torch.empty(len(queries), dtype=torch.float64) for m in scores}
+    trained = set()
+    bar = tqdm(total=len(scores) * len(queries), desc="removal retrains", disable=not progress)
+    for m in scores:
+        for q in range(len(queries)):
+            kept = kept_without(n, removed[m][q])
+            run = retrain_on(config, data, kept, root=root)
+            trained.add(tuple(removed[m][q].tolist()))
+            losses[m][q] = run_query_loss(run, queries[q:q + 1], **loss_options)[0]
+            bar.update()
+    bar.close()
+    return RemovalResult(k, base_loss, losses, removed, len(trained), config.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear datamodeling score
+
+
+def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """``m`` seeded random subsets of ``round(fraction * n)`` samples each, as a mask [m, n]."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
+    size = max(1, round(fraction * n))
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(m, n, dtype=torch.bool)
+    for j in range(m):
+        masks[j, torch.randperm(n, generator=gen)[:size]] = True
+    return masks
+
+
+def subset_losses(config: TrainConfig, data: Dataset, masks: torch.Tensor, queries: torch.Tensor,
+                  *, loss_options: dict | None = None, progress: bool = True,
+                  root: Path | None = None) -> torch.Tensor:
+    """Retrain ``config`` on each subset ``masks[j]`` and return the query losses [M, Q]."""
+    loss_options = dict(loss_options or {})
+    loss_options.setdefault("loss", config.loss)
+    if masks.ndim != 2 or masks.shape[1] != len(data) or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be a boolean [M, {len(data)}] tensor; got "
+                         f"{masks.dtype} {tuple(masks.shape)}.")
+    out = torch.empty(len(masks), len(queries), dtype=torch.float64)
+    for j in tqdm(range(len(masks)), desc="subset retrains", disable=not progress):
+        run = retrain_on(config, data, masks[j], root=root)
+        out[j] = run_query_loss(run, queries, **loss_options)
+    return out
+
+
+@dataclasses.dataclass
+class LDSResult:
+    """Per-query linear datamodeling scores and the predictions behind them.
+
+    ``per_query`` [Q]: Spearman correlation, over the ``M`` subsets, between ``predicted[:, q]``
+    (the subset's summed scores) and ``-losses[:, q]`` (the retrained query loss, negated).
+    """
+
+    per_query: torch.Tensor
+    predicted: torch.Tensor
+    losses: torch.Tensor
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_query.mean())
+
+    @property
+    def std(self) -> float:
+        """Spread over queries (sample standard deviation)."""
+        return float(self.per_query.std()) if len(self.per_query) > 1 else 0.0
+
+    @property
+    def sem(self) -> float:
+        """Standard error of the mean over queries."""
+        return self.std / max(1, len(self.per_query)) ** 0.5
+
+
+def lds(scores: torch.Tensor, masks: torch.Tensor,
+        losses: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> LDSResult:
+    """Linear datamodeling score of ``scores`` [Q, N] on subsets ``masks`` [M, N].
+
+    ``losses`` is the retrained query loss, either a matrix [M, Q] (``subset_losses``) or a
+    function from one mask [N] to the losses [Q] (handy for synthetic tests). The attribution
+    predicts that subset ``S`` lowers query ``q``'s loss by ``sum_{i in S} scores[q, i]``; the
+    score is the rank correlation of that prediction with ``-loss``, so +1 is perfect.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    masks = torch.as_tensor(masks)
+    if scores.ndim != 2 or masks.ndim != 2 or masks.shape[1] != scores.shape[1]:
+        raise ValueError(f"scores [Q, N] and masks [M, N] must share N; got {tuple(scores.shape)} "
+                         f"and {tuple(masks.shape)}.")
+    if callable(losses):
+        losses = torch.stack([torch.as_tensor(losses(mk), dtype=torch.float64) for mk in masks])
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    if tuple(losses.shape) != (masks.shape[0], scores.shape[0]):
+        raise ValueError(f"losses must be [M={masks.shape[0]}, Q={scores.shape[0]}]; got "
+                         f"{tuple(losses.shape)}.")
+    predicted = masks.double() @ scores.T                                       # [M, Q]
+    per_query = []
+    for q in range(scores.shape[0]):
+        a, b = predicted[:, q].numpy(), -losses[:, q].numpy()
+        rho = spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else 0.0
+        per_query.append(float(rho))
+    return LDSResult(torch.tensor(per_query, dtype=torch.float64), predicted, losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# planted outliers
+
+
+def self_influence(scores: torch.Tensor, method: str = "") -> torch.Tensor:
+    """Self-influence [N] from a score matrix [N, N] whose queries are the training samples.
+
+    For attribution scores it is the diagonal, the influence of each sample on itself. Pixel
+    scores have a trivial diagonal (distance 0), so for ``method="pixel"`` it is the distance to
+    the nearest *other* training sample: the pixel-space analogue, large for a sample nothing
+    else explains.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"Self-influence needs an [N, N] matrix (queries = training samples); "
+                         f"got {tuple(scores.shape)}.")
+    if method == "pixel":
+        others = scores.clone().fill_diagonal_(-float("inf"))
+        return -others.max(dim=1).values
+    return scores.diagonal().clone()
+
+
+def run_self_influence(run: Run, method: str, *, cached: bool = True, **options) -> torch.Tensor:
+    """Self-influence [N] of every training sample of ``run`` under ``method`` (any method of
+    ``baselines.attribute_any``), with every training image as a query; ``options`` go to the
+    attribution (negative checkpoint indices count from the end)."""
+    if options.get("checkpoints") is not None:
+        options["checkpoints"] = [int(c) % len(run.checkpoints) for c in options["checkpoints"]]
+    result = attribute_any(run, run.data.images, method, cached=cached, **options)
+    return self_influence(result.scores, method)
+
+
+def outlier_auc(values: torch.Tensor, is_outlier: torch.Tensor) -> float:
+    """Probability that a random outlier has a larger ``value`` than a random inlier (ties 1/2):
+    the area under the ROC curve of ranking by ``values``; 0.5 is chance, 1 perfect."""
+    values, is_outlier = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(is_outlier)
+    a, b = values[is_outlier], values[~is_outlier]
+    if not len(a) or not len(b):
+        raise ValueError("Need at least one outlier and one inlier.")
+    diff = a[:, None] - b[None, :]
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def outliers_in_top(values: torch.Tensor, is_outlier: torch.Tensor, k: int | None = None) -> int:
+    """How many of the ``k`` highest ``values`` (default: as many as there are outliers) are outliers."""
+    is_outlier = torch.as_tensor(is_outlier)
+    k = int(is_outlier.sum()) if k is None else k
+    return int(is_outlier[torch.as_tensor(values).topk(k).indices].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# the chapter's table
+
+
+def chapter_table(removal: RemovalResult, lds_results: dict[str, LDSResult],
+                  labels: dict[str, str] | None = None) -> str:
+    """Chapter 5's table: per method, the mean query-loss increase of the removal test (percent
+    of the full-data loss, with its standard error over queries) and the mean LDS (with its
+    standard deviation over queries)."""
+    labels = labels or {}
+    rows = {}
+    for m in removal.methods:
+        inc = 100 * removal.relative_increase(m)
+        sem = float(inc.std()) / len(inc) ** 0.5 if len(inc) > 1 else 0.0
+        res = lds_results[m]
+        rows[labels.get(m, m)] = {
+            "removal: loss increase (%)": f"{float(inc.mean()):+.1f} ± {sem:.1f}",
+            "queries with increase": f"{int((inc > 0).sum())}/{len(inc)}",
+            "LDS (mean ± s.d.)": f"{res.mean:+.3f} ± {res.std:.3f}",
+        }
+    return format_table(rows)
+
+
+def format_table(rows: dict[str, dict[str, str | float]], first: str = "method") -> str:
+    """An aligned text table: ``rows`` maps a row name to {column: value} (floats to 3 places)."""
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    fmt = lambda v: f"{v:+.3f}" if isinstance(v, float) else str(v)
+    cells = [[name] + [fmt(r.get(c, "")) for c in columns] for name, r in rows.items()]
+    widths = [max(len(x) for x in col) for col in zip([first] + columns, *cells)]
+    line = lambda row: "  ".join([row[0].ljust(widths[0])] +
+                                 [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+    return "\n".join([line([first] + columns), line(["-" * w for w in widths])] +
+                     [line(c) for c in cells])

@@ -1,0 +1,198 @@
+"""Counterfactual tests (chapter 5): the LDS is right on a model whose retrained loss is known
+exactly, is about 0 for random scores, and retraining uses exactly the kept samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import retrac_lib as rl
+from retrac_lib import counterfactual as cf
+
+
+@pytest.fixture(scope="module")
+def points_config():
+    return rl.TrainConfig(model="mlp", clip_sample=False, mlp_hidden=16, mlp_layers=1, epochs=1,
+                          batch_size=8, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def points():
+    return rl.data.moons(n=24)
+
+
+def _additive(beta: torch.Tensor, offset: float = 3.0):
+    """A synthetic datamodel: a subset's query loss drops by the summed true effects of its members."""
+    return lambda mask: offset - mask.double() @ beta.T
+
+
+# LDS on synthetic linear datamodels (no training).
+
+def test_lds_of_the_true_additive_effect_is_exactly_one(generator):
+    beta = torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    masks = cf.random_subsets(40, 30, seed=1)
+    res = cf.lds(beta, masks, _additive(beta))
+    assert torch.equal(res.per_query, torch.ones(6, dtype=torch.float64))
+    assert res.mean == 1.0 and res.std == 0.0
+    # a monotone transform of the true effect ranks subsets the same way
+    assert cf.lds(5 * beta + 0.0, masks, _additive(beta)).mean == 1.0
+
+
+def test_lds_sign_convention_reversed_scores_give_minus_one(generator):
+    beta = torch.randn(4, 30, generator=generator, dtype=torch.float64)
+    masks = cf.random_subsets(30, 25, seed=2)
+    assert torch.allclose(cf.lds(-beta, masks, _additive(beta)).per_query,
+                          -torch.ones(4, dtype=torch.float64))
+
+
+def test_lds_accepts_a_loss_matrix_or_a_function(generator):
+    beta = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    scores = beta + 0.5 * torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    masks = cf.random_subsets(20, 15, seed=3)
+    matrix = torch.stack([_additive(beta)(m) for m in masks])
+    a, b = cf.lds(scores, masks, _additive(beta)), cf.lds(scores, masks, matrix)
+    assert torch.equal(a.per_query, b.per_query)
+    assert 0.3 < a.mean < 1.0, "noisy but informative scores should correlate partly"
+
+
+def test_random_scores_give_lds_near_zero(generator):
+    n, m, q = 50, 40, 300
+    beta = torch.randn(q, n, generator=generator, dtype=torch.float64)
+    noise_scores = torch.randn(q, n, generator=generator, dtype=torch.float64)
+    res = cf.lds(noise_scores, cf.random_subsets(n, m, seed=4), _additive(beta))
+    # each query's correlation has spread ~ 1/sqrt(M - 1) = 0.16; the mean over 300 ~ 0.009
+    assert abs(res.mean) < 0.05, res.mean
+    assert 0.1 < res.std < 0.25, res.std
+
+
+def test_lds_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="share N"):
+        cf.lds(torch.zeros(2, 10), torch.zeros(5, 9, dtype=torch.bool), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="losses must be"):
+        cf.lds(torch.zeros(2, 10), torch.zeros(5, 10, dtype=torch.bool), torch.zeros(2, 5))
+
+
+def test_random_subsets_are_seeded_and_of_exact_size():
+    a, b = cf.random_subsets(21, 7, fraction=0.5, seed=5), cf.random_subsets(21, 7, 0.5, seed=5)
+    assert torch.equal(a, b) and a.dtype == torch.bool and a.shape == (7, 21)
+    assert (a.sum(1) == round(0.5 * 21)).all()
+    assert len({tuple(r.tolist()) for r in a}) == 7
+    assert not torch.equal(a, cf.random_subsets(21, 7, 0.5, seed=6))
+    with pytest.raises(ValueError):
+        cf.random_subsets(10, 2, fraction=1.0)
+
+
+# Retraining on exactly the kept samples.
+
+def test_kept_without():
+    assert cf.kept_without(6, [4, 1]).tolist() == [0, 2, 3, 5]
+
+
+def test_retrain_on_trains_on_exactly_the_kept_indices(points_config, points, tmp_path):
+    kept = [17, 2, 3, 11, 20, 5, 8, 0, 23]
+    run = cf.retrain_on(points_config, points, kept, root=tmp_path)
+    expected = points.subset(sorted(kept))
+    assert torch.equal(run.data.images, expected.images)
+    assert torch.equal(run.data.labels, expected.labels)
+    assert run.config == points_config, "a retrain keeps the configuration, seed included"
+    assert set(run.log.indices.tolist()) == set(range(len(kept)))
+    mask = torch.zeros(len(points), dtype=torch.bool)
+    mask[kept] = True
+    again = cf.retrain_on(points_config, points, mask, root=tmp_path)
+    assert again.path == run.path, "the same kept set, as indices or mask, is one cached run"
+
+
+def test_retrain_on_rejects_bad_kept_sets(points_config, points, tmp_path):
+    with pytest.raises(ValueError, match="duplicates"):
+        cf.retrain_on(points_config, points, [1, 1, 2], root=tmp_path)
+    with pytest.raises(IndexError):
+        cf.retrain_on(points_config, points, [0, 24], root=tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        cf.retrain_on(points_config, points, [], root=tmp_path)
+
+
+def test_removal_test_retrains_without_exactly_each_top_k(points_config, points, tmp_path,
+                                                           monkeypatch, generator):
+    seen = []
+    real = cf.load_or_train
+
+    def recording(config, data, **kw):
+        seen.append(data)
+        return real(config, data, **kw)
+
+    monkeypatch.setattr(cf, "load_or_train", recording)
+    queries = rl.data.moons(n=8, seed=1).images[:2]
+    scores = {"a": torch.randn(2, 24, generator=generator), "b": torch.randn(2, 24, generator=generator)}
+    res = cf.removal_test(points_config, points, queries, scores, k=4, progress=False, root=tmp_path)
+    assert torch.equal(seen[0].images, points.images), "the first run is the full-data reference"
+    retrained = iter(seen[1:])
+    for name, s in scores.items():
+        for q in range(2):
+            top = set(s[q].topk(4).indices.tolist())
+            assert set(res.removed[name][q].tolist()) == top
+            kept = [i for i in range(24) if i not in top]
+            assert torch.equal(next(retrained).images, points.subset(kept).images)
+    assert res.n_retrains == len({tuple(sorted(r.tolist())) for v in res.removed.values() for r in v})
+    base = rl.load_or_train(points_config, points, root=tmp_path)
+    assert torch.allclose(res.base_loss, cf.run_query_loss(base, queries))
+    assert res.increase("a").shape == (2,)
+
+
+def test_query_loss_is_the_mean_loss_over_a_fixed_grid_and_noise(tiny_points_run):
+    model, sched = tiny_points_run.model_at(-1), tiny_points_run.scheduler
+    z = tiny_points_run.data.images[:3]
+    got = cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7)
+    assert torch.equal(got, cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7, chunk_size=4))
+    grid = rl.attribution.timestep_grid(5)
+    noise = rl.attribution.query_noise_draws((2,), 5, 3, 7)
+    with torch.no_grad():
+        manual = torch.stack([
+            torch.stack([rl.losses.diffusion_loss(model, sched, zq.expand(3, 2), grid[i].repeat(3),
+                                                  noise[i]) for i in range(5)]).double().mean()
+            for zq in z])
+    assert torch.allclose(got, manual)
+
+
+def test_format_table():
+    text = cf.format_table({"tracin": {"LDS": 0.25, "n": "8"}, "random": {"LDS": -0.01, "n": "8"}})
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "LDS", "n"] and "+0.250" in lines[2]
+
+
+# Planted outliers and self-influence.
+
+def test_digits_with_outliers_plants_visible_outliers():
+    data = rl.data.digits_with_outliers(n_digits=50, n_outliers=4, seed=1)
+    is_out = data.labels == rl.data.OUTLIER_LABEL
+    assert len(data) == 54 and int(is_out.sum()) == 4
+    assert data.images.shape == (54, 1, 8, 8) and data.images.abs().max() <= 1
+    assert is_out.nonzero().min() < 50, "outliers are mixed in, not appended"
+    again = rl.data.load("digits_with_outliers", n_digits=50, n_outliers=4, seed=1)
+    assert data.fingerprint() == again.fingerprint()
+    digits = rl.data.digits("train").subset(range(50)).images.flatten(1)
+    nearest_digit = torch.cdist(data.images[is_out].flatten(1), digits).min(1).values
+    typical = torch.cdist(digits, digits).fill_diagonal_(float("inf")).min(1).values.median()
+    assert (nearest_digit > 2 * typical).all(), "an outlier should be far from every digit"
+
+
+def test_self_influence_outlier_auc_and_top():
+    scores = torch.tensor([[5.0, 1.0, 0.0], [2.0, 0.5, 9.0], [0.0, 3.0, 7.0]])
+    assert cf.self_influence(scores).tolist() == [5.0, 0.5, 7.0]
+    pixel = -torch.cdist(torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([[0.0], [1.0], [5.0]]))
+    assert cf.self_influence(pixel, "pixel").tolist() == [1.0, 1.0, 4.0]
+    is_out = torch.tensor([False, False, True])
+    assert cf.outlier_auc(torch.tensor([0.1, 0.2, 0.9]), is_out) == 1.0
+    assert cf.outlier_auc(torch.tensor([0.5, 0.5, 0.5]), is_out) == 0.5
+    assert cf.outlier_auc(torch.tensor([0.3, 0.2, 0.1]), is_out) == 0.0
+    assert cf.outliers_in_top(torch.tensor([0.3, 0.2, 0.9]), is_out) == 1
+    assert cf.outliers_in_top(torch.tensor([0.3, 0.2, 0.1]), is_out, k=2) == 0
+    with pytest.raises(ValueError, match="N, N"):
+        cf.self_influence(torch.zeros(2, 3))
+
+
+def test_run_self_influence_is_the_diagonal_of_attribution(tiny_points_run):
+    opts = dict(timesteps=3, n_noise=2, progress=False, cached=False)
+    si = cf.run_self_influence(tiny_points_run, "retrac", checkpoints=[-1], **opts)
+    last = len(tiny_points_run.checkpoints) - 1
+    full = rl.attribute(tiny_points_run, tiny_points_run.data.images, "retrac", checkpoints=[last],
+                        timesteps=3, n_noise=2, progress=False)
+    assert torch.allclose(si, full.scores.diagonal())
