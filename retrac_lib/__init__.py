@@ -4,7 +4,8 @@
     data = rl.data.digits()
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
-from . import attribution, book, cache, config, data, grads, losses, models, sampling, training
+from . import (attribution, baselines, book, cache, checks, config, counterfactual, data,
+               diagnostics, grads, losses, metrics, models, sampling, training, widgets)
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads

@@ -410,7 +410,7 @@ def test_missing_checkpoint(tiny_run, digit_queries):
     ("method", "trak", r"method must be one of \('tracin', 'retrac'\), got 'trak'"),
     ("normalization", "l2", r"normalization must be one of .*'per_timestep'.*got 'l2'"),
     ("train_side", "fresh", r"train_side must be one of .*'recorded'.*got 'fresh'"),
-    ("loss", "huber", r"loss must be one of \('mse', 'l1'\), got 'huber'"),
+    ("loss", "huber", r"loss must be one of \('mse', 'l1', 'square_norm'\), got 'huber'"),
     ("timesteps", [0, 1000], r"timesteps must be .*\[0, 1000\)"),
 ])
 def test_unknown_options(option, value, message, tiny_run, digit_queries):
