@@ -19,7 +19,7 @@ def _np(x) -> np.ndarray:
     return torch.as_tensor(x).detach().cpu().numpy()
 
 
-def digits_grid(data, n: int = 32, ncols: int = 16, title: str | None = None):
+def digits_grid(data, n: int = 32, ncols: int = 8, title: str | None = None):
     """The first ``n`` images of an image ``Dataset``, captioned with their index and label (chapter 1)."""
     n = min(n, len(data))
     captions = [f"#{i}: {int(data.labels[i])}" for i in range(n)]
