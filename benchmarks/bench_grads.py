@@ -1,5 +1,4 @@
-"""Benchmark per-sample gradients: torch.func vmap (several chunk sizes) against the autograd loop
-(and against the layer-hook engine where ``retrac_lib.grads`` has one).
+"""Benchmark per-sample gradients: torch.func vmap (several chunk sizes) against the autograd loop.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_grads.py              # the book's UNet and MLP, CPU
     python benchmarks/bench_grads.py --device cuda --batch 1024      # on a GPU
@@ -33,7 +32,6 @@ import time
 import torch
 
 import retrac_lib as rl
-from retrac_lib import grads
 from retrac_lib.grads import per_sample_grads_loop
 
 MiB = 2 ** 20
@@ -103,22 +101,8 @@ def measure(fn, device: str, repeats: int) -> tuple[float, float]:
 
 
 def engines() -> dict:
-    """The per-sample gradient implementations to time, by name.
-
-    "vmap" is the torch.func path (``functional_call`` + ``vmap(grad(...))``). Where
-    ``retrac_lib.grads`` also has its layer-hook engine, "hooks" times that one too; what
-    ``rl.per_sample_grads`` picks for a model is whichever its "auto" choice is.
-    """
-    if not hasattr(grads, "_grouped"):
-        return {"vmap": rl.per_sample_grads}
-
-    def engine(name):
-        def fn(model, scheduler, x, t, noise, chunk_size):
-            return grads._grouped(model, scheduler, x[:, None], t[:, None], noise[:, None], "mse",
-                                  chunk_size, name)
-        return fn
-
-    return {"vmap": engine("vmap"), "hooks": engine("hooks")}
+    """The per-sample gradient implementations to time, by name: the torch.func path."""
+    return {"vmap": rl.per_sample_grads}
 
 
 def bench(name, run, device, batch, chunks, loop_batch, repeats):
@@ -150,8 +134,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.batch, args.loop_batch, args.chunks, args.repeats = 16, 8, [4, 16], 1
-    print(f"engines: loop, {', '.join(engines())}; rl.per_sample_grads uses "
-          f"{'hooks where the model allows, else vmap' if hasattr(grads, '_grouped') else 'vmap'}")
+    print(f"engines: loop, {', '.join(engines())}")
 
     setups = {"unet": ("digits UNet", rl.book.digits_setup), "mlp": ("moons MLP", rl.book.points_setup)}
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"

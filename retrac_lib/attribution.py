@@ -12,6 +12,11 @@ scoring streams the training gradients in chunks against a [Q, P] matrix: memory
 the chunk, never N x P. The query side never loops over draws: the mean of gradients is the
 gradient of the mean loss, so each averaged gradient is one batched backward pass
 (``grads.grouped_grads``).
+
+To score many query sets against one run, ``sketch_training`` stores the training gradients
+once, CountSketch-projected to ``k`` dimensions (``retrac_lib.projection``), and
+``attribute(..., projection=sketch)`` scores against them: approximate, rank agreement measured
+in ``benchmarks/bench_scaling.py``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .config import cache_dir
 from .grads import grouped_grads
 from .losses import check_loss
 from .models import check_samples
+from .projection import CountSketch
 from .training import run_key
 
 METHODS = ("tracin", "retrac")
@@ -48,9 +54,14 @@ class AttributionConfig:
     train_side: str
     normalization: str
     loss: str
+    projection: int = 0          # k of the CountSketch the scores were computed in; 0 = exact
+    projection_seed: int = 0
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.projection:  # exact results keep the keys they had before projections existed
+            del d["projection"], d["projection_seed"]
+        return d
 
 
 @dataclasses.dataclass
@@ -169,11 +180,27 @@ def training_draws(run, c: int, train_side: str, timesteps: torch.Tensor,
     return t[:, None], noise[:, None]
 
 
+def training_gradient_chunks(run, model, c: int, train_side: str, timesteps: torch.Tensor,
+                             noise_seed: int, loss: str, chunk_size: int):
+    """Yield ``(indices, g_c(x_i) rows)`` over the training set, ``chunk_size`` samples at a time.
+
+    Memory is bounded by one chunk x P; a NaN or infinite gradient raises, naming the sample.
+    """
+    t, eps = training_draws(run, c, train_side, timesteps, noise_seed)
+    x = run.data.images[:, None].expand(-1, t.shape[1], *run.data.sample_shape)
+    for a in range(0, len(run.data), chunk_size):
+        idx = torch.arange(a, min(a + chunk_size, len(run.data)))
+        g = grouped_grads(model, run.scheduler, x[idx], t[idx], eps[idx], loss, chunk_size)
+        _check_finite(g, "training sample", a, c)
+        yield idx, g
+
+
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints=None,
               timesteps=100, n_noise: int = 16, query_noise: torch.Tensor | None = None,
               noise_seed: int = 0, train_side: str = "recorded",
               normalization: str = "per_timestep", loss: str | None = None,
-              chunk_size: int = 64, device=None, progress: bool = True) -> AttributionResult:
+              chunk_size: int = 64, device=None, progress: bool = True,
+              projection=None, projection_seed: int = 0) -> AttributionResult:
     """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
 
     Args:
@@ -191,38 +218,138 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
         loss: "mse" or "l1"; default the loss the run was trained with.
         chunk_size: training samples (and query draws / 4) per batched gradient call; bounds memory.
         device: where gradients are computed ("cuda" when present); scores come back on the CPU.
+        projection: None (exact, default); an int ``k`` to score in a ``k``-dimensional
+            CountSketch of the gradients (seeded by ``projection_seed``); or a
+            ``TrainingSketch`` from ``sketch_training`` to reuse stored training gradients.
+            Training-gradient norms (and ReTrac's normalization) stay exact.
     """
     start = time.perf_counter()
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
-                                  query_noise, noise_seed, train_side, normalization, loss)
+                                  query_noise, noise_seed, train_side, normalization, loss,
+                                  projection, projection_seed)
     n = len(run.data)
     scores = torch.zeros(len(queries), n, dtype=torch.float64)
     norms = torch.zeros(len(config.checkpoints), n)
     weights = run.checkpoint_weights()[list(config.checkpoints)]
-    bar = tqdm(total=len(config.checkpoints) * (1 + -(-n // chunk_size)), desc=method,
-               disable=not progress)
+    sketch = projection
+    if config.projection and not isinstance(projection, TrainingSketch):
+        sketch = sketch_training(run, config.projection, checkpoints=config.checkpoints,
+                                 timesteps=grid, train_side=train_side, loss=config.loss,
+                                 noise_seed=noise_seed, seed=projection_seed,
+                                 chunk_size=chunk_size, device=device, progress=progress)
+    if config.projection:
+        sketch.check_matches(run, config)
+    bar = tqdm(total=len(config.checkpoints) * (1 + (0 if config.projection else -(-n // chunk_size))),
+               desc=method, disable=not progress)
     for j, c in enumerate(config.checkpoints):
         model = run.model_at(c).to(device or "cpu")
         v = query_vectors(model, run.scheduler, queries, grid, noise, method,
                           config.normalization, config.loss, 4 * chunk_size, c)
         bar.update()
-        t, eps = training_draws(run, c, train_side, grid, noise_seed)
-        x = run.data.images[:, None].expand(-1, t.shape[1], *run.data.sample_shape)
-        for a in range(0, n, chunk_size):
-            idx = torch.arange(a, min(a + chunk_size, n))
-            g = grouped_grads(model, run.scheduler, x[idx], t[idx], eps[idx], config.loss, chunk_size)
-            _check_finite(g, "training sample", a, c)
-            norms[j, idx] = g.norm(dim=1).cpu()
-            if method == "retrac":
-                g = _normalize_rows(g)
-            scores[:, idx] += weights[j] * (v @ g.T).double().cpu()
+        if config.projection:
+            s = sketch.checkpoints.index(c)
+            g, norms[j] = sketch.sketches[s], sketch.norms[s]
+            if method == "retrac":  # S is linear: S(g / |g|) = S(g) / |g|
+                g = g / norms[j].clamp_min(torch.finfo(g.dtype).tiny)[:, None]
+            sv = sketch.projector()(v.cpu())
+            scores += weights[j] * (sv @ g.T).double()
+            continue
+        for idx, g in training_gradient_chunks(run, model, c, train_side, grid, noise_seed,
+                                               config.loss, chunk_size):
+            norm = g.norm(dim=1)
+            norms[j, idx] = norm.cpu()
+            dots = v @ g.T
+            if method == "retrac":  # <v, g/|g|> = <v, g>/|g|, without a normalized copy of g
+                dots = dots / norm.clamp_min(torch.finfo(g.dtype).tiny)
+            scores[:, idx] += weights[j] * dots.double().cpu()
             bar.update()
     bar.close()
     return AttributionResult(scores, config, weights, norms, time.perf_counter() - start)
 
 
+@dataclasses.dataclass
+class TrainingSketch:
+    """Training gradients of a run stored once, CountSketch-projected to ``k`` dimensions.
+
+    ``sketches`` [C, N, k] holds ``S g_c(x_i)`` (unnormalized, so one sketch serves TracIn and
+    ReTrac) and ``norms`` [C, N] the exact ``|g_c(x_i)|``. C x N x k floats instead of the
+    C x N x P that storing exact gradients would take; ``attribute(..., projection=sketch)``
+    scores any queries against it without recomputing training gradients.
+    """
+
+    sketches: torch.Tensor
+    norms: torch.Tensor
+    checkpoints: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    train_side: str
+    loss: str
+    noise_seed: int
+    k: int
+    seed: int
+    n_params: int
+    run: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.sketches.numel() * self.sketches.element_size()
+
+    def projector(self) -> CountSketch:
+        return CountSketch(self.n_params, self.k, self.seed)
+
+    def check_matches(self, run, config: AttributionConfig) -> None:
+        """Refuse to score with a sketch of another run or other training-side options."""
+        wanted = dict(run=run_key(run.config, run.data), train_side=config.train_side,
+                      loss=config.loss, noise_seed=config.noise_seed)
+        if config.train_side == "timestep_average":
+            wanted["timesteps"] = config.timesteps
+        have = {key: getattr(self, key) for key in wanted}
+        missing = [c for c in config.checkpoints if c not in self.checkpoints]
+        if have != wanted or missing:
+            diff = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}
+            raise ValueError(
+                f"This TrainingSketch does not fit the call: (sketch, call) differ in {diff}"
+                + (f"; checkpoints {missing} were not sketched" if missing else "")
+                + ". Build it with sketch_training for this run and these options."
+            )
+
+
+def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side: str = "recorded",
+                    loss: str | None = None, noise_seed: int = 0, seed: int = 0,
+                    chunk_size: int = 64, device=None, progress: bool = True) -> TrainingSketch:
+    """Every training gradient ``g_c(x_i)`` of ``run``, CountSketch-projected to ``k`` dimensions.
+
+    Streams the gradients in chunks of ``chunk_size`` (memory: one chunk x P plus the C x N x k
+    result); the options mean what they mean in ``attribute``.
+    """
+    if train_side not in TRAIN_SIDES:
+        raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {train_side!r}.")
+    k, seed = _projection(k, seed)
+    run.require_log()
+    loss = loss or run.config.loss
+    check_loss(loss)
+    checkpoints = _checkpoints(run, checkpoints)
+    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
+    n = len(run.data)
+    n_params = sum(p.numel() for p in run.model_at(checkpoints[0]).parameters() if p.requires_grad)
+    project = CountSketch(n_params, k, seed)
+    sketches = torch.zeros(len(checkpoints), n, k)
+    norms = torch.zeros(len(checkpoints), n)
+    bar = tqdm(total=len(checkpoints) * -(-n // chunk_size), desc="sketch", disable=not progress)
+    for j, c in enumerate(checkpoints):
+        model = run.model_at(c).to(device or "cpu")
+        for idx, g in training_gradient_chunks(run, model, c, train_side, grid, noise_seed,
+                                               loss, chunk_size):
+            norms[j, idx] = g.norm(dim=1).cpu()
+            sketches[j, idx] = project(g).cpu()
+            bar.update()
+    bar.close()
+    return TrainingSketch(sketches, norms, checkpoints, tuple(grid.tolist()), train_side, loss,
+                          noise_seed, k, seed, n_params, run_key(run.config, run.data))
+
+
 def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, noise_seed,
-            train_side, normalization, loss) -> tuple[AttributionConfig, torch.Tensor, torch.Tensor]:
+            train_side, normalization, loss, projection=None,
+            projection_seed: int = 0) -> tuple[AttributionConfig, torch.Tensor, torch.Tensor]:
     """Validate the options of ``attribute``; return its config, timestep grid and query noise."""
     run.require_log()
     if method not in METHODS:
@@ -233,19 +360,41 @@ def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, 
         raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {train_side!r}.")
     loss = loss or run.config.loss
     check_loss(loss)
+    checkpoints = _checkpoints(run, checkpoints)
+    check_samples(run.model_at(checkpoints[0]), queries, "queries")
+    if len(queries) == 0:
+        raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with Q >= 1.")
+    if query_noise is None and n_noise < 1:
+        raise ValueError(f"n_noise must be at least 1 noise draw per timestep; got {n_noise}.")
+    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
+    noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
+    k, seed = _projection(projection, projection_seed)
+    config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
+                               noise_seed, train_side,
+                               normalization if method == "retrac" else "none", loss, k, seed)
+    return config, grid, noise
+
+
+def _checkpoints(run, checkpoints) -> tuple[int, ...]:
+    """The checkpoint indices to sum over (default all), refusing ones the run does not have."""
     n_ckpt = len(run.checkpoints)
     checkpoints = tuple(range(n_ckpt)) if checkpoints is None else tuple(int(c) for c in checkpoints)
     missing = [c for c in checkpoints if not 0 <= c < n_ckpt]
     if missing or not checkpoints:
         raise ValueError(f"Checkpoints {missing or '[]'} do not exist: the run has checkpoints "
                          f"0..{n_ckpt - 1}.")
-    check_samples(run.model_at(checkpoints[0]), queries, "queries")
-    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
-    noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
-    config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
-                               noise_seed, train_side,
-                               normalization if method == "retrac" else "none", loss)
-    return config, grid, noise
+    return checkpoints
+
+
+def _projection(projection, seed) -> tuple[int, int]:
+    if projection is None:
+        return 0, 0
+    if isinstance(projection, TrainingSketch):
+        return projection.k, projection.seed
+    if isinstance(projection, bool) or not isinstance(projection, int) or projection < 1:
+        raise ValueError(f"projection must be None, a positive int k or a TrainingSketch; "
+                         f"got {projection!r}.")
+    return projection, int(seed)
 
 
 def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: Path | None = None,
@@ -256,9 +405,10 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     the query noise values, so nothing is reused when any of them changed.
     """
     keep = ("checkpoints", "timesteps", "n_noise", "query_noise", "noise_seed", "train_side",
-            "normalization", "loss")
+            "normalization", "loss", "projection", "projection_seed")
     defaults = dict(checkpoints=None, timesteps=100, n_noise=16, query_noise=None, noise_seed=0,
-                    train_side="recorded", normalization="per_timestep", loss=None)
+                    train_side="recorded", normalization="per_timestep", loss=None,
+                    projection=None, projection_seed=0)
     resolved = {**defaults, **{k: v for k, v in options.items() if k in keep}}
     config, _, noise = resolve(run, queries, method, **resolved)
     key = cache.key_for({"kind": "attribution", "run": run_key(run.config, run.data),
@@ -274,6 +424,8 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
 
 def _grid(timesteps, num_train_timesteps: int) -> torch.Tensor:
     if isinstance(timesteps, int):
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be a positive number of grid points or a list; got {timesteps}.")
         return timestep_grid(timesteps, num_train_timesteps)
     grid = torch.as_tensor(timesteps, dtype=torch.long).flatten()
     if len(grid) == 0 or grid.min() < 0 or grid.max() >= num_train_timesteps:

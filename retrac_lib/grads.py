@@ -3,6 +3,9 @@
 ``per_sample_grads`` returns one flattened gradient row per sample, computed with
 ``functional_call`` + ``vmap(grad(...))`` in chunks; ``per_sample_grads_loop`` is the plain
 autograd loop that reads like the definition and serves as the tests' reference.
+``grouped_grads`` generalizes both to groups of draws (one averaged gradient per group), which is
+what the attribution query side needs; a group that fills a whole chunk is one ordinary batched
+backward pass.
 """
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ def grouped_grads(model, scheduler, x, t, noise, loss: str = "mse",
     """One gradient per group of draws: row ``g`` is the gradient of the mean loss over
     ``(x[g, m], t[g, m], noise[g, m])`` for ``m < M``; ``x`` is [G, M, *sample], ``t`` is [G, M].
 
-    Because the mean of gradients is the gradient of the mean loss, this is the average
-    per-draw gradient at the cost of one batched backward pass. ``chunk_size`` bounds the draws
-    (G x M) processed at once.
+    Because the mean of gradients is the gradient of the mean loss, each row costs one batched
+    backward pass, never a loop over draws. ``chunk_size`` bounds the draws (G x M) processed at
+    once: several groups per chunk go through ``vmap(grad(...))``; a group that fills a chunk by
+    itself is one ordinary backward pass (summed slice by slice when larger than the chunk).
     """
     check_loss(loss)
     if x.ndim < 2 or t.shape != x.shape[:2] or noise.shape != x.shape:
@@ -73,14 +77,29 @@ def grouped_grads(model, scheduler, x, t, noise, loss: str = "mse",
     x, t, noise = x.to(device), t.to(device), noise.to(device)
     with torch.no_grad():
         x_t = add_noise(scheduler, x.flatten(0, 1), t.flatten(), noise.flatten(0, 1)).view_as(x)
-    per_group = vmap(grad(_group_loss_fn(model, loss)), in_dims=(None, 0, 0, 0))
     dtype = next(iter(params.values())).dtype
     out = torch.empty(groups, sum(p.numel() for p in params.values()), device=device, dtype=dtype)
-    step = max(1, chunk_size // draws)
+    if groups == 1 or draws * 2 > chunk_size:
+        for g in range(groups):
+            out[g].zero_()
+            for a in range(0, draws, chunk_size):
+                b = min(a + chunk_size, draws)
+                out[g] += _batch_grad(model, x_t[g, a:b], t[g, a:b], noise[g, a:b], loss, draws)
+        return out
+    per_group = vmap(grad(_group_loss_fn(model, loss)), in_dims=(None, 0, 0, 0))
+    step = chunk_size // draws
     for a in range(0, groups, step):
         b = min(a + step, groups)
         out[a:b] = flatten(per_group(params, x_t[a:b], t[a:b], noise[a:b]))
     return out
+
+
+def _batch_grad(model, x_t, t, noise, loss, group_size) -> torch.Tensor:
+    """Flattened gradient of ``sum(loss) / group_size`` over a batch: one ordinary backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        total = error_loss(model(x_t, t).sample, noise, loss).sum() / group_size
+    return torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
 
 
 def per_sample_grads(model, scheduler, x, t, noise, loss: str = "mse",

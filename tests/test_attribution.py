@@ -448,22 +448,16 @@ def test_non_finite_training_gradient_names_the_sample(tiny_run, digit_queries, 
         _attribute(tiny_run, digit_queries, "retrac", checkpoints=[2], timesteps=3, n_noise=K)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: timesteps=0 gives an empty grid and silently "
-                                       "returns all-NaN scores instead of a ValueError")
 def test_zero_timesteps_is_refused(tiny_run, digit_queries):
     with pytest.raises(ValueError, match="timesteps"):
         _attribute(tiny_run, digit_queries, "retrac", timesteps=0, n_noise=K)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: n_noise=0 fails deep inside with a torch "
-                                       "RuntimeError about reshaping 0 elements, not a clear ValueError")
 def test_zero_noise_draws_is_refused(tiny_run, digit_queries):
     with pytest.raises(ValueError, match="n_noise"):
         _attribute(tiny_run, digit_queries, "retrac", timesteps=3, n_noise=0)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: an empty query batch fails with torch's "
-                                       "'stack expects a non-empty TensorList', not a clear ValueError")
 def test_empty_queries_are_refused(tiny_run, digit_queries):
     with pytest.raises(ValueError, match="quer"):
         _attribute(tiny_run, digit_queries[:0], "retrac", timesteps=3, n_noise=K)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import retrac_lib as rl
 from retrac_lib import diagnostics as D
 from retrac_lib.grads import per_sample_grads_loop
 from retrac_lib.losses import diffusion_loss

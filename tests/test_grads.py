@@ -3,19 +3,17 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import grads
 from retrac_lib.grads import per_sample_grads_loop
 from retrac_lib.losses import diffusion_loss
 
-# rl.per_sample_grads ("auto") picks an engine per model; where grads exposes its engines, the
-# torch.func (vmap) path and the layer-hook path are also checked on their own.
-ENGINES = ["auto"] + (["vmap", "hooks"] if hasattr(grads, "_grouped") else [])
+# grouped_grads has two exact paths: vmap(grad) over several groups per chunk, and one plain
+# backward pass when a group fills the chunk by itself (chunk_size=1 forces it per sample).
+ENGINES = ["vmap", "backward"]
 
 
 def _per_sample(engine, model, scheduler, x, t, eps, loss="mse", chunk_size=64):
-    if engine == "auto":
-        return rl.per_sample_grads(model, scheduler, x, t, eps, loss=loss, chunk_size=chunk_size)
-    return grads._grouped(model, scheduler, x[:, None], t[:, None], eps[:, None], loss, chunk_size, engine)
+    chunk_size = 1 if engine == "backward" else max(chunk_size, 2)
+    return rl.per_sample_grads(model, scheduler, x, t, eps, loss=loss, chunk_size=chunk_size)
 
 
 def _batch(run, n, c=-1):

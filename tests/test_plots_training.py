@@ -8,7 +8,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import retrac_lib as rl  # noqa: E402
 from retrac_lib.plots import training as plots  # noqa: E402
 
 

@@ -1,0 +1,232 @@
+"""Attribution on the paper's contract: the library against a batch-1 loop, and the FLOP limit.
+
+    OMP_NUM_THREADS=1 RETRAC_CACHE=/tmp/rcache python benchmarks/bench_attribution.py
+
+Contract (Xie et al. 2024, official code): 100 timesteps x 16 noise draws per query and
+checkpoint, 3 checkpoints, all 1,797 digits, 16 queries; Diffusion-TracIn and Diffusion-ReTrac.
+Prints, in one process:
+
+1. the machine: threads, load average, measured float32 matmul rate;
+2. FLOPs of one forward + backward pass per draw (FlopCounterMode);
+3. the gradient paths on one query and checkpoint (``grads.grouped_grads``: ``vmap`` over groups,
+   or one plain backward pass for a single group) against plain autograd for scale;
+4. the full contract with ``rl.attribute`` (each method in a fresh subprocess, for its peak
+   resident memory) against a batch-1 loop that follows the official code's structure (one
+   backward pass per query, timestep and draw, then one per training sample). The loop is timed
+   on a measured fraction (1 query x 1 checkpoint x 1,600 draws, and 200 training samples)
+   and extrapolated linearly; the library is timed on the same fraction side by side and on the
+   whole contract. The fraction's scores of both are compared;
+5. the FLOP limit: (query draws + training samples) x FLOPs per draw / measured matmul rate.
+
+Use ``--quick`` for a small smoke version (4 queries, 10 x 4 draws).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Timer, table  # noqa: E402
+
+import retrac_lib as rl  # noqa: E402
+from retrac_lib import grads  # noqa: E402
+from retrac_lib.losses import diffusion_loss  # noqa: E402
+
+REF_TRAIN = 200  # training samples the batch-1 loop is timed on
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch-1 loop (the official code's structure)
+
+
+def _flat_grad(model, params) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def loop_query_vector(model, scheduler, z, grid, noise, method) -> torch.Tensor:
+    """One backward pass per (timestep, draw); average per timestep; ReTrac normalizes each."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0
+    for a, t in enumerate(grid):
+        m = 0
+        for k in range(noise.shape[1]):
+            model.zero_grad(set_to_none=True)
+            diffusion_loss(model, scheduler, z[None], t[None], noise[a, k][None]).sum().backward()
+            m = m + _flat_grad(model, params)
+        m = m / noise.shape[1]
+        total = total + (m / m.norm() if method == "retrac" else m)
+    return total / len(grid)
+
+
+def loop_train_grads(model, scheduler, x, t, eps) -> torch.Tensor:
+    """One backward pass per training sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad(set_to_none=True)
+        diffusion_loss(model, scheduler, x[i:i + 1], t[i:i + 1], eps[i:i + 1]).sum().backward()
+        rows.append(_flat_grad(model, params))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def child(method: str, quick: bool) -> None:
+    """The whole contract with rl.attribute in this (fresh) process; prints one JSON line."""
+    run = rl.load_or_train(*common.contract_setup(), progress=False)
+    opts = dict(timesteps=10, n_noise=4) if quick else common.CONTRACT
+    queries = common.contract_queries(4 if quick else common.N_QUERIES)
+    with Timer() as tm:
+        res = rl.attribute(run, queries, method, progress=False, **opts)
+    print(json.dumps({"wall": tm.wall, "cpu": tm.cpu, "peak_rss_mb": common.peak_rss_mb(),
+                      "checksum": float(res.scores.abs().sum())}))
+
+
+def engines(model, scheduler, run, grid, noise) -> list[dict]:
+    """One query, one checkpoint: each way of computing the query side and training gradients."""
+    z = common.contract_queries(1)[0]
+    n_t, k = noise.shape[:2]
+    xq = z.expand(n_t * k, *z.shape)
+    tq = grid.repeat_interleave(k)
+    nq = noise.reshape(-1, *z.shape)
+    t, eps = run.recorded(len(run.checkpoints) - 1)
+    xs, ts, es = run.data.images[:256], t[:256], eps[:256]
+    rows = []
+
+    def add(what, engine, fn, draws):
+        fn()  # warm-up
+        with Timer() as tm:
+            fn()
+        rows.append({"what": what, "engine": engine, "draws": draws, "wall s": tm.wall,
+                     "cpu s": tm.cpu, "cpu ms/draw": 1e3 * tm.cpu / draws})
+
+    fn = grads.grouped_grads
+    add(f"ReTrac query side: {n_t} groups of {k}", "vmap",
+        lambda: fn(model, scheduler, xq.reshape(n_t, k, *z.shape), tq.reshape(n_t, k),
+                   nq.reshape(n_t, k, *z.shape), "mse", 256), n_t * k)
+    add(f"TracIn query side: 1 group of {n_t * k}", "backward",
+        lambda: fn(model, scheduler, xq[None], tq[None], nq[None], "mse", 256), n_t * k)
+    add("per-sample training grads, 256 samples", "vmap",
+        lambda: fn(model, scheduler, xs[:, None], ts[:, None], es[:, None], "mse", 64), 256)
+
+    def plain(b):
+        model.zero_grad(set_to_none=True)
+        diffusion_loss(model, scheduler, xq[:b], tq[:b], nq[:b]).mean().backward()
+
+    add(f"{n_t} plain backward passes of batch {k} (no per-group rows)", "autograd",
+        lambda: [plain(k) for _ in range(n_t)], n_t * k)
+    add(f"one plain backward pass of batch {n_t * k}", "autograd", lambda: plain(n_t * k), n_t * k)
+    add("batch-1 loop (official structure), 160 draws", "autograd",
+        lambda: loop_train_grads(model, scheduler, xq[:160], tq[:160], nq[:160]), 160)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small smoke version")
+    ap.add_argument("--child", choices=["tracin", "retrac"], help=argparse.SUPPRESS)
+    ap.add_argument("--skip-engines", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.quick)
+
+    print(f"torch {torch.__version__}, {common.threads()} thread(s), {common.load()}")
+    run = rl.load_or_train(*common.contract_setup(), progress=False)
+    n, n_ckpt = len(run.data), len(run.checkpoints)
+    opts = dict(timesteps=10, n_noise=4) if args.quick else common.CONTRACT
+    n_queries = 4 if args.quick else common.N_QUERIES
+    grid = rl.attribution.timestep_grid(opts["timesteps"])
+    noise = rl.attribution.query_noise_draws(run.data.sample_shape, len(grid), opts["n_noise"], 0)
+    c = n_ckpt - 1
+    model = run.model_at(c)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"run: {n} digits, {n_ckpt} checkpoints, {n_params:,} parameters; contract "
+          f"{n_queries} queries x {len(grid)} timesteps x {opts['n_noise']} draws")
+
+    rate = common.matmul_gflops()
+    fl = common.flops_per_draw(model, run.scheduler, run.data.sample_shape)
+    per_draw = fl["forward"] + fl["backward"]
+    print(table([{"measure": "float32 matmul 2048^3", "GFLOP/s per wall s": rate["wall"],
+                  "GFLOP/s per cpu s": rate["cpu"], "when": common.load()}], "Machine limit"))
+    print(table([{"forward MFLOP": fl["forward"] / 1e6, "backward MFLOP": fl["backward"] / 1e6,
+                  "total MFLOP": per_draw / 1e6}], "FLOPs per draw (one forward + backward, FlopCounterMode)"))
+
+    if not args.skip_engines:
+        rows = engines(model, run.scheduler, run, grid, noise)
+        print(table(rows, f"Gradient engines, one query and checkpoint ({common.load()})"))
+
+    # ---- the measured fraction: batch-1 loop and library side by side
+    z = common.contract_queries(1)
+    t, eps = run.recorded(c)
+    xs, ts, es = run.data.images[:REF_TRAIN], t[:REF_TRAIN], eps[:REF_TRAIN]
+    w = float(run.checkpoint_weights()[c])
+    frac, scores = [], {}
+    for method in ("tracin", "retrac"):
+        with Timer() as lq:
+            vq = loop_query_vector(model, run.scheduler, z[0], grid, noise, method)
+        with Timer() as lt:
+            gl = loop_train_grads(model, run.scheduler, xs, ts, es)
+        with Timer() as bq:
+            vb = rl.attribution.query_vectors(model, run.scheduler, z, grid, noise, method,
+                                              chunk_size=256)[0]
+        with Timer() as bt:
+            gb = grads.grouped_grads(model, run.scheduler, xs[:, None], ts[:, None], es[:, None], "mse", 64)
+        if method == "retrac":
+            gl, gb = gl / gl.norm(dim=1, keepdim=True), gb / gb.norm(dim=1, keepdim=True)
+        s_loop, s_lib = w * gl.double() @ vq.double(), w * gb.double() @ vb.double()
+        err = ((s_loop - s_lib).norm() / s_loop.norm()).item()
+        scores[method] = err
+        draws = len(grid) * opts["n_noise"]
+        per_q = {"loop": (lq.wall, lq.cpu), "lib": (bq.wall, bq.cpu)}
+        per_s = {"loop": (lt.wall / REF_TRAIN, lt.cpu / REF_TRAIN),
+                 "lib": (bt.wall / REF_TRAIN, bt.cpu / REF_TRAIN)}
+        frac.append(dict(method=method, per_q=per_q, per_s=per_s, err=err))
+        print(table([
+            {"part": f"query side, 1 query x 1 ckpt ({draws} draws)", "loop wall s": lq.wall,
+             "loop cpu s": lq.cpu, "library wall s": bq.wall, "library cpu s": bq.cpu,
+             "ratio (cpu)": lq.cpu / bq.cpu},
+            {"part": f"training side, {REF_TRAIN} samples", "loop wall s": lt.wall,
+             "loop cpu s": lt.cpu, "library wall s": bt.wall, "library cpu s": bt.cpu,
+             "ratio (cpu)": lt.cpu / bt.cpu},
+        ], f"{method}: measured fraction, side by side; scores rel. error library vs loop "
+           f"{err:.1e} ({common.load()})"))
+
+    # ---- the whole contract with the library (fresh process each: peak memory)
+    n_qc = n_queries * n_ckpt
+    full, limit_rows = [], []
+    for f in frac:
+        method = f["method"]
+        res = common.run_child(Path(__file__), ["--child", method] + (["--quick"] if args.quick else []))
+        loop_wall = n_qc * f["per_q"]["loop"][0] + n_ckpt * n * f["per_s"]["loop"][0]
+        loop_cpu = n_qc * f["per_q"]["loop"][1] + n_ckpt * n * f["per_s"]["loop"][1]
+        full.append({"method": method, "library wall s": res["wall"], "library cpu s": res["cpu"],
+                     "peak RSS MiB": res["peak_rss_mb"],
+                     "batch-1 loop wall s (extrapolated)": loop_wall,
+                     "batch-1 loop cpu s (extrapolated)": loop_cpu,
+                     "speed-up wall": loop_wall / res["wall"], "speed-up cpu": loop_cpu / res["cpu"]})
+        draws = n_qc * len(grid) * opts["n_noise"] + n_ckpt * n
+        flops = draws * per_draw
+        limit_rows.append({"method": method, "fwd+bwd draws": draws, "TFLOP": flops / 1e12,
+                           "limit s (wall rate)": flops / rate["wall"] / 1e9,
+                           "library wall s": res["wall"],
+                           "x limit (wall)": res["wall"] / (flops / rate["wall"] / 1e9),
+                           "limit s (cpu rate)": flops / rate["cpu"] / 1e9,
+                           "library cpu s": res["cpu"],
+                           "x limit (cpu)": res["cpu"] / (flops / rate["cpu"] / 1e9),
+                           "achieved GFLOP/s (cpu)": flops / res["cpu"] / 1e9})
+    print(table(full, f"Full contract: {n_queries} queries x {n_ckpt} checkpoints x "
+                      f"{len(grid) * opts['n_noise']} draws + {n_ckpt} x {n} training samples "
+                      f"({common.threads()} thread(s), {common.load()})"))
+    print("(batch-1 loop: measured on the fraction above and extrapolated linearly: "
+          f"{n_qc} x query-side time + {n_ckpt * n} x per-sample time)")
+    print(table(limit_rows, "Against the FLOP limit (FLOPs needed / measured matmul rate)"))
+
+
+if __name__ == "__main__":
+    main()
