@@ -5,26 +5,14 @@ The strict build (`.ci/run`) checks the rendering; these tests catch the same mi
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
+from book_tools import NOTEBOOKS, ROOT, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sync = _load_tool("sync_notebooks")
+sync = load_tool("sync_notebooks")
 
 
 def _read(path):

@@ -8,7 +8,6 @@ runs in full.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nbformat
@@ -17,19 +16,9 @@ import torch
 from nbclient import NotebookClient
 
 import retrac_lib.checks as checks
+from book_tools import NOTEBOOKS, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-student = _load_tool("make_student_notebooks")
+student = load_tool("make_student_notebooks")
 
 
 def _execute(nb, cwd: Path, allow_errors: bool):
