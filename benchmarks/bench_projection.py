@@ -22,7 +22,7 @@ import common  # noqa: E402
 from common import Timer, table  # noqa: E402
 
 import retrac_lib as rl  # noqa: E402
-from retrac_lib.projection import spearman  # noqa: E402
+from retrac_lib.metrics import spearman  # noqa: E402
 
 
 def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:

@@ -21,13 +21,15 @@ in ``benchmarks/bench_scaling.py``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import numbers
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from . import cache, metrics, models
 from .config import cache_dir
 from .grads import grouped_grads
 from .losses import check_loss
@@ -80,10 +82,7 @@ class AttributionResult:
 
     def top_k(self, k: int, largest: bool = True) -> torch.Tensor:
         """Indices [Q, k] of the ``k`` highest (or lowest) scoring training samples per query."""
-        n = self.scores.shape[1]
-        if not 1 <= k <= n:
-            raise ValueError(f"k={k} must lie between 1 and the number of training samples ({n}).")
-        return self.scores.topk(k, dim=1, largest=largest).indices
+        return metrics.top_k(self.scores, k, largest)
 
     def proponents(self, k: int) -> torch.Tensor:
         """The ``k`` training samples whose training step most reduced each query's loss."""
@@ -93,14 +92,14 @@ class AttributionResult:
         """The ``k`` training samples whose training step most increased each query's loss."""
         return self.top_k(k, largest=False)
 
-    def save(self, folder: Path) -> Path:
-        """Write the result atomically (safetensors + JSON)."""
+    def save(self, folder: Path, key: dict | None = None) -> Path:
+        """Write the result atomically (safetensors + JSON); ``key`` describes what produced it."""
         with cache.atomic_folder(Path(folder)) as tmp:
             cache.save_tensors(tmp / "scores.safetensors", {
                 "scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
                 "train_grad_norms": self.train_grad_norms})
             cache.write_json(tmp / "config.json", {"config": self.config.to_dict(),
-                                                   "seconds": self.seconds})
+                                                   "seconds": self.seconds, "key": key})
         return Path(folder)
 
     @classmethod
@@ -154,7 +153,7 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
         x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
         t = timesteps.repeat_interleave(k).reshape(-1, group)
         g = grouped_grads(model, scheduler, x, t, noise.reshape(-1, group, *z.shape), loss, chunk_size)
-        _check_finite(g, "query", q, checkpoint)
+        _check_finite(g.reshape(1, -1), "query", q, checkpoint)
         if method == "retrac":
             g = _normalize_rows(g)
         out.append(g.mean(0))
@@ -217,13 +216,16 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             "cosine"; ignored by TracIn.
         loss: "mse" or "l1"; default the loss the run was trained with.
         chunk_size: training samples (and query draws / 4) per batched gradient call; bounds memory.
-        device: where gradients are computed ("cuda" when present); scores come back on the CPU.
+        device: where gradients are computed (default the CPU; pass "cuda" to use a GPU); scores
+            come back on the CPU.
         projection: None (exact, default); an int ``k`` to score in a ``k``-dimensional
             CountSketch of the gradients (seeded by ``projection_seed``); or a
             ``TrainingSketch`` from ``sketch_training`` to reuse stored training gradients.
             Training-gradient norms (and ReTrac's normalization) stay exact.
     """
     start = time.perf_counter()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
                                   query_noise, noise_seed, train_side, normalization, loss,
                                   projection, projection_seed)
@@ -328,9 +330,9 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     loss = loss or run.config.loss
     check_loss(loss)
     checkpoints = _checkpoints(run, checkpoints)
-    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
+    grid = parse_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
     n = len(run.data)
-    n_params = sum(p.numel() for p in run.model_at(checkpoints[0]).parameters() if p.requires_grad)
+    n_params = models.n_params(run.model_at(checkpoints[0]))
     project = CountSketch(n_params, k, seed)
     sketches = torch.zeros(len(checkpoints), n, k)
     norms = torch.zeros(len(checkpoints), n)
@@ -361,12 +363,17 @@ def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, 
     loss = loss or run.config.loss
     check_loss(loss)
     checkpoints = _checkpoints(run, checkpoints)
-    check_samples(run.model_at(checkpoints[0]), queries, "queries")
+    model = run.model_at(checkpoints[0])
+    check_samples(model, queries, "queries")
+    dtype = next(model.parameters()).dtype
+    if queries.dtype != dtype:
+        raise ValueError(f"queries have dtype {queries.dtype} but the model computes in {dtype}; "
+                         f"pass queries.to({dtype}).")
     if len(queries) == 0:
         raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with Q >= 1.")
     if query_noise is None and n_noise < 1:
         raise ValueError(f"n_noise must be at least 1 noise draw per timestep; got {n_noise}.")
-    grid = _grid(timesteps, run.scheduler.config.num_train_timesteps)
+    grid = parse_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
     noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
     k, seed = _projection(projection, projection_seed)
     config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
@@ -379,11 +386,11 @@ def _checkpoints(run, checkpoints) -> tuple[int, ...]:
     """The checkpoint indices to sum over (default all), refusing ones the run does not have."""
     n_ckpt = len(run.checkpoints)
     checkpoints = tuple(range(n_ckpt)) if checkpoints is None else tuple(int(c) for c in checkpoints)
-    missing = [c for c in checkpoints if not 0 <= c < n_ckpt]
+    missing = [c for c in checkpoints if not -n_ckpt <= c < n_ckpt]
     if missing or not checkpoints:
         raise ValueError(f"Checkpoints {missing or '[]'} do not exist: the run has checkpoints "
-                         f"0..{n_ckpt - 1}.")
-    return checkpoints
+                         f"0..{n_ckpt - 1} (or negative from the end).")
+    return tuple(c % n_ckpt for c in checkpoints)
 
 
 def _projection(projection, seed) -> tuple[int, int]:
@@ -404,29 +411,34 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     The key covers the run's configuration and data, the query values, the resolved options and
     the query noise values, so nothing is reused when any of them changed.
     """
-    keep = ("checkpoints", "timesteps", "n_noise", "query_noise", "noise_seed", "train_side",
-            "normalization", "loss", "projection", "projection_seed")
-    defaults = dict(checkpoints=None, timesteps=100, n_noise=16, query_noise=None, noise_seed=0,
-                    train_side="recorded", normalization="per_timestep", loss=None,
-                    projection=None, projection_seed=0)
-    resolved = {**defaults, **{k: v for k, v in options.items() if k in keep}}
+    defaults = {name: p.default for name, p in inspect.signature(attribute).parameters.items()}
+    resolved = {name: options.get(name, defaults[name])
+                for name in inspect.signature(resolve).parameters if name not in ("run", "queries", "method")}
     config, _, noise = resolve(run, queries, method, **resolved)
-    key = cache.key_for({"kind": "attribution", "run": run_key(run.config, run.data),
-                         "queries": cache.tensor_fingerprint(queries),
-                         "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()})
-    folder = Path(root or cache_dir()) / "attributions" / key
+    payload = {"kind": "attribution", "run": run_key(run.config, run.data),
+               "queries": cache.tensor_fingerprint(queries),
+               "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
+    folder = Path(root or cache_dir()) / "attributions" / cache.key_for(payload)
     if folder.exists():
+        saved = cache.read_json(folder / "config.json").get("key")
+        if saved != payload:
+            raise cache.CacheError(f"The cached attribution in {folder} was computed for another "
+                                   "run, queries or options. Delete the folder to recompute it.")
         return AttributionResult.load(folder)
     result = attribute(run, queries, method, **options)
-    result.save(folder)
+    result.save(folder, key=payload)
     return result
 
 
-def _grid(timesteps, num_train_timesteps: int) -> torch.Tensor:
-    if isinstance(timesteps, int):
+def parse_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
+    """A timestep grid from a count (evenly spaced in [1, T-1]) or an explicit list of timesteps."""
+    count = isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool)
+    if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 0:
+        count, timesteps = True, int(timesteps)
+    if count:
         if timesteps < 1:
             raise ValueError(f"timesteps must be a positive number of grid points or a list; got {timesteps}.")
-        return timestep_grid(timesteps, num_train_timesteps)
+        return timestep_grid(int(timesteps), num_train_timesteps)
     grid = torch.as_tensor(timesteps, dtype=torch.long).flatten()
     if len(grid) == 0 or grid.min() < 0 or grid.max() >= num_train_timesteps:
         raise ValueError(f"timesteps must be a non-empty list in [0, {num_train_timesteps}).")

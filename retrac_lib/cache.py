@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+# Part of every key: bump it whenever stored files or the numbers behind them (training loop,
+# optimizer, model definitions, gradient or scoring code) change, so old entries are not reused.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -22,6 +22,7 @@ import torch
 from .config import TrainConfig
 from .grads import per_sample_grads
 from .losses import add_noise, error_loss
+from .metrics import spearman
 from .models import build_model, build_scheduler
 
 
@@ -184,15 +185,9 @@ def check_per_sample_grads(fn, loss: str = "mse", model: str = "unet") -> None:
         f"({expected.shape[1]:,} parameters, timesteps {t.tolist()}).")
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort(dim=-1).argsort(dim=-1).to(torch.float64)
-
-
 def rank_correlation(a, b) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b`` (ties broken by order)."""
-    ra, rb = _ranks(torch.as_tensor(a)), _ranks(torch.as_tensor(b))
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``."""
+    return spearman(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def topk_overlap(a, b, k: int = 10) -> torch.Tensor:

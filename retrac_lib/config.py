@@ -54,10 +54,15 @@ class TrainConfig:
         _check_choice("model", self.model, ("unet", "mlp"))
         _check_choice("loss", self.loss, ("mse", "l1"))
         _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        for name in ("epochs", "batch_size", "checkpoint_every", "num_train_timesteps"):
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}.")
+        for name in ("epochs", "batch_size", "checkpoint_every", "num_train_timesteps",
+                     "norm_num_groups", "mlp_hidden", "mlp_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.model == "unet":
+            if not self.block_out_channels:
+                raise ValueError("TrainConfig.block_out_channels must name at least one UNet level.")
             bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
             if bad:
                 raise ValueError(

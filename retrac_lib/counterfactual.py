@@ -27,7 +27,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from .attribution import query_noise_draws, timestep_grid
+from .attribution import parse_timesteps, query_noise_draws
 from .baselines import attribute_any
 from .config import TrainConfig
 from .data import Dataset
@@ -53,8 +53,7 @@ def query_loss(model, scheduler, queries: torch.Tensor, timesteps=100, n_noise: 
     same ``n_noise`` seeded draws are used for every query and every model.
     """
     n_train_t = scheduler.config.num_train_timesteps
-    grid = (timestep_grid(timesteps, n_train_t) if isinstance(timesteps, int)
-            else torch.as_tensor(timesteps, dtype=torch.long).flatten())
+    grid = parse_timesteps(timesteps, n_train_t)
     shape = tuple(queries.shape[1:])
     noise = query_noise_draws(shape, len(grid), n_noise, seed).flatten(0, 1)   # [T'K, *s]
     t = grid.repeat_interleave(n_noise)                                          # [T'K]
@@ -301,8 +300,6 @@ def run_self_influence(run: Run, method: str, *, cached: bool = True, **options)
     """Self-influence [N] of every training sample of ``run`` under ``method`` (any method of
     ``baselines.attribute_any``), with every training image as a query; ``options`` go to the
     attribution (negative checkpoint indices count from the end)."""
-    if options.get("checkpoints") is not None:
-        options["checkpoints"] = [int(c) % len(run.checkpoints) for c in options["checkpoints"]]
     result = attribute_any(run, run.data.images, method, cached=cached, **options)
     return self_influence(result.scores, method)
 

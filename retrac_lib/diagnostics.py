@@ -19,9 +19,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from .attribution import timestep_grid
+from .attribution import parse_timesteps, timestep_grid
 from .grads import check_batch, per_sample_grads
 from .losses import check_loss, diffusion_loss
+from .metrics import spearman
 
 INIT = "init"
 
@@ -193,13 +194,7 @@ def sweep_run(run, indices, checkpoint=-1, timesteps=50, n_noise: int = 1, seed:
 
 
 def _grid(run, timesteps) -> torch.Tensor:
-    n_t = run.scheduler.config.num_train_timesteps
-    if isinstance(timesteps, int):
-        return timestep_grid(timesteps, n_t)
-    grid = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1)
-    if len(grid) == 0 or grid.min() < 0 or grid.max() >= n_t:
-        raise ValueError(f"timesteps must be a non-empty list in [0, {n_t}).")
-    return grid
+    return parse_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,13 +315,11 @@ def decile_ratio(timesteps, norms, fraction: float = 0.1) -> float:
 def rank_correlation(a, b) -> float:
     """Spearman's rank correlation of two sequences, e.g. timesteps and norms (negative: norms
     are larger at small t)."""
-    from scipy.stats import spearmanr
-
-    a = torch.as_tensor(a).reshape(-1).double().numpy()
-    b = torch.as_tensor(b).reshape(-1).double().numpy()
+    a = torch.as_tensor(a).reshape(-1).double()
+    b = torch.as_tensor(b).reshape(-1).double()
     if len(a) != len(b):
         raise ValueError(f"rank_correlation needs sequences of equal length; got {len(a)} and {len(b)}.")
-    return float(spearmanr(a, b).statistic)
+    return float(spearman(a, b))
 
 
 @dataclasses.dataclass

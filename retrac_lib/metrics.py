@@ -284,6 +284,9 @@ def summary(result, run, query_labels=None, k: int = 10, share: float = 0.5,
     the training samples ``self_indices``. Timesteps and norms are those of the checkpoints the
     result used; the recorded timesteps pool every (proponent, checkpoint) pair.
     """
+    if not result.config.checkpoints:
+        raise ValueError(f"summary needs a gradient-based result with checkpoints; the "
+                         f"{result.config.method!r} baseline has none (no timesteps or norms).")
     n = len(run.data.labels)
     top = result.proponents(k)
     recorded = torch.stack([run.recorded(c)[0] for c in result.config.checkpoints])

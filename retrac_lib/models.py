@@ -44,8 +44,17 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
 
 
 def build_model(config: TrainConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module:
-    """A freshly initialised denoiser (seeded by ``config.seed``) for samples of ``sample_shape``."""
-    torch.manual_seed(config.seed)
+    """A freshly initialised denoiser (seeded by ``config.seed``) for samples of ``sample_shape``.
+
+    The global random state is restored afterwards, so building a model never repeats the
+    caller's own random draws.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        return _build_model(config, sample_shape)
+
+
+def _build_model(config: TrainConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module:
     if config.model == "mlp":
         if len(sample_shape) != 1:
             raise ValueError(

@@ -72,21 +72,3 @@ class CountSketch:
             part = flat[:, a:a + len(buckets)] * signs.to(g.device, g.dtype)
             out.index_add_(1, buckets.to(g.device), part)
         return out.reshape(*g.shape[:-1], self.k)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b`` ([Q, N] -> [Q]).
-
-    Ties get ordinal ranks (scores are continuous, so ties are rare).
-    """
-    if a.shape != b.shape or a.ndim != 2 or a.shape[1] < 2:
-        raise ValueError(f"spearman needs two [Q, N] tensors with N >= 2; got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}.")
-
-    def ranks(x):
-        r = torch.empty_like(x, dtype=torch.float64)
-        r.scatter_(1, x.argsort(1), torch.arange(x.shape[1], dtype=torch.float64).expand_as(x).clone())
-        return r - r.mean(1, keepdim=True)
-
-    ra, rb = ranks(a), ranks(b)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))

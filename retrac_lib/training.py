@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 from tqdm.auto import tqdm
 
@@ -191,7 +192,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
 
 
 def run_key(config: TrainConfig, data: Dataset) -> str:
-    return cache.key_for({"kind": "run", "config": config.to_dict(), "data": data.fingerprint()})
+    return cache.key_for({"kind": "run", "config": config.to_dict(), "data": data.fingerprint(),
+                          "diffusers": diffusers.__version__})
 
 
 def _describe(config: TrainConfig, data: Dataset) -> dict:

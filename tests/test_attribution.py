@@ -14,6 +14,7 @@ timestep and noise draw; no code from ``retrac_lib.attribution`` or ``retrac_lib
     w_c        = lr_c * visits_c / N
 """
 import dataclasses
+import json
 import copy
 import inspect
 
@@ -502,3 +503,45 @@ def test_chunk_size_and_query_batch_do_not_change_scores(tiny_run, digit_queries
     assert rel_err(chunked.train_grad_norms, ref.train_grad_norms) <= 1e-6
     alone = _attribute(tiny_run, digit_queries[1:], "retrac", **kw)
     assert rel_err(alone.scores[0], ref.scores[1]) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. option parsing shared by every entry point
+
+
+def test_timestep_counts_of_any_integer_type_give_the_same_grid(tiny_run, digit_queries):
+    import numpy as np
+
+    ref = _attribute(tiny_run, digit_queries, "tracin", timesteps=5, n_noise=K)
+    for count in (np.int64(5), torch.tensor(5)):
+        res = _attribute(tiny_run, digit_queries, "tracin", timesteps=count, n_noise=K)
+        assert res.config.timesteps == ref.config.timesteps
+        assert torch.equal(res.scores, ref.scores)
+
+
+def test_negative_checkpoints_count_from_the_end(tiny_run, digit_queries):
+    last = _attribute(tiny_run, digit_queries, "retrac", checkpoints=[-1], timesteps=3, n_noise=K)
+    assert last.config.checkpoints == (len(tiny_run.checkpoints) - 1,)
+    with pytest.raises(ValueError, match=r"Checkpoints \[-4\] do not exist"):
+        _attribute(tiny_run, digit_queries, "retrac", checkpoints=[-4], timesteps=3, n_noise=K)
+
+
+def test_bad_chunk_size_and_query_dtype_are_named(tiny_run, digit_queries):
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        _attribute(tiny_run, digit_queries, "tracin", timesteps=3, n_noise=K, chunk_size=0)
+    with pytest.raises(ValueError, match=r"queries have dtype torch.float64.*queries.to\(torch.float32\)"):
+        _attribute(tiny_run, digit_queries.double(), "tracin", timesteps=3, n_noise=K)
+
+
+def test_a_cached_attribution_for_other_inputs_is_refused(tiny_run, digit_queries, tmp_path):
+    first = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, timesteps=3,
+                                 n_noise=K, progress=False)
+    (folder,) = (tmp_path / "attributions").iterdir()
+    meta = json.loads((folder / "config.json").read_text())
+    meta["key"]["queries"] = "something else"
+    (folder / "config.json").write_text(json.dumps(meta))
+    rl.cache.write_manifest(folder)
+    with pytest.raises(rl.cache.CacheError, match="another run, queries or options"):
+        rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, timesteps=3,
+                             n_noise=K, progress=False)
+    assert first.scores.shape == (2, len(tiny_run.data))

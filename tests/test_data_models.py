@@ -48,3 +48,21 @@ def test_book_unet_has_the_documented_size():
     model = rl.models.build_model(rl.TrainConfig(), (1, 8, 8))
     assert rl.models.n_params(model) == 159_697
     assert model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 999])).sample.shape == (2, 1, 8, 8)
+
+
+def test_building_a_model_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    rl.models.build_model(rl.TrainConfig(), (1, 8, 8))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 0.0, "lr must be positive"),
+    ("norm_num_groups", 0, "norm_num_groups must be >= 1"),
+    ("block_out_channels", (), "at least one UNet level"),
+])
+def test_config_refuses_degenerate_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        rl.TrainConfig(**{field: value})

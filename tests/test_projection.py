@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib.projection import BLOCK, CountSketch, spearman
+from retrac_lib.metrics import spearman
+from retrac_lib.projection import BLOCK, CountSketch
 
 
 def _dense(sketch: CountSketch) -> torch.Tensor:
@@ -89,19 +90,6 @@ def test_bad_inputs():
         s(torch.zeros(3, 9))
     with pytest.raises(ValueError, match="floating-point"):
         s(torch.zeros(3, 10, dtype=torch.long))
-
-
-def test_spearman():
-    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
-    b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 5.0, 7.0, 9.0]])
-    assert torch.allclose(spearman(a, b), torch.tensor([1.0, -1.0], dtype=torch.float64))
-    assert torch.allclose(spearman(a, a.exp()), torch.ones(2, dtype=torch.float64))  # monotone map
-    with pytest.raises(ValueError, match="spearman needs"):
-        spearman(a, b[:1])
-
-
-# ---------------------------------------------------------------------------------------------
-# projected attribution
 
 
 def _kw():
