@@ -18,7 +18,6 @@ import torch
 
 import retrac_lib as rl
 
-HERE = Path(__file__).resolve().parent
 # The paper's contract: 100 timesteps x 16 noise draws, 3 checkpoints, all 1,797 digits, 16 queries.
 CONTRACT = dict(timesteps=100, n_noise=16)
 N_QUERIES = 16

@@ -123,8 +123,13 @@ def query_noise_draws(sample_shape, n_timesteps: int, n_noise: int, seed: int) -
     return torch.randn((n_timesteps, n_noise, *sample_shape), generator=gen)
 
 
+def _nonzero(norm: torch.Tensor) -> torch.Tensor:
+    """Norms safe to divide by: a zero gradient then gets a zero normalized score, not NaN."""
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
 def _normalize_rows(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return g / _nonzero(g.norm(dim=1, keepdim=True))
 
 
 def _check_finite(g: torch.Tensor, what: str, offset: int, checkpoint: int) -> None:
@@ -252,7 +257,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             s = sketch.checkpoints.index(c)
             g, norms[j] = sketch.sketches[s], sketch.norms[s]
             if method == "retrac":  # S is linear: S(g / |g|) = S(g) / |g|
-                g = g / norms[j].clamp_min(torch.finfo(g.dtype).tiny)[:, None]
+                g = g / _nonzero(norms[j])[:, None]
             sv = sketch.projector()(v.cpu())
             scores += weights[j] * (sv @ g.T).double()
             continue
@@ -262,7 +267,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             norms[j, idx] = norm.cpu()
             dots = v @ g.T
             if method == "retrac":  # <v, g/|g|> = <v, g>/|g|, without a normalized copy of g
-                dots = dots / norm.clamp_min(torch.finfo(g.dtype).tiny)
+                dots = dots / _nonzero(norm)
             scores[:, idx] += weights[j] * dots.double().cpu()
             bar.update()
     bar.close()

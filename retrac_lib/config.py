@@ -5,7 +5,6 @@ The book explains each field in chapter 1 (``notebooks/01_train_toy_ddpm.ipynb``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -79,17 +78,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown TrainConfig fields {sorted(unknown)}.")
-        return cls(**d)
 
 
 def _check_choice(name, value, choices):

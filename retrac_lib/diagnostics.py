@@ -148,10 +148,6 @@ class Sweep:
         """[S, T]: the norm averaged over the noise draws."""
         return self.norms.mean(-1)
 
-    @property
-    def mean_losses(self) -> torch.Tensor:
-        return self.losses.mean(-1)
-
     def swing(self) -> torch.Tensor:
         """[S]: largest over smallest mean norm along the grid, per sample."""
         m = self.mean_norms
