@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .config import TrainConfig, is_smoke
 from .data import Dataset, digits, digits_with_outliers, moons
 
@@ -33,14 +35,23 @@ def points_setup(smoke: bool | None = None) -> tuple[TrainConfig, Dataset]:
                         checkpoint_every=50), moons(n=512))
 
 
+def device() -> str:
+    """Where the chapters compute attribution gradients: "cuda" when a GPU is present (a Colab GPU
+    runtime), else "cpu". Scores agree with the CPU's to float32 tolerance, so cached results are
+    shared; training stays on the CPU, so a run is the same run on either runtime."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def attribution_options(smoke: bool | None = None) -> dict:
-    """Query-side sizes the chapters use with ``rl.attribute`` / ``rl.load_or_attribute``.
+    """Query-side sizes (and the device) the chapters use with ``rl.attribute`` /
+    ``rl.load_or_attribute``.
 
     The paper's contract is 100 timesteps x 16 draws; the chapters use a 25 x 8 grid so that a
     chapter runs in a few minutes on a laptop CPU (``benchmarks/`` runs the full contract).
     """
     smoke = is_smoke() if smoke is None else smoke
-    return dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=25, n_noise=8)
+    sizes = dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=25, n_noise=8)
+    return dict(sizes, device=device())
 
 
 def query_digits(n_per_class: int | None = None, smoke: bool | None = None) -> Dataset:
@@ -89,12 +100,12 @@ def counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
             TrainConfig(model="mlp", clip_sample=False, mlp_hidden=32, epochs=3, batch_size=32,
                         checkpoint_every=1), moons(n=48), moons(n=16, seed=1).subset(range(3)),
             k=5, n_subsets=6, subset_fraction=0.5, subset_seed=0,
-            loss_options=dict(timesteps=10, n_noise=4), attribution=dict(timesteps=4, n_noise=2))
+            loss_options=dict(timesteps=10, n_noise=4), attribution=attribution_options(smoke=True))
     return CounterfactualSetup(
         TrainConfig(model="mlp", clip_sample=False, epochs=100, batch_size=64, lr=2e-3,
                     checkpoint_every=25), moons(n=256), moons(n=64, seed=1).subset(range(12)),
         k=25, n_subsets=64, subset_fraction=0.5, subset_seed=0,
-        loss_options=dict(timesteps=100, n_noise=32), attribution=dict(timesteps=25, n_noise=8))
+        loss_options=dict(timesteps=100, n_noise=32), attribution=attribution_options(smoke=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,79 @@
+"""What pip and Colab install: the wheel holds the whole library and nothing else, and the declared
+lower bounds are the versions that `.ci/reader-install` tests (those Colab ships).
+
+`.ci/reader-install` then installs that wheel into a fresh venv and runs the tests and the book
+there; these checks fail in seconds, before that slower step.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+from book_tools import ROOT
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+COLAB_VERSIONS = ROOT / ".ci" / "colab-versions.txt"
+# Colab's torch (a CUDA build) cannot be installed here; README "Versions" says so.
+NOT_TESTED_AT_LOWER_BOUND = {"torch"}
+
+
+def _pins(path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{path.name}: pin {line!r} exactly"
+            pins[req.name.lower().replace("_", "-")] = spec.version
+    return pins
+
+
+def _lower_bounds() -> dict[str, str]:
+    bounds = {}
+    for line in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(line)
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"pyproject.toml: give {req.name} one lower bound (>=), got {line!r}"
+        bounds[req.name.lower().replace("_", "-")] = lower[0]
+    return bounds
+
+
+def test_lower_bounds_are_the_tested_colab_versions():
+    pins, bounds = _pins(COLAB_VERSIONS), _lower_bounds()
+    missing = sorted(set(bounds) - set(pins))
+    assert not missing, f"{COLAB_VERSIONS.name} does not install {missing}"
+    differ = {name: (lower, pins[name]) for name, lower in bounds.items()
+              if name not in NOT_TESTED_AT_LOWER_BOUND and Version(pins[name]) != Version(lower)}
+    assert not differ, ("pyproject.toml's lower bounds must be the versions .ci/reader-install "
+                        f"tests (lower bound, tested): {differ}")
+
+
+def test_requirements_satisfy_the_declared_ranges():
+    pins = _pins(ROOT / "requirements.txt")
+    for line in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(line)
+        version = pins[req.name.lower().replace("_", "-")]
+        assert req.specifier.contains(version), f"requirements.txt pins {req.name}=={version}: outside {line!r}"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    (path,) = out.glob("retrac_lib-*.whl")
+    return path
+
+
+def test_wheel_holds_every_module_and_nothing_else(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        packaged = {n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "retrac_lib").rglob("*.py")}
+    assert packaged == in_tree, (f"missing from the wheel: {sorted(in_tree - packaged)}; "
+                                 f"not library files: {sorted(packaged - in_tree)}")
