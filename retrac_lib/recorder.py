@@ -132,8 +132,9 @@ class Recorder:
                              f"{self.data.images.dtype}. Record the noise add_noise received.")
         if isinstance(lr, torch.Tensor) and lr.numel() == 1:
             lr = lr.item()
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-            raise ValueError(f"lr must be the positive learning rate of this step; got {lr!r}.")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < float("inf"):
+            raise ValueError(f"lr must be the learning rate of this step (a finite number >= 0, "
+                             f"0 during warm-up); got {lr!r}.")
         if images is not None:
             self._check_images(images, idx)
         self._indices.append(idx)
