@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import cache
+from .config import TrainConfig
 from .data import Dataset
 from .models import ModelSpec, check_samples
 from .training import Checkpoint, Run, TrainingLog, load_run, save_run
@@ -83,6 +84,9 @@ class Recorder:
         check_samples(model, self.data.images, "data")
         self.scheduler = noise_scheduler
         self.folder = None if folder is None else Path(folder)
+        if self.folder is not None and self.folder.exists():
+            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this run "
+                                  "(or delete the old one); a recorded run is never overwritten.")
         self._n_timesteps = noise_scheduler.config.num_train_timesteps
         self._initial = _snapshot(model)
         self._layout = {k: (v.shape, v.dtype) for k, v in self._initial.items()}
@@ -208,15 +212,20 @@ class Recorder:
 
 
 def load(folder) -> Run:
-    """A run written by ``Recorder(..., folder=...)``, verified against its manifest."""
+    """A run written by ``Recorder(..., folder=...)`` (or ``rl.save_run(run, folder,
+    with_data=True)``), verified against its manifest."""
     folder = Path(folder)
     cache.verify_folder(folder)
+    if not (folder / "data.safetensors").exists():
+        raise ValueError(f"{folder} holds no training images (data.safetensors): it is a cached run "
+                         "of rl.train. Load it with rl.load_run(folder, config, data), or write a "
+                         "self-contained copy with rl.save_run(run, new_folder, with_data=True).")
     described = cache.read_json(folder / "config.json")
     config = described["config"]
-    if config.get("kind") != "recorded":
-        raise ValueError(f"{folder} holds a run of rl.train, not a recorded one; load it with "
-                         "rl.load_run(folder, config, data).")
-    spec = ModelSpec(**{k: v for k, v in config.items() if k != "kind"})
+    if config.get("kind") == "recorded":
+        spec = ModelSpec(**{k: v for k, v in config.items() if k != "kind"})
+    else:
+        spec = TrainConfig(**config)
     tensors = cache.load_tensors(folder / "data.safetensors")
     data = Dataset(described["data"]["name"], tensors["images"], tensors["labels"])
     return load_run(folder, spec, data)

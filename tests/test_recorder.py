@@ -213,3 +213,10 @@ def test_unsupported_models_schedulers_and_losses_are_refused():
         rl.Recorder(torch.nn.parallel.DataParallel(model), DDPMScheduler(), images)
     with pytest.raises(ValueError, match=r"data has shape \(4, 3, 8, 8\)"):
         rl.Recorder(model, DDPMScheduler(), torch.zeros(4, 3, SIZE, SIZE))
+
+
+def test_an_existing_folder_is_never_overwritten(recorded):
+    run, _, case, folder = recorded
+    with pytest.raises(FileExistsError, match="exists already"):
+        rl.Recorder(make_model(case["channels"], case["attention"]), case["scheduler_cls"](),
+                    run.data, loss=case["loss_name"], folder=folder)
