@@ -134,12 +134,12 @@ def outlier_setup(smoke: bool | None = None) -> OutlierSetup:
 
 
 # ---------------------------------------------------------------------------------------------
-# chapter 8: attribute your own model
+# notebooks/08_your_own_model.ipynb: attribute your own model
 
 
 @dataclasses.dataclass(frozen=True)
 class OwnModelSetup:
-    """Chapter 8's diffusers-style loop: how much it trains and what it attributes."""
+    """The diffusers-style loop of "Attribute your own model": what it trains and attributes."""
 
     n_train: int               # the first n_train training digits
     epochs: int

@@ -1,4 +1,5 @@
-"""Record your own diffusers training loop so that ``rl.attribute`` can explain it (chapter 8).
+"""Record your own diffusers training loop so that ``rl.attribute`` can explain it
+(``notebooks/08_your_own_model.ipynb``).
 
 Attribution needs, for every optimizer step, which training samples were in the batch, the
 timestep and noise each got and the learning rate; and checkpoints with their learning rate and
