@@ -9,10 +9,11 @@ Every process (rank) scores one shard and the partial score matrices are summed:
   training set (every rank computes all training gradients).
 
 A rank leaves the columns (or rows) outside its shard at zero and ``all_reduce`` sums them; adding
-zeros is exact, so the scores equal one process's bit for bit. Training scales with the training
-set: per checkpoint one process spends ``Q x |T'| x K`` query draws and ``N`` training gradients,
-``p`` processes sharding the training set ``Q x |T'| x K + N / p`` each. gloo runs on CPUs, NCCL
-on GPUs (one GPU per rank: ``device="cuda:<LOCAL_RANK>"``).
+zeros is exact, so training shards give one process's scores bit for bit (query shards change
+the shapes of the final matrix products, which may round differently). Per checkpoint one
+process computes ``Q x |T'| x K`` query draws and ``N`` training gradients; ``p`` processes
+sharding the training set compute ``Q x |T'| x K`` draws and ``N / p`` gradients each. gloo
+runs on CPUs, NCCL on GPUs (one GPU per rank: ``device="cuda:<LOCAL_RANK>"``).
 
     torchrun --standalone --nproc_per_node 2 -m retrac_lib attribute RUN QUERIES --out SCORES
 """
@@ -38,7 +39,10 @@ def init(backend: str | None = None) -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # NCCL's collectives run on the current device: this rank's GPU
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend)
     return True
 
 
