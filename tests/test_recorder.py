@@ -220,3 +220,17 @@ def test_an_existing_folder_is_never_overwritten(recorded):
     with pytest.raises(FileExistsError, match="exists already"):
         rl.Recorder(make_model(case["channels"], case["attention"]), case["scheduler_cls"](),
                     run.data, loss=case["loss_name"], folder=folder)
+
+
+def test_rl_train_records_through_the_recorder(tiny_config, tiny_digits, monkeypatch):
+    calls = {"step": 0, "checkpoint": 0}
+    for name in calls:
+        original = getattr(rl.Recorder, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(rl.Recorder, name, spy)
+    run = rl.train(tiny_config.replace(epochs=2), tiny_digits, progress=False)
+    assert calls == {"step": run.log.n_steps, "checkpoint": len(run.checkpoints)} == {"step": 6, "checkpoint": 2}
