@@ -5,10 +5,12 @@
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
 from . import (attribution, baselines, book, cache, checks, config, counterfactual, data,
-               diagnostics, grads, losses, metrics, models, sampling, training, widgets)
+               diagnostics, distributed, grads, losses, metrics, models, recorder, sampling,
+               training, widgets)
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads
+from .recorder import Recorder
 from .sampling import generate
 from .training import Checkpoint, Run, TrainingLog, load_or_train, load_run, save_run, train
 

@@ -185,15 +185,17 @@ def training_draws(run, c: int, train_side: str, timesteps: torch.Tensor,
 
 
 def training_gradient_chunks(run, model, c: int, train_side: str, timesteps: torch.Tensor,
-                             noise_seed: int, loss: str, chunk_size: int):
-    """Yield ``(indices, g_c(x_i) rows)`` over the training set, ``chunk_size`` samples at a time.
+                             noise_seed: int, loss: str, chunk_size: int, train_slice=None):
+    """Yield ``(indices, g_c(x_i) rows)`` over the training set (or the ``range`` of training
+    indices ``train_slice``), ``chunk_size`` samples at a time.
 
     Memory is bounded by one chunk x P; a NaN or infinite gradient raises, naming the sample.
     """
     t, eps = training_draws(run, c, train_side, timesteps, noise_seed)
     x = run.data.images[:, None].expand(-1, t.shape[1], *run.data.sample_shape)
-    for a in range(0, len(run.data), chunk_size):
-        idx = torch.arange(a, min(a + chunk_size, len(run.data)))
+    span = range(len(run.data)) if train_slice is None else train_slice
+    for a in range(span.start, span.stop, chunk_size):
+        idx = torch.arange(a, min(a + chunk_size, span.stop))
         g = grouped_grads(model, run.scheduler, x[idx], t[idx], eps[idx], loss, chunk_size)
         _check_finite(g, "training sample", a, c)
         yield idx, g
@@ -204,7 +206,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
               noise_seed: int = 0, train_side: str = "recorded",
               normalization: str = "per_timestep", loss: str | None = None,
               chunk_size: int = 64, device=None, progress: bool = True,
-              projection=None, projection_seed: int = 0) -> AttributionResult:
+              projection=None, projection_seed: int = 0, train_slice=None) -> AttributionResult:
     """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
 
     Args:
@@ -227,10 +229,14 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             CountSketch of the gradients (seeded by ``projection_seed``); or a
             ``TrainingSketch`` from ``sketch_training`` to reuse stored training gradients.
             Training-gradient norms (and ReTrac's normalization) stay exact.
+        train_slice: a ``range`` of training indices to score (default all); the other columns
+            of ``scores`` and ``train_grad_norms`` stay 0. ``rl.distributed`` gives each process
+            one slice.
     """
     start = time.perf_counter()
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
+    train_slice = _train_slice(train_slice, len(run.data), projection)
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
                                   query_noise, noise_seed, train_side, normalization, loss,
                                   projection, projection_seed)
@@ -246,7 +252,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
                                  chunk_size=chunk_size, device=device, progress=progress)
     if config.projection:
         sketch.check_matches(run, config)
-    bar = tqdm(total=len(config.checkpoints) * (1 + (0 if config.projection else -(-n // chunk_size))),
+    n_scored = n if train_slice is None else len(train_slice)
+    bar = tqdm(total=len(config.checkpoints) * (1 + (0 if config.projection else -(-n_scored // chunk_size))),
                desc=method, disable=not progress)
     for j, c in enumerate(config.checkpoints):
         model = run.model_at(c).to(device or "cpu")
@@ -262,7 +269,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             scores += weights[j] * (sv @ g.T).double()
             continue
         for idx, g in training_gradient_chunks(run, model, c, train_side, grid, noise_seed,
-                                               config.loss, chunk_size):
+                                               config.loss, chunk_size, train_slice):
             norm = g.norm(dim=1)
             norms[j, idx] = norm.cpu()
             dots = v @ g.T
@@ -387,6 +394,18 @@ def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, 
     return config, grid, noise
 
 
+def _train_slice(train_slice, n: int, projection) -> range | None:
+    if train_slice is None:
+        return None
+    if not isinstance(train_slice, range) or train_slice.step != 1 or not (
+            0 <= train_slice.start <= train_slice.stop <= n):
+        raise ValueError(f"train_slice must be a range(start, stop) of training indices with "
+                         f"0 <= start <= stop <= {n}; got {train_slice!r}.")
+    if projection is not None:
+        raise ValueError("train_slice scores exact gradients only; pass projection=None.")
+    return train_slice
+
+
 def _checkpoints(run, checkpoints) -> tuple[int, ...]:
     """The checkpoint indices to sum over (default all), refusing ones the run does not have."""
     n_ckpt = len(run.checkpoints)
@@ -416,6 +435,8 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     The key covers the run's configuration and data, the query values, the resolved options and
     the query noise values, so nothing is reused when any of them changed.
     """
+    if options.get("train_slice") is not None:
+        raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
     defaults = {name: p.default for name, p in inspect.signature(attribute).parameters.items()}
     resolved = {name: options.get(name, defaults[name])
                 for name in inspect.signature(resolve).parameters if name not in ("run", "queries", "method")}

@@ -142,3 +142,30 @@ def outlier_setup(smoke: bool | None = None) -> OutlierSetup:
         digits_with_outliers(n_digits=300, n_outliers=9),
         self_attribution=dict(checkpoints=[-1], timesteps=10, n_noise=2),
         attribution=attribution_options(smoke=False), n_generated=128, n_queries=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebooks/08_your_own_model.ipynb: attribute your own model
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnModelSetup:
+    """The diffusers-style loop of "Attribute your own model": what it trains and attributes."""
+
+    n_train: int               # the first n_train training digits
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    lr_warmup_steps: int
+    checkpoint_epochs: tuple[int, ...]
+    n_queries: int             # held-out digits, one per class first
+    attribution: dict
+
+
+def own_model_setup(smoke: bool | None = None) -> OwnModelSetup:
+    """600 training digits, 20 epochs of AdamW with warm-up and cosine decay, checkpoints after
+    epochs 10 and 20, 10 held-out queries on the chapters' usual query grid."""
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        return OwnModelSetup(48, 2, 16, 1e-3, 2, (1, 2), 4, attribution_options(smoke=True))
+    return OwnModelSetup(600, 20, 32, 2e-3, 20, (10, 20), 10, attribution_options(smoke=False))

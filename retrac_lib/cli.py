@@ -1,0 +1,96 @@
+"""The command line: attribute a saved run against a file of query images, for cluster jobs.
+
+    python -m retrac_lib attribute RUN QUERIES --out SCORES [--method retrac] [--timesteps 100] ...
+    torchrun --standalone --nproc_per_node 4 -m retrac_lib attribute RUN QUERIES --out SCORES
+
+``RUN`` is a folder written by ``rl.Recorder(..., folder=...)`` (or ``rl.save_run(run, folder,
+with_data=True)``). ``QUERIES`` holds one float32 tensor [Q, *sample] in [-1, 1]: a
+``.safetensors`` file (its only tensor, or the one named "queries"), a ``.npy`` array or a
+``.pt`` tensor (read with ``weights_only=True``). ``SCORES`` is a new folder that
+``rl.AttributionResult.load`` reads: ``scores.safetensors`` ([Q, N] scores, checkpoint weights,
+training-gradient norms) and ``config.json``. Under ``torchrun`` the processes share the work
+(``retrac_lib.distributed``) and rank 0 writes the result.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from . import attribution, distributed, recorder
+
+QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
+
+
+def load_queries(path, sample_shape) -> torch.Tensor:
+    """The query tensor in ``path``, validated against the run's ``sample_shape``."""
+    path = Path(path)
+    if path.suffix not in QUERY_SUFFIXES:
+        raise ValueError(f"{path}: query files must end in {', '.join(QUERY_SUFFIXES)}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such query file.")
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if len(tensors) != 1 and "queries" not in tensors:
+            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the query tensor "
+                             "'queries' or store it alone.")
+        queries = tensors.get("queries", next(iter(tensors.values())))
+    elif path.suffix == ".npy":
+        queries = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        queries = torch.load(path, weights_only=True)
+        if not isinstance(queries, torch.Tensor):
+            raise ValueError(f"{path} holds a {type(queries).__name__}; save one tensor [Q, *sample].")
+    expected = f"[Q, {', '.join(map(str, sample_shape))}]"
+    if queries.dtype != torch.float32:
+        raise ValueError(f"{path}: queries have dtype {queries.dtype}; save float32 images scaled "
+                         f"like the training images (e.g. [-1, 1]), shape {expected}.")
+    if queries.ndim != len(sample_shape) + 1 or tuple(queries.shape[1:]) != tuple(sample_shape):
+        raise ValueError(f"{path}: queries have shape {tuple(queries.shape)}; this run takes "
+                         f"{expected}.")
+    if len(queries) == 0 or not torch.isfinite(queries).all():
+        raise ValueError(f"{path}: queries must be at least one image, with finite values.")
+    return queries
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retrac_lib", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("attribute", help="score every training sample of a run for each query")
+    p.add_argument("run", type=Path, help="folder of a recorded run")
+    p.add_argument("queries", type=Path, help="query images: .safetensors, .npy or .pt")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the scores")
+    p.add_argument("--method", choices=attribution.METHODS, default="retrac")
+    p.add_argument("--timesteps", type=int, default=100, help="evenly spaced query timesteps |T'|")
+    p.add_argument("--n-noise", type=int, default=16, help="noise draws K per timestep")
+    p.add_argument("--noise-seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=int, nargs="+", help="checkpoint indices (default all)")
+    p.add_argument("--train-side", choices=attribution.TRAIN_SIDES, default="recorded")
+    p.add_argument("--normalization", choices=attribution.QUERY_NORMALIZATIONS, default="per_timestep")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> with a GPU, else cpu")
+    p.add_argument("--shard", choices=distributed.SHARDS, default="train",
+                   help="what the processes split under torchrun")
+    args = parser.parse_args(argv)
+
+    if args.out.exists():
+        parser.error(f"--out {args.out} exists already; choose a new folder.")
+    run = recorder.load(args.run)
+    queries = load_queries(args.queries, run.data.sample_shape)
+    is_distributed = distributed.init()
+    rank = torch.distributed.get_rank() if is_distributed else 0
+    result = distributed.attribute(
+        run, queries, args.method, shard=args.shard, checkpoints=args.checkpoints,
+        timesteps=args.timesteps, n_noise=args.n_noise, noise_seed=args.noise_seed,
+        train_side=args.train_side, normalization=args.normalization, chunk_size=args.chunk_size,
+        device=args.device or distributed.default_device(), progress=rank == 0)
+    if rank == 0:
+        result.save(args.out, key={"run": str(args.run), "queries": str(args.queries)})
+        print(f"{args.method} scores {tuple(result.scores.shape)} in {result.seconds:.1f} s "
+              f"-> {args.out}")
+    if is_distributed:
+        torch.distributed.destroy_process_group()
+    return 0

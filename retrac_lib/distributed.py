@@ -1,0 +1,100 @@
+"""Attribution across processes with ``torch.distributed``, launched by ``torchrun``.
+
+Every process (rank) scores one shard and the partial score matrices are summed:
+
+* ``shard="train"`` (default): rank r scores a contiguous slice of the training set
+  (``attribute(..., train_slice=...)``); every rank computes the query side in full. Slices start
+  at multiples of ``chunk_size``, so each rank computes exactly the chunks one process would.
+* ``shard="queries"``: rank r attributes a contiguous slice of the queries against the whole
+  training set (every rank computes all training gradients).
+
+A rank leaves the columns (or rows) outside its shard at zero and ``all_reduce`` sums them; adding
+zeros is exact, so training shards give one process's scores bit for bit (query shards change
+the shapes of the final matrix products, which may round differently). Per checkpoint one
+process computes ``Q x |T'| x K`` query draws and ``N`` training gradients; ``p`` processes
+sharding the training set compute ``Q x |T'| x K`` draws and ``N / p`` gradients each. gloo
+runs on CPUs, NCCL on GPUs (one GPU per rank: ``device="cuda:<LOCAL_RANK>"``).
+
+    torchrun --standalone --nproc_per_node 2 -m retrac_lib attribute RUN QUERIES --out SCORES
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from . import attribution
+from .attribution import AttributionResult
+
+SHARDS = ("train", "queries")
+
+
+def init(backend: str | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); False when alone.
+
+    The backend defaults to NCCL when CUDA is available, gloo otherwise.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # NCCL's collectives run on the current device: this rank's GPU
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend)
+    return True
+
+
+def default_device() -> str:
+    """``cuda:<LOCAL_RANK>`` when a GPU is present, otherwise the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def shard_ranges(n: int, world: int, align: int = 1) -> list[range]:
+    """``world`` contiguous ranges covering ``range(n)`` in order, as even as blocks of ``align``
+    allow: every range starts at a multiple of ``align`` (trailing ranges may be empty)."""
+    if world < 1 or align < 1:
+        raise ValueError(f"world and align must be >= 1; got {world} and {align}.")
+    blocks = -(-n // align)
+    bounds = [min(n, align * (blocks * r // world)) for r in range(world + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str = "train",
+              **options) -> AttributionResult:
+    """``rl.attribute`` split over the processes of the initialized group (alone: one process).
+
+    Every rank gets the whole result: scores [Q, N] in training-set order, equal to one process's.
+    ``options`` are those of ``rl.attribute`` (``projection`` excepted).
+    """
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}.")
+    if options.get("train_slice") is not None:
+        raise ValueError("distributed.attribute chooses each rank's train_slice itself.")
+    if not dist.is_initialized():
+        return attribution.attribute(run, queries, method, **options)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if shard == "train":
+        part = shard_ranges(len(run.data), world, options.get("chunk_size", 64))[rank]
+        res = attribution.attribute(run, queries, method, train_slice=part, **options)
+        scores, norms = res.scores, res.train_grad_norms
+    else:
+        if len(queries) < world:
+            raise ValueError(f"shard='queries' needs at least one query per process: {len(queries)} "
+                             f"queries for {world} processes. Use shard='train'.")
+        part = shard_ranges(len(queries), world)[rank]
+        res = attribution.attribute(run, queries[part.start:part.stop], method, **options)
+        scores = torch.zeros(len(queries), len(run.data), dtype=res.scores.dtype)
+        scores[part.start:part.stop] = res.scores
+        norms = torch.zeros_like(res.train_grad_norms) if rank else res.train_grad_norms
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    scores, norms = scores.to(on), norms.to(on)
+    seconds = torch.tensor([res.seconds], dtype=torch.float64, device=on)
+    dist.all_reduce(scores)
+    dist.all_reduce(norms)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return AttributionResult(scores.cpu(), res.config, res.checkpoint_weights, norms.cpu(),
+                             float(seconds))

@@ -1,0 +1,258 @@
+"""Record your own diffusers training loop so that ``rl.attribute`` can explain it
+(``notebooks/08_your_own_model.ipynb``).
+
+Attribution needs, for every optimizer step, which training samples were in the batch, the
+timestep and noise each got and the learning rate; and checkpoints with their learning rate and
+visit counts. A few lines added to a loop shaped like diffusers'
+``examples/unconditional_image_generation/train_unconditional.py`` record them::
+
+    recorder = rl.Recorder(model, noise_scheduler, train_images, loss="mse", folder="my-run")
+    loader = DataLoader(rl.recorder.IndexedDataset(dataset), batch_size=64, shuffle=True)
+    for epoch in range(epochs):
+        for indices, clean_images in loader:                 # (index, image) pairs
+            ...                                              # noise, timesteps, loss, backward
+            lr = optimizer.param_groups[0]["lr"]             # the lr this step uses
+            optimizer.step(); lr_scheduler.step(); optimizer.zero_grad()
+            recorder.step(indices, timesteps, noise, lr, loss=loss.item(), images=clean_images)
+        recorder.checkpoint(model)                           # at the steps you choose
+    run = recorder.close()                                   # a Run; also written to the folder
+    run = rl.recorder.load("my-run")                         # later, in any process
+
+``rl.train`` records the book's runs with the same ``Recorder``. Records stay in memory until
+``close``: the log holds one noise tensor per sample visit (epochs x N x sample size floats) and
+each checkpoint a copy of the weights. The training images must be what the model saw: a loop
+with random augmentation (flips, crops) trains on images the recorded set does not contain, and
+``step(..., images=...)`` refuses it. Under accelerate or DDP, record on one process the batch
+gathered over all processes (``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from pathlib import Path
+
+import torch
+
+from . import cache
+from .config import TrainConfig
+from .data import Dataset
+from .models import ModelSpec, check_samples
+from .training import Checkpoint, Run, TrainingLog, load_run, save_run
+
+UNLABELLED = -1
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items come with their index: ``(index, dataset[index])``.
+
+    Wrap the dataset your ``DataLoader`` reads, and the default collate hands every batch its
+    training-set indices as a tensor, which is what ``Recorder.step`` needs.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return index, self.dataset[index]
+
+
+class Recorder:
+    """Records a training run step by step; ``close`` returns it as a ``Run``.
+
+    Args:
+        model: the denoiser being trained (a diffusers ``UNet2DModel``, any configuration), its
+            weights at this moment are the run's initial weights.
+        noise_scheduler: the ``DDPMScheduler`` or ``DDIMScheduler`` whose ``add_noise`` the loop
+            uses (any beta schedule; epsilon prediction).
+        data: the training set in index order: an ``rl.data.Dataset`` or a tensor
+            [N, C, H, W] of the images exactly as the model sees them (``labels`` optional).
+        loss: "mse" or "l1": the per-sample loss ``mean |eps_theta(x_t, t) - eps|^p`` the loop
+            trains with (``F.mse_loss`` / ``F.l1_loss`` with their default mean reduction).
+        folder: where ``close`` writes the run (safetensors and JSON; self-contained, with the
+            training images), or None to keep it in memory only.
+        config: ``rl.train`` passes its ``TrainConfig``; a user's run is described by a
+            ``ModelSpec`` built from ``model``, ``noise_scheduler`` and ``loss``.
+    """
+
+    def __init__(self, model, noise_scheduler, data, *, loss: str = "mse", folder=None,
+                 labels=None, config=None):
+        self._start = time.perf_counter()
+        self.config = config if config is not None else ModelSpec.of(model, noise_scheduler, loss)
+        self.data = _dataset(data, labels)
+        check_samples(model, self.data.images, "data")
+        self.scheduler = noise_scheduler
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None and self.folder.exists():
+            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this run "
+                                  "(or delete the old one); a recorded run is never overwritten.")
+        self._n_timesteps = noise_scheduler.config.num_train_timesteps
+        self._initial = _snapshot(model)
+        self._layout = {k: (v.shape, v.dtype) for k, v in self._initial.items()}
+        self._indices, self._timesteps, self._noise, self._losses, self._lrs = [], [], [], [], []
+        self._starts = [0]
+        self._seen = torch.zeros(len(self.data), dtype=torch.bool)
+        self._visits_since = 0
+        self.checkpoints: list[Checkpoint] = []
+        self.closed = False
+
+    @property
+    def n_steps(self) -> int:
+        return len(self._losses)
+
+    def step(self, indices, timesteps, noise, lr, *, loss=None, images=None) -> None:
+        """Record one optimizer step: the batch's training-set ``indices`` [B], ``timesteps``
+        [B] and ``noise`` [B, *sample] as passed to ``add_noise``, and the learning rate ``lr``
+        the step used (read it before ``lr_scheduler.step()``).
+
+        ``loss`` (the batch loss, a float) is kept for plots; ``images`` (the clean batch), when
+        given, is checked against the training set at ``indices``.
+        """
+        self._check_open("step")
+        if indices is None:
+            raise ValueError(
+                "step() needs the batch's training-set indices. If your DataLoader does not return "
+                "them, wrap its dataset in rl.recorder.IndexedDataset to get (index, image) pairs.")
+        idx = _integer_vector(indices, "indices")
+        n = len(self.data)
+        if len(idx) == 0:
+            raise ValueError("indices is empty: a step trains on at least one sample.")
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"indices must lie in [0, {n}) (the training set has {n} samples); "
+                             f"got values in [{int(idx.min())}, {int(idx.max())}].")
+        t = _integer_vector(timesteps, "timesteps")
+        if len(t) != len(idx):
+            raise ValueError(f"timesteps has {len(t)} entries for a batch of {len(idx)} indices.")
+        if t.min() < 0 or t.max() >= self._n_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {self._n_timesteps}); got values in "
+                             f"[{int(t.min())}, {int(t.max())}].")
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (len(idx), *self.data.sample_shape):
+            shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise has shape {shape}; expected [{len(idx)}, "
+                             f"{', '.join(map(str, self.data.sample_shape))}] (one draw per sample).")
+        if noise.dtype != self.data.images.dtype:
+            raise ValueError(f"noise has dtype {noise.dtype}; the training images are "
+                             f"{self.data.images.dtype}. Record the noise add_noise received.")
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            lr = lr.item()
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < float("inf"):
+            raise ValueError(f"lr must be the learning rate of this step (a finite number >= 0, "
+                             f"0 during warm-up); got {lr!r}.")
+        if images is not None:
+            self._check_images(images, idx)
+        self._indices.append(idx)
+        self._timesteps.append(t)
+        self._noise.append(noise.detach().cpu().clone())
+        self._losses.append(float("nan") if loss is None else float(loss))
+        self._lrs.append(float(lr))
+        self._starts.append(self._starts[-1] + len(idx))
+        self._seen[idx] = True
+        self._visits_since += len(idx)
+
+    def checkpoint(self, model, *, lr: float | None = None, epoch: int | None = None) -> Checkpoint:
+        """Save ``model``'s weights now, weighted by ``lr`` (default: the last step's) times the
+        sample visits since the previous checkpoint. ``epoch`` defaults to visits // N."""
+        self._check_open("checkpoint")
+        if self._visits_since == 0:
+            raise ValueError("No step was recorded since the last checkpoint: call step() after "
+                             "every optimizer step, and checkpoint() after some steps.")
+        if not self._seen.all():
+            missing = (~self._seen).nonzero().flatten()
+            raise ValueError(
+                f"{len(missing)} training samples (e.g. {missing[:5].tolist()}) have not been trained "
+                "on yet, so they have no recorded timestep and noise for this checkpoint. Checkpoint "
+                "at the end of an epoch (and do not drop the last batch before then).")
+        params = _snapshot(model)
+        layout = {k: (v.shape, v.dtype) for k, v in params.items()}
+        if layout != self._layout:
+            diff = sorted(set(layout) ^ set(self._layout)) or [
+                k for k in layout if layout[k] != self._layout[k]]
+            raise ValueError(
+                f"This model's weights do not fit the architecture being recorded (they differ in "
+                f"{diff[:3]}). Pass the model you are training (unwrapped from DDP/accelerate).")
+        ckpt = Checkpoint(
+            index=len(self.checkpoints), step=self.n_steps,
+            epoch=int(self._starts[-1] // len(self.data)) if epoch is None else int(epoch),
+            lr=self._lrs[-1] if lr is None else float(lr), visits=self._visits_since, params=params)
+        self.checkpoints.append(ckpt)
+        self._visits_since = 0
+        return ckpt
+
+    def close(self) -> Run:
+        """Finish recording; return the ``Run`` (written to ``folder`` when one was given)."""
+        self._check_open("close")
+        if not self.checkpoints:
+            raise ValueError("No checkpoint was saved: call checkpoint(model) at least once "
+                             "(attribution sums over checkpoints).")
+        self.closed = True
+        log = TrainingLog(
+            torch.cat(self._indices), torch.cat(self._timesteps), torch.cat(self._noise),
+            torch.tensor(self._starts), torch.tensor(self._losses, dtype=torch.float64),
+            torch.tensor(self._lrs, dtype=torch.float64))
+        run = Run(self.config, self.data, self.scheduler, self.checkpoints, log, self._initial,
+                  time.perf_counter() - self._start)
+        if self.folder is not None:
+            run.path = save_run(run, self.folder, with_data=True)
+        return run
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"This Recorder was closed; {what}() cannot add to a finished run. "
+                               "Create a new Recorder to record another run.")
+
+    def _check_images(self, images, idx) -> None:
+        images = images.detach().cpu()
+        expected = self.data.images[idx]
+        if images.shape != expected.shape or not torch.equal(images.to(expected.dtype), expected):
+            raise ValueError(
+                "The batch images differ from the training set at the given indices: the indices "
+                "are wrong, or the loop augments (random flips or crops) or rescales the images. "
+                "Pass the training images exactly as the model sees them.")
+
+
+def load(folder) -> Run:
+    """A run written by ``Recorder(..., folder=...)`` (or ``rl.save_run(run, folder,
+    with_data=True)``), verified against its manifest."""
+    folder = Path(folder)
+    cache.verify_folder(folder)
+    if not (folder / "data.safetensors").exists():
+        raise ValueError(f"{folder} holds no training images (data.safetensors): it is a cached run "
+                         "of rl.train. Load it with rl.load_run(folder, config, data), or write a "
+                         "self-contained copy with rl.save_run(run, new_folder, with_data=True).")
+    described = cache.read_json(folder / "config.json")
+    config = described["config"]
+    if config.get("kind") == "recorded":
+        spec = ModelSpec(**{k: v for k, v in config.items() if k != "kind"})
+    else:
+        spec = TrainConfig(**config)
+    tensors = cache.load_tensors(folder / "data.safetensors")
+    data = Dataset(described["data"]["name"], tensors["images"], tensors["labels"])
+    return load_run(folder, spec, data)
+
+
+def _dataset(data, labels) -> Dataset:
+    if isinstance(data, Dataset):
+        if labels is not None:
+            raise ValueError("Pass labels only with a tensor of images; an rl Dataset has its own.")
+        return data
+    if not isinstance(data, torch.Tensor) or not data.dtype.is_floating_point:
+        raise ValueError("data must be an rl.data.Dataset or a float tensor [N, C, H, W] of the "
+                         "training images in index order (as the model sees them).")
+    images = data.detach().cpu()
+    if labels is None:
+        labels = torch.full((len(images),), UNLABELLED, dtype=torch.long)
+    return Dataset("recorded", images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
+
+
+def _integer_vector(values, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values).detach().cpu()
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of integers, one per sample of the batch; "
+                         f"got dtype {t.dtype} and shape {tuple(t.shape)}.")
+    return t.long()
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

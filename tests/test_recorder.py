@@ -1,0 +1,236 @@
+"""A diffusers-style training loop plus ``rl.Recorder`` gives a run that attribution explains.
+
+The loop below is written the way diffusers' ``train_unconditional.py`` writes it (DataLoader,
+``noise_scheduler.add_noise``, ``UNet2DModel``, AdamW with a warm-up + cosine lr schedule,
+gradient clipping); the recorder is the only addition. Independently of the recorder the loop
+keeps its own note of each sample's last timestep and noise and of every step's lr, which the
+recorded run must reproduce; its scores must equal the slow reference of ``test_attribution``.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from test_attribution import REL_TOL, ref_scores, ref_weight, rel_err
+from torch.utils.data import DataLoader
+
+import retrac_lib as rl
+from retrac_lib.losses import diffusion_loss
+
+N, SIZE, BATCH, EPOCHS = 10, 8, 4, 2
+
+
+class Images(torch.utils.data.Dataset):
+    """A plain image data set: items are image tensors, no indices."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def make_model(channels, attention):
+    return UNet2DModel(
+        sample_size=SIZE, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"),
+        add_attention=attention)
+
+
+def diffusers_style_loop(images, folder, *, channels, attention, scheduler_cls, beta_schedule,
+                         loss_name, seed=0):
+    torch.manual_seed(seed)
+    model = make_model(channels, attention)
+    noise_scheduler = scheduler_cls(num_train_timesteps=1000, beta_schedule=beta_schedule)
+    loader = DataLoader(rl.recorder.IndexedDataset(Images(images)), batch_size=BATCH,
+                        shuffle=True, generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2,
+                                 num_training_steps=len(loader) * EPOCHS)
+    criterion = F.mse_loss if loss_name == "mse" else F.l1_loss
+    recorder = rl.Recorder(model, noise_scheduler, images, loss=loss_name, folder=folder)
+    notes = {"last": {}, "at_checkpoint": [], "lrs": []}
+    for epoch in range(EPOCHS):
+        model.train()
+        for indices, clean_images in loader:
+            noise = torch.randn(clean_images.shape)
+            bsz = clean_images.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,)).long()
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+            model_output = model(noisy_images, timesteps).sample
+            loss = criterion(model_output, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            recorder.step(indices, timesteps, noise, lr, loss=loss.item(), images=clean_images)
+            notes["lrs"].append(lr)
+            for j, i in enumerate(indices.tolist()):
+                notes["last"][i] = (int(timesteps[j]), noise[j].clone())
+        recorder.checkpoint(model)
+        notes["at_checkpoint"].append(dict(notes["last"]))
+    return recorder.close(), notes
+
+
+CASES = {
+    "attention-ddpm-cosine-mse-rgb": dict(channels=3, attention=True, scheduler_cls=DDPMScheduler,
+                                          beta_schedule="squaredcos_cap_v2", loss_name="mse"),
+    "plain-ddim-scaled-l1-gray": dict(channels=1, attention=False, scheduler_cls=DDIMScheduler,
+                                      beta_schedule="scaled_linear", loss_name="l1"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def recorded(request, tmp_path_factory):
+    case = CASES[request.param]
+    images = torch.rand((N, case["channels"], SIZE, SIZE),
+                        generator=torch.Generator().manual_seed(5)) * 2 - 1
+    folder = tmp_path_factory.mktemp("recorded") / "run"
+    run, notes = diffusers_style_loop(images, folder, **case)
+    return run, notes, case, folder
+
+
+def test_the_recorded_run_is_what_the_loop_did(recorded):
+    run, notes, case, _ = recorded
+    steps = EPOCHS * -(-N // BATCH)
+    assert run.log.n_steps == steps and len(run.checkpoints) == EPOCHS
+    assert run.log.lrs.tolist() == notes["lrs"] and len(set(notes["lrs"])) > 2  # warm-up + cosine
+    for c, seen in zip(run.checkpoints, notes["at_checkpoint"]):
+        assert (c.step, c.epoch, c.visits) == (steps // EPOCHS * (c.index + 1), c.index + 1, N)
+        assert c.lr == notes["lrs"][c.step - 1]
+        t, noise = run.recorded(c.index)
+        assert t.tolist() == [seen[i][0] for i in range(N)]
+        assert torch.equal(noise, torch.stack([seen[i][1] for i in range(N)]))
+    assert run.config.loss == case["loss_name"] and type(run.scheduler) is case["scheduler_cls"]
+    assert run.scheduler.config.beta_schedule == case["beta_schedule"]
+    # the log replays: the first step after checkpoint 0 has the loss the loop measured
+    idx, t, noise = run.log.step(run.checkpoints[0].step)
+    with torch.no_grad():
+        replay = diffusion_loss(run.model_at(0), run.scheduler, run.data.images[idx], t, noise,
+                                case["loss_name"]).mean()
+    assert replay.item() == pytest.approx(run.log.losses[run.checkpoints[0].step].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tracin", "retrac"])
+def test_scores_equal_the_slow_reference_and_survive_a_reload(recorded, method):
+    run, _, case, folder = recorded
+    queries = torch.rand((2, case["channels"], SIZE, SIZE),
+                         generator=torch.Generator().manual_seed(9)) * 2 - 1
+    grid = [2, 400, 990]
+    noise = torch.randn((len(grid), 2, case["channels"], SIZE, SIZE),
+                        generator=torch.Generator().manual_seed(3))
+    res = rl.attribute(run, queries, method, timesteps=grid, query_noise=noise, progress=False)
+    expected, _ = ref_scores(run, queries, [0, 1], grid, noise, case["loss_name"], method)
+    assert res.scores.shape == (2, N)
+    assert rel_err(res.scores, expected) <= REL_TOL
+    assert res.checkpoint_weights.tolist() == pytest.approx([ref_weight(run, c) for c in (0, 1)])
+
+    loaded = rl.recorder.load(folder)
+    assert loaded.config == run.config and torch.equal(loaded.data.images, run.data.images)
+    again = rl.attribute(loaded, queries, method, timesteps=grid, query_noise=noise, progress=False)
+    assert torch.equal(again.scores, res.scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# clear errors
+
+
+@pytest.fixture
+def fresh():
+    images = torch.rand((6, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(0)
+    model = make_model(1, attention=False)
+    return rl.Recorder(model, DDPMScheduler(), images), model, images
+
+
+def _batch(idx, shape=(1, SIZE, SIZE)):
+    return torch.tensor(idx), torch.full((len(idx),), 10), torch.zeros((len(idx), *shape))
+
+
+def test_bad_steps_are_refused(fresh):
+    rec, _, images = fresh
+    idx, t, noise = _batch([0, 1])
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        rec.step(None, t, noise, 1e-3)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 6\).*\[0, 6\]"):
+        rec.step(torch.tensor([0, 6]), t, noise, 1e-3)
+    with pytest.raises(ValueError, match="indices must be a 1-D tensor of integers"):
+        rec.step(idx.float(), t, noise, 1e-3)
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 1, 4, 4\); expected \[2, 1, 8, 8\]"):
+        rec.step(idx, t, torch.zeros(2, 1, 4, 4), 1e-3)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
+        rec.step(idx, torch.tensor([5, 1000]), noise, 1e-3)
+    with pytest.raises(ValueError, match="timesteps has 1 entries"):
+        rec.step(idx, t[:1], noise, 1e-3)
+    with pytest.raises(ValueError, match="lr must be the learning rate"):
+        rec.step(idx, t, noise, -1e-3)
+    with pytest.raises(ValueError, match="augments"):
+        rec.step(idx, t, noise, 1e-3, images=images[[1, 0]])
+    assert rec.n_steps == 0  # nothing was recorded by the refused calls
+    rec.step(idx, t, noise, 1e-3, images=images[idx])
+    assert rec.n_steps == 1
+
+
+def test_bad_checkpoints_and_use_after_close_are_refused(fresh):
+    rec, model, _ = fresh
+    with pytest.raises(ValueError, match="No step was recorded"):
+        rec.checkpoint(model)
+    rec.step(*_batch([0, 1, 2]), 1e-3)
+    with pytest.raises(ValueError, match=r"3 training samples \(e.g. \[3, 4, 5\]\) have not been"):
+        rec.checkpoint(model)
+    rec.step(*_batch([3, 4, 5]), 1e-3)
+    with pytest.raises(ValueError, match="do not fit the architecture"):
+        rec.checkpoint(make_model(1, attention=True))
+    with pytest.raises(ValueError, match="No checkpoint was saved"):
+        rec.close()
+    rec.checkpoint(model)
+    run = rec.close()
+    for call in (lambda: rec.step(*_batch([0]), 1e-3), lambda: rec.checkpoint(model), rec.close):
+        with pytest.raises(RuntimeError, match="Recorder was closed"):
+            call()
+    other = rl.models.ModelSpec.of(make_model(1, attention=True), DDPMScheduler(), "mse")
+    with pytest.raises(ValueError, match="do not fit the run's model configuration"):
+        dataclasses.replace(run, config=other).model_at(0)
+
+
+def test_unsupported_models_schedulers_and_losses_are_refused():
+    images = torch.zeros(4, 1, SIZE, SIZE)
+    model = make_model(1, attention=False)
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        rl.Recorder(model, DDPMScheduler(prediction_type="v_prediction"), images)
+    with pytest.raises(ValueError, match="loss must be 'mse' or 'l1'"):
+        rl.Recorder(model, DDPMScheduler(), images, loss="huber")
+    with pytest.raises(ValueError, match="supports UNet2DModel"):
+        rl.Recorder(torch.nn.parallel.DataParallel(model), DDPMScheduler(), images)
+    with pytest.raises(ValueError, match=r"data has shape \(4, 3, 8, 8\)"):
+        rl.Recorder(model, DDPMScheduler(), torch.zeros(4, 3, SIZE, SIZE))
+
+
+def test_an_existing_folder_is_never_overwritten(recorded):
+    run, _, case, folder = recorded
+    with pytest.raises(FileExistsError, match="exists already"):
+        rl.Recorder(make_model(case["channels"], case["attention"]), case["scheduler_cls"](),
+                    run.data, loss=case["loss_name"], folder=folder)
+
+
+def test_rl_train_records_through_the_recorder(tiny_config, tiny_digits, monkeypatch):
+    calls = {"step": 0, "checkpoint": 0}
+    for name in calls:
+        original = getattr(rl.Recorder, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(rl.Recorder, name, spy)
+    run = rl.train(tiny_config.replace(epochs=2), tiny_digits, progress=False)
+    assert calls == {"step": run.log.n_steps, "checkpoint": len(run.checkpoints)} == {"step": 6, "checkpoint": 2}
