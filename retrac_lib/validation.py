@@ -117,14 +117,13 @@ def timesteps(value, num_train_timesteps: int) -> int | list[int]:
     """A timestep grid spec: a count of evenly spaced timesteps (an ``int``) or a list of
     distinct integer timesteps in ``[0, T)``."""
     top = num_train_timesteps
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) or (
-            isinstance(value, torch.Tensor) and value.ndim == 0):
+    if isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.ndim == 0):
         count = integer(value, "timesteps", 1, why="Pass a positive number of grid points or a list.")
         if count > top - 1:
             raise ValueError(f"timesteps={count} evenly spaced points do not fit in [1, {top - 1}] "
                              f"without repeats; pass at most {top - 1} or an explicit list.")
         return count
-    if isinstance(value, (str, bytes, bool, numbers.Number)):
+    if isinstance(value, (str, bytes)):
         raise TypeError(f"timesteps must be a number of grid points (an int) or a list of integer "
                         f"timesteps, got {value!r}.")
     try:
@@ -132,8 +131,9 @@ def timesteps(value, num_train_timesteps: int) -> int | list[int]:
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"timesteps must be an int or a list of integer timesteps; got {value!r} ({err}).") from err
     if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+        shown = value if isinstance(value, (list, tuple)) else grid.tolist()
         raise TypeError(f"timesteps must be integers (they index the noise schedule); got "
-                        f"{grid.tolist()}. Round them yourself if that is what you mean.")
+                        f"{shown}. Round them yourself if that is what you mean.")
     if grid.ndim != 1 or len(grid) == 0 or grid.min() < 0 or grid.max() >= top:
         raise ValueError(f"timesteps must be a non-empty list in [0, {top}) (or a count); got "
                          f"{grid.tolist()}.")
