@@ -184,6 +184,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
             loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
+                bar.close()
                 raise _diverged(f"the batch loss is {loss.item()}", len(losses), epoch, config)
             loss.backward()
             optimizer.step()
@@ -196,6 +197,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
             params = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bad = [k for k, v in params.items() if v.is_floating_point() and not torch.isfinite(v).all()]
             if bad:
+                bar.close()
                 raise _diverged(f"weights {bad[:3]} are NaN or infinite", len(losses), epoch, config)
             checkpoints.append(Checkpoint(len(checkpoints), len(losses), epoch + 1, lr, visits_since, params))
             visits_since = 0
