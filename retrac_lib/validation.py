@@ -18,10 +18,9 @@ import numbers
 import torch
 
 
-def integer(value, name: str, minimum: int | None = None, maximum: int | None = None,
-            why: str = "") -> int:
+def integer(value, name: str, minimum: int | None = None, why: str = "") -> int:
     """``value`` as an ``int``; ``TypeError`` unless it is an integer (bool and 2.0 are not),
-    ``ValueError`` unless ``minimum <= value <= maximum``; ``why`` ends the range message."""
+    ``ValueError`` when it is below ``minimum``; ``why`` ends that message."""
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_floating_point \
             and value.dtype not in (torch.bool, torch.complex64, torch.complex128):
         value = int(value)
@@ -30,8 +29,6 @@ def integer(value, name: str, minimum: int | None = None, maximum: int | None = 
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}. {why}".rstrip())
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}. {why}".rstrip())
     return value
 
 
