@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import numbers
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, metrics, models
+from . import cache, metrics, models, validation
 from .config import cache_dir
 from .grads import grouped_grads
 from .losses import check_loss
@@ -234,8 +233,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             one slice.
     """
     start = time.perf_counter()
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
+    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
     train_slice = _train_slice(train_slice, len(run.data), projection)
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
                                   query_noise, noise_seed, train_side, normalization, loss,
@@ -256,7 +254,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
     bar = tqdm(total=len(config.checkpoints) * (1 + (0 if config.projection else -(-n_scored // chunk_size))),
                desc=method, disable=not progress)
     for j, c in enumerate(config.checkpoints):
-        model = run.model_at(c).to(device or "cpu")
+        model = run.model_at(c).to(device)
         v = query_vectors(model, run.scheduler, queries, grid, noise, method,
                           config.normalization, config.loss, 4 * chunk_size, c)
         bar.update()
@@ -338,6 +336,8 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     if train_side not in TRAIN_SIDES:
         raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {train_side!r}.")
     k, seed = _projection(k, seed)
+    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
+    validation.integer(noise_seed, "noise_seed")
     run.require_log()
     loss = loss or run.config.loss
     check_loss(loss)
@@ -350,7 +350,7 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     norms = torch.zeros(len(checkpoints), n)
     bar = tqdm(total=len(checkpoints) * -(-n // chunk_size), desc="sketch", disable=not progress)
     for j, c in enumerate(checkpoints):
-        model = run.model_at(c).to(device or "cpu")
+        model = run.model_at(c).to(device)
         for idx, g in training_gradient_chunks(run, model, c, train_side, grid, noise_seed,
                                                loss, chunk_size):
             norms[j, idx] = g.norm(dim=1).cpu()
@@ -376,17 +376,17 @@ def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, 
     check_loss(loss)
     checkpoints = _checkpoints(run, checkpoints)
     model = run.model_at(checkpoints[0])
-    check_samples(model, queries, "queries")
+    check_samples(model, validation.tensor(queries, "queries"), "queries")
     dtype = next(model.parameters()).dtype
-    if queries.dtype != dtype:
-        raise ValueError(f"queries have dtype {queries.dtype} but the model computes in {dtype}; "
-                         f"pass queries.to({dtype}).")
+    validation.float_samples(queries, "queries", dtype)
     if len(queries) == 0:
         raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with Q >= 1.")
-    if query_noise is None and n_noise < 1:
-        raise ValueError(f"n_noise must be at least 1 noise draw per timestep; got {n_noise}.")
+    n_noise = validation.n_noise(n_noise)
+    validation.integer(noise_seed, "noise_seed")
     grid = parse_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
-    noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
+    noise = (query_noise_draws(run.data.sample_shape, len(grid), n_noise, noise_seed)
+             if query_noise is None else
+             validation.query_noise(query_noise, len(grid), run.data.sample_shape, dtype))
     k, seed = _projection(projection, projection_seed)
     config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
                                noise_seed, train_side,
@@ -408,13 +408,7 @@ def _train_slice(train_slice, n: int, projection) -> range | None:
 
 def _checkpoints(run, checkpoints) -> tuple[int, ...]:
     """The checkpoint indices to sum over (default all), refusing ones the run does not have."""
-    n_ckpt = len(run.checkpoints)
-    checkpoints = tuple(range(n_ckpt)) if checkpoints is None else tuple(int(c) for c in checkpoints)
-    missing = [c for c in checkpoints if not -n_ckpt <= c < n_ckpt]
-    if missing or not checkpoints:
-        raise ValueError(f"Checkpoints {missing or '[]'} do not exist: the run has checkpoints "
-                         f"0..{n_ckpt - 1} (or negative from the end).")
-    return tuple(c % n_ckpt for c in checkpoints)
+    return validation.checkpoints(checkpoints, len(run.checkpoints))
 
 
 def _projection(projection, seed) -> tuple[int, int]:
@@ -445,41 +439,25 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
                "queries": cache.tensor_fingerprint(queries),
                "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
     folder = Path(root or cache_dir()) / "attributions" / cache.key_for(payload)
+    cache.clean_orphans(folder.parent)
     if folder.exists():
-        saved = cache.read_json(folder / "config.json").get("key")
-        if saved != payload:
+        cache.verify_folder(folder)
+        if cache.read_json(folder / "config.json").get("key") != payload:
             raise cache.CacheError(f"The cached attribution in {folder} was computed for another "
-                                   "run, queries or options. Delete the folder to recompute it.")
+                                   f"run, queries or options. {cache.hint(folder)}")
         return AttributionResult.load(folder)
+    can_save = cache.prepare(folder)
     result = attribute(run, queries, method, **options)
-    result.save(folder, key=payload)
+    if can_save:
+        cache.try_save(lambda: result.save(folder, key=payload), folder)
     return result
 
 
 def parse_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
-    """A timestep grid from a count (evenly spaced in [1, T-1]) or an explicit list of timesteps."""
-    count = isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool)
-    if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 0:
-        count, timesteps = True, int(timesteps)
-    if count:
-        if timesteps < 1:
-            raise ValueError(f"timesteps must be a positive number of grid points or a list; got {timesteps}.")
-        return timestep_grid(int(timesteps), num_train_timesteps)
-    grid = torch.as_tensor(timesteps, dtype=torch.long).flatten()
-    if len(grid) == 0 or grid.min() < 0 or grid.max() >= num_train_timesteps:
-        raise ValueError(f"timesteps must be a non-empty list in [0, {num_train_timesteps}).")
-    return grid
+    """A timestep grid from a count (evenly spaced in [1, T-1]) or an explicit list of distinct
+    integer timesteps (``validation.timesteps`` says what is refused)."""
+    spec = validation.timesteps(timesteps, num_train_timesteps)
+    if isinstance(spec, int):
+        return timestep_grid(spec, num_train_timesteps)
+    return torch.tensor(spec, dtype=torch.long)
 
-
-def _query_noise(query_noise, grid, n_noise, seed, sample_shape) -> torch.Tensor:
-    if query_noise is None:
-        return query_noise_draws(sample_shape, len(grid), n_noise, seed)
-    shape = tuple(query_noise.shape)
-    if shape[1:] == tuple(sample_shape):
-        return query_noise.expand(len(grid), *shape)
-    if shape[0] == len(grid) and shape[2:] == tuple(sample_shape):
-        return query_noise
-    raise ValueError(
-        f"query_noise has shape {shape}; expected [K, {', '.join(map(str, sample_shape))}] or "
-        f"[{len(grid)} timesteps, K, {', '.join(map(str, sample_shape))}]."
-    )

@@ -2,7 +2,9 @@
 
 A folder is written under a temporary name and renamed into place only when complete; a manifest
 records the SHA-256 of every file, so a partial, corrupted or foreign entry is refused, never
-reused silently.
+reused silently. Temporary folders left by a killed save are removed by the next call (once their
+writer is gone); files and folders get the permissions the umask allows, so a cache can be shared;
+a cache that cannot be written to costs the caching, never the computed result (``CacheWarning``).
 """
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import socket
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,10 +26,26 @@ from safetensors.torch import load_file, save_file
 # optimizer, model definitions, gradient or scoring code) change, so old entries are not reused.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+ORPHAN_AGE = 3600  # seconds after which another machine's unfinished temporary folder is an orphan
 
 
 class CacheError(RuntimeError):
     """A cache entry exists but cannot be trusted for the requested configuration."""
+
+
+class CacheWarning(UserWarning):
+    """A result was computed but could not be cached (the cache folder is not writable)."""
+
+
+def hint(folder: Path) -> str:
+    """What a user can do about a bad entry: delete it, or, in a cache they cannot write to
+    (shared read-only), ask its owner or use a cache of their own."""
+    folder = Path(folder)
+    if os.access(folder.parent, os.W_OK):
+        return f"Delete {folder} to recompute it."
+    return (f"It lies in a cache folder you cannot write to ({folder.parent}): ask its owner to "
+            f"delete {folder.name}, or set RETRAC_CACHE to a folder of your own to recompute there.")
 
 
 def key_for(payload: dict) -> str:
@@ -43,15 +64,119 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _make_tmp(parent: Path, name: str) -> Path:
+    """A new folder ``.tmp-<name>-<host>-<pid>-<random>`` (mode 0777 minus the umask) whose name
+    says which process writes it, so ``clean_orphans`` can tell a live writer from a dead one."""
+    while True:
+        tmp = parent / f"{TMP_PREFIX}{name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _writer_gone(name: str, now: float, mtime: float) -> bool:
+    """True when the temporary folder ``name``'s writer has died (same machine) or when it was
+    last touched more than ``ORPHAN_AGE`` seconds ago (another machine, or an unknown writer)."""
+    head, pid, _ = (name[len(TMP_PREFIX):].rsplit("-", 2) + ["", ""])[:3]
+    if pid.isdigit() and head.endswith(f"-{socket.gethostname()}"):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # alive, owned by another user
+        else:
+            return False
+    return now - mtime > ORPHAN_AGE
+
+
+def clean_orphans(parent: Path) -> list[Path]:
+    """Remove the temporary folders that killed saves left in ``parent``; return them.
+
+    Only folders whose writer is gone are removed (``_writer_gone``); failures to remove (a
+    read-only shared cache) are ignored.
+    """
+    removed, now = [], time.time()
+    try:
+        candidates = [p for p in Path(parent).iterdir() if p.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if path.is_dir() and _writer_gone(path.name, now, path.stat().st_mtime):
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def writable(folder: Path) -> str | None:
+    """None when entries can be created in ``folder`` (made if missing), else the reason why not.
+
+    Tried for real (a folder is made and removed), since permission bits alone do not tell.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        os.rmdir(_make_tmp(Path(folder), "probe"))
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def prepare(folder: Path) -> bool:
+    """Before computing the entry ``folder``: True when it can be saved; otherwise warn at once
+    (``CacheWarning``) that the result will be returned but not cached, and return False."""
+    reason = writable(Path(folder).parent)
+    if reason:
+        warnings.warn(f"The cache folder {Path(folder).parent} cannot be written to ({reason}): "
+                      "the result will be computed and returned but not cached. Set RETRAC_CACHE "
+                      "to a writable folder to keep results.", CacheWarning, stacklevel=3)
+    return reason is None
+
+
+def try_save(save, folder: Path) -> bool:
+    """Run ``save()``; when it fails with an ``OSError`` (disk full, permissions changed), warn
+    that ``folder`` was not cached instead of losing the finished result. True when saved."""
+    try:
+        save()
+        return True
+    except OSError as err:
+        warnings.warn(f"Could not cache the result in {folder} ({type(err).__name__}: {err}); it "
+                      "is returned but will be recomputed next time.", CacheWarning, stacklevel=3)
+        return False
+
+
+def _share(folder: Path) -> None:
+    """Give ``folder`` and its files the permissions the umask allows (safetensors writes 0600)."""
+    mask = _umask()
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path):
-    """Yield a temporary folder; on success move it to ``final`` in one rename."""
+    """Yield a temporary folder; on success move it to ``final`` in one rename.
+
+    Orphans of earlier killed saves in the same parent folder are removed first.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    clean_orphans(final.parent)
+    tmp = _make_tmp(final.parent, final.name)
     try:
         yield tmp
         write_manifest(tmp)
+        _share(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -76,7 +201,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file of a cache entry; ``CacheError`` (with what to do) when it is unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(f"Cache file {path} cannot be read ({type(err).__name__}: {err}). "
+                         f"{hint(Path(path).parent)}") from err
 
 
 def _sha256(path: Path) -> str:
@@ -95,14 +225,15 @@ def write_manifest(folder: Path) -> None:
 def verify_folder(folder: Path) -> None:
     """Raise ``CacheError`` unless every file in the manifest is present and unchanged."""
     folder = Path(folder)
-    hint = f"Delete {folder} to recompute it."
-    try:
-        manifest = read_json(folder / MANIFEST)
-    except (OSError, ValueError) as err:
-        raise CacheError(f"Cache entry {folder} has no readable manifest ({err}). {hint}") from err
+    if not (folder / MANIFEST).is_file():
+        raise CacheError(f"Cache entry {folder} has no manifest (a partial or foreign folder). "
+                         f"{hint(folder)}")
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict):
+        raise CacheError(f"Cache entry {folder} has a damaged manifest. {hint(folder)}")
     for name, digest in manifest.items():
         path = folder / name
-        if not path.exists():
-            raise CacheError(f"Cache entry {folder} is missing {name}. {hint}")
+        if not path.is_file():
+            raise CacheError(f"Cache entry {folder} is missing {name}. {hint(folder)}")
         if _sha256(path) != digest:
-            raise CacheError(f"Cache file {path} is corrupted (checksum differs). {hint}")
+            raise CacheError(f"Cache file {path} is corrupted (checksum differs). {hint(folder)}")

@@ -8,6 +8,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from . import validation
+
 SMOKE_ENV = "RETRAC_SMOKE"
 CACHE_ENV = "RETRAC_CACHE"
 
@@ -49,16 +51,23 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if isinstance(self.block_out_channels, (str, bytes, int)):
+            raise TypeError(f"TrainConfig.block_out_channels must be a tuple of channel counts, "
+                            f"e.g. (16, 32); got {self.block_out_channels!r}.")
+        channels = tuple(validation.integer(c, "TrainConfig.block_out_channels entry", 1)
+                         for c in self.block_out_channels)
+        object.__setattr__(self, "block_out_channels", channels)
         _check_choice("model", self.model, ("unet", "mlp"))
         _check_choice("loss", self.loss, ("mse", "l1"))
         _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}.")
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        object.__setattr__(self, "lr", validation.real(self.lr, "TrainConfig.lr", positive=True))
+        validation.flag(self.clip_sample, "TrainConfig.clip_sample")
         for name in ("epochs", "batch_size", "checkpoint_every", "num_train_timesteps",
-                     "norm_num_groups", "mlp_hidden", "mlp_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                     "norm_num_groups", "mlp_hidden", "mlp_layers", "layers_per_block", "seed"):
+            value = validation.integer(getattr(self, name), f"TrainConfig.{name}",
+                                       None if name == "seed" else 1)
+            object.__setattr__(self, name, value)
         if self.model == "unet":
             if not self.block_out_channels:
                 raise ValueError("TrainConfig.block_out_channels must name at least one UNet level.")
@@ -80,6 +89,9 @@ class TrainConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # diffusers'
+
+
 def _check_choice(name, value, choices):
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"TrainConfig.{name}={value!r} is not one of {choices}.")

@@ -27,11 +27,13 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from . import validation
 from .attribution import parse_timesteps, query_noise_draws
 from .baselines import attribute_any
 from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
+from .models import check_samples
 from .training import Run, load_or_train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
@@ -52,6 +54,10 @@ def query_loss(model, scheduler, queries: torch.Tensor, timesteps=100, n_noise: 
     ``timesteps`` is a number of evenly spaced timesteps in [1, T-1] (or a list); at each, the
     same ``n_noise`` seeded draws are used for every query and every model.
     """
+    n_noise, chunk_size = validation.n_noise(n_noise), validation.chunk_size(chunk_size)
+    validation.integer(seed, "seed")
+    check_samples(model, validation.tensor(queries, "queries"), "queries")
+    validation.float_samples(queries, "queries", next(model.parameters()).dtype)
     n_train_t = scheduler.config.num_train_timesteps
     grid = parse_timesteps(timesteps, n_train_t)
     shape = tuple(queries.shape[1:])
@@ -194,6 +200,7 @@ def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torc
     """``m`` seeded random subsets of ``round(fraction * n)`` samples each, as a mask [m, n]."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
+    n, m = validation.integer(n, "n", 1), validation.integer(m, "m", 1)
     size = max(1, round(fraction * n))
     gen = torch.Generator().manual_seed(seed)
     masks = torch.zeros(m, n, dtype=torch.bool)
@@ -265,6 +272,13 @@ def lds(scores: torch.Tensor, masks: torch.Tensor,
     if tuple(losses.shape) != (masks.shape[0], scores.shape[0]):
         raise ValueError(f"losses must be [M={masks.shape[0]}, Q={scores.shape[0]}]; got "
                          f"{tuple(losses.shape)}.")
+    for name, values in (("scores", scores), ("losses", losses)):
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            where = "query %d, training sample %d" if name == "scores" else "subset %d, query %d"
+            raise ValueError(f"{name} contains NaN or infinite values (first at {where % tuple(bad[0].tolist())}): "
+                             "a diverged retrain or attribution cannot be ranked; fix or drop it "
+                             "instead of letting it count as LDS 0.")
     predicted = masks.double() @ scores.T                                       # [M, Q]
     per_query = []
     for q in range(scores.shape[0]):

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import torch
 
+from . import validation
 from .cache import tensor_fingerprint
 
 
@@ -23,6 +24,11 @@ class Dataset:
     labels: torch.Tensor
 
     def __post_init__(self):
+        validation.float_samples(self.images, "images", torch.float32)
+        validation.tensor(self.labels, "labels")
+        if self.images.ndim < 2 or self.labels.ndim != 1:
+            raise ValueError(f"{self.name}: images must be [N, *sample] and labels [N]; got "
+                             f"{tuple(self.images.shape)} and {tuple(self.labels.shape)}.")
         if self.images.shape[0] != self.labels.shape[0]:
             raise ValueError(
                 f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels."
@@ -106,12 +112,15 @@ def moons(n: int = 512, noise: float = 0.06, seed: int = 0) -> Dataset:
     """Two interleaving half-circles in 2-D, standardized; labels say which moon."""
     from sklearn.datasets import make_moons
 
+    validation.integer(n, "n", 2, why="The points are standardized by their spread, which needs two.")
     x, y = make_moons(n_samples=n, noise=noise, random_state=seed)
     return _points("moons", x, y)
 
 
 def gaussian_mixture(n: int = 512, centers: int = 4, spread: float = 0.35, seed: int = 0) -> Dataset:
     """``centers`` Gaussian blobs on a circle, standardized; labels say which blob."""
+    validation.integer(n, "n", 2, why="The points are standardized by their spread, which needs two.")
+    validation.integer(centers, "centers", 1)
     rng = np.random.default_rng(seed)
     angles = 2 * np.pi * np.arange(centers) / centers
     means = np.stack([np.cos(angles), np.sin(angles)], 1) * 2.0

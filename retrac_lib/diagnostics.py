@@ -22,6 +22,7 @@ import torch
 from .attribution import parse_timesteps, timestep_grid
 from .grads import check_batch, per_sample_grads
 from .losses import check_loss, diffusion_loss
+from . import validation
 from .metrics import spearman
 
 INIT = "init"
@@ -48,8 +49,7 @@ def grad_norms(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: int
     """
     check_loss(loss)
     check_batch(model, scheduler, x, t, noise)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    chunk_size = validation.chunk_size(chunk_size)
     norms = torch.empty(len(x))
     dots = None
     if against is not None:
@@ -73,6 +73,7 @@ def sample_losses(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: 
     """Per-sample DDPM losses ``mean |eps_theta(x_t, t) - eps|^p`` [B], no gradients."""
     check_loss(loss)
     check_batch(model, scheduler, x, t, noise)
+    chunk_size = validation.chunk_size(chunk_size)
     device = next(model.parameters()).device
     out = torch.empty(len(x))
     for a in range(0, len(x), chunk_size):
@@ -92,7 +93,7 @@ def _resolve(run, checkpoint) -> int | str:
             raise ValueError(f"checkpoint must be an index into run.checkpoints or {INIT!r}, "
                              f"got {checkpoint!r}.")
         return INIT
-    return run._check_index(int(checkpoint))
+    return run._check_index(validation.integer(checkpoint, "checkpoint"))
 
 
 def model_at(run, checkpoint):
@@ -123,6 +124,7 @@ def sample_noise(sample_shape, indices, n_noise: int = 1, seed: int = 0) -> torc
     ``1_000_003 * seed + i``, so a sample's curve does not depend on which other samples were
     chosen with it (the widget and the static figure agree).
     """
+    n_noise = validation.n_noise(n_noise)
     out = [torch.randn((n_noise, *sample_shape),
                        generator=torch.Generator().manual_seed(1_000_003 * seed + int(i)))
            for i in torch.as_tensor(indices).reshape(-1).tolist()]
@@ -227,7 +229,7 @@ def recorded_norms(run, checkpoint=-1, indices=None, loss: str | None = None,
     c = _resolve(run, checkpoint)
     if recorded_at is None:
         recorded_at = len(run.checkpoints) - 1 if c == INIT else c
-    recorded_at = run._check_index(int(recorded_at))
+    recorded_at = run._check_index(validation.integer(recorded_at, "recorded_at"))
     t, eps = run.recorded(recorded_at)
     idx = (torch.arange(len(run.data)) if indices is None
            else torch.as_tensor(indices, dtype=torch.long).reshape(-1))

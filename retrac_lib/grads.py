@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from .losses import add_noise, check_loss, error_loss
 from .models import check_samples
+from . import validation
 
 
 def trainable_params(model) -> dict[str, torch.Tensor]:
@@ -28,7 +29,11 @@ def flatten(grads: dict[str, torch.Tensor], batch_dims: int = 1) -> torch.Tensor
 
 def check_batch(model, scheduler, x, t, noise) -> None:
     """Clear errors for inputs that do not form a batch of (sample, timestep, noise) triples."""
+    validation.tensors(x=x, t=t, noise=noise)
     check_samples(model, x, "x")
+    dtype = next(model.parameters()).dtype
+    validation.float_samples(x, "x", dtype)
+    validation.float_samples(noise, "noise", dtype)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(
             f"timesteps t must be integers (they index the noise schedule); got dtype {t.dtype}."
@@ -65,6 +70,8 @@ def grouped_grads(model, scheduler, x, t, noise, loss: str = "mse",
     itself is one ordinary backward pass (summed slice by slice when larger than the chunk).
     """
     check_loss(loss)
+    chunk_size = validation.chunk_size(chunk_size)
+    validation.tensors(x=x, t=t, noise=noise)
     if x.ndim < 2 or t.shape != x.shape[:2] or noise.shape != x.shape:
         raise ValueError(
             f"x {tuple(x.shape)}, t {tuple(t.shape)} and noise {tuple(noise.shape)} must describe "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .validation import float_samples
+
 LOSSES = ("mse", "l1", "square_norm")
 # "square_norm" is not a training loss: it is D-TRAK's output function ``mean eps_theta(x_t, t)^2``,
 # which ignores the true noise; chapter 5 attributes with its gradient (``rl.baselines``).
@@ -18,8 +20,20 @@ def check_loss(loss: str) -> None:
 
 
 def add_noise(scheduler, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The forward process ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (diffusers' add_noise)."""
-    return scheduler.add_noise(x, noise, t.to(x.device))
+    """The forward process ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (diffusers' add_noise).
+
+    Integer samples are refused (diffusers casts the schedule to the sample dtype, which would
+    turn ``x_t`` into pure noise), and the scheduler is left on the device it was on: diffusers
+    moves its ``alphas_cumprod`` to the samples' device, which would change a run's shared
+    scheduler for every later call.
+    """
+    float_samples(x, "x")
+    float_samples(noise, "noise")
+    schedule = scheduler.alphas_cumprod
+    try:
+        return scheduler.add_noise(x, noise, t.to(x.device))
+    finally:
+        scheduler.alphas_cumprod = schedule
 
 
 def error_loss(pred: torch.Tensor, noise: torch.Tensor, loss: str) -> torch.Tensor:

@@ -147,11 +147,27 @@ def _lr_at(config: TrainConfig, step: int, total: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights became NaN or infinite: the run is useless and is not cached."""
+
+
+def _diverged(what: str, step: int, epoch: int, config: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"Training diverged: {what} at optimizer step {step} (epoch {epoch + 1}) with lr="
+        f"{config.lr}. Nothing was cached; lower TrainConfig.lr (the book uses 2e-3) and train again."
+    )
+
+
 def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
     """Train a DDPM on ``data`` in shuffled epochs, recording the log and checkpoints (CPU)
-    with the same ``Recorder`` a user adds to their own loop."""
+    with the same ``Recorder`` a user adds to their own loop.
+
+    Raises ``TrainingDiverged`` as soon as a loss or a checkpoint's weights are NaN or infinite.
+    """
     from .recorder import Recorder  # recorder builds on this module's Run
 
+    if len(data) == 0:
+        raise ValueError(f"data {data.name!r} is empty: training needs at least one sample.")
     model = build_model(config, data.sample_shape).train()
     scheduler = build_scheduler(config)
     recorder = Recorder(model, scheduler, data, config=config)
@@ -171,12 +187,20 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
                 group["lr"] = lr
             loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
             optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise _diverged(f"the batch loss is {loss.item()}", recorder.n_steps, epoch, config)
             loss.backward()
             optimizer.step()
             recorder.step(idx, t, eps, lr, loss=loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            bad = [k for k, v in model.state_dict().items()
+                   if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                bar.close()
+                raise _diverged(f"weights {bad[:3]} are NaN or infinite", recorder.n_steps, epoch, config)
             recorder.checkpoint(model, epoch=epoch + 1)
     bar.close()
     return recorder.close()
@@ -248,13 +272,17 @@ def load_or_train(config: TrainConfig, data: Dataset, progress: bool = True,
                   root: Path | None = None) -> Run:
     """The cached run for exactly this configuration and data, training (and caching) it if absent.
 
-    The cache folder is ``root`` or ``$RETRAC_CACHE`` (default ``~/.cache/retrac-book``).
+    The cache folder is ``root`` or ``$RETRAC_CACHE`` (default ``~/.cache/retrac-book``). When it
+    cannot be written to, the run is trained and returned with a ``cache.CacheWarning``; a run
+    that diverges raises ``TrainingDiverged`` and is never cached.
     """
     folder = Path(root or cache_dir()) / "runs" / run_key(config, data)
+    cache.clean_orphans(folder.parent)
     if folder.exists():
         return load_run(folder, config, data)
+    can_save = cache.prepare(folder)
     run = train(config, data, progress=progress)
-    save_run(run, folder)
-    run.path = folder
+    if can_save and cache.try_save(lambda: save_run(run, folder), folder):
+        run.path = folder
     return run
 

@@ -125,6 +125,27 @@ def test_synthetic_chapter_round_trip(tmp_path):
     assert "\N{CHECK MARK} check_unit_rows" in ran.cells[3].outputs[0].text
 
 
+def test_out_never_overwrites_instructor_notebooks(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    chapter = root / "notebooks" / "99_synthetic.ipynb"
+    nbformat.write(synthetic_chapter(), chapter)
+    before = chapter.read_bytes()
+    monkeypatch.setattr(student, "ROOT", root)
+    monkeypatch.chdir(root)
+    for argv in (["--out", "notebooks"], ["--out", str(root / "notebooks" / ".")],
+                 [str(chapter), "--out", str(root / "notebooks")]):
+        assert student.main(argv) == 2
+        assert "holds instructor notebooks" in capsys.readouterr().err
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    copy = other / chapter.name
+    copy.write_bytes(before)
+    assert student.main([str(copy), "--out", str(other)]) == 2  # next to its own input, too
+    assert chapter.read_bytes() == before and copy.read_bytes() == before
+    assert student.main(["--out", "handout"]) == 0 and (root / "handout" / chapter.name).exists()
+
+
 def test_tagged_cell_without_markers_is_an_error():
     nb = synthetic_chapter()
     nb.cells[3].source = "x = 1"

@@ -177,7 +177,20 @@ def fill_solutions(student_nb, instructor_nb):
     return student_nb
 
 
+def check_target(paths, out: Path) -> None:
+    """Refuse an output folder where a student version would overwrite an instructor notebook:
+    the repository's ``notebooks/`` or the folder an input notebook lies in."""
+    out = Path(out).resolve()
+    sources = {Path(p).resolve().parent for p in paths} | {(ROOT / "notebooks").resolve()}
+    if out in sources:
+        raise StudentError(
+            f"--out {out} holds instructor notebooks, which the student versions would overwrite "
+            "(every solution would be lost). Choose another folder, e.g. --out student."
+        )
+
+
 def write_student_versions(paths, out: Path) -> list[Path]:
+    check_target(paths, out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in paths:

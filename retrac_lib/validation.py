@@ -1,0 +1,200 @@
+"""One validation layer for the options the public functions share.
+
+``rl.attribute``, ``rl.per_sample_grads`` / ``grouped_grads``, ``sketch_training``, the
+diagnostics and the counterfactual functions all take some of the same arguments: a chunk size,
+a timestep grid, checkpoint indices, a number of noise draws, query images and noise, a device.
+Each is checked here, once, so bad input gets the same clear error everywhere: a ``TypeError``
+when the argument has the wrong type (``n_noise=1.5``, a numpy array, integer images) and a
+``ValueError`` when its value is out of range (``chunk_size=-1``, duplicate timesteps), each
+naming the argument and saying what to pass instead. Nothing is silently coerced: ``2.5``
+timesteps is an error, not 2.
+
+A leaf module: it imports nothing from ``retrac_lib``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def integer(value, name: str, minimum: int | None = None, why: str = "") -> int:
+    """``value`` as an ``int``; ``TypeError`` unless it is an integer (bool and 2.0 are not),
+    ``ValueError`` when it is below ``minimum``; ``why`` ends that message."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_floating_point \
+            and value.dtype not in (torch.bool, torch.complex64, torch.complex128):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}. {why}".rstrip())
+    return value
+
+
+def chunk_size(value, name: str = "chunk_size") -> int:
+    """A positive batch size for chunked gradient and loss computations."""
+    return integer(value, name, 1, why=f"It counts the samples in one batched call, so {name} "
+                                        "must be at least 1; lower it to save memory.")
+
+
+def n_noise(value, name: str = "n_noise") -> int:
+    """A positive number of noise draws per timestep."""
+    return integer(value, name, 1, why="It counts the noise draws averaged per timestep.")
+
+
+def real(value, name: str, positive: bool = False) -> float:
+    """A finite real number (``TypeError`` for strings, bools, tensors of several values)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}.")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}.")
+    return value
+
+
+def flag(value, name: str) -> bool:
+    """A bool; strings such as ``"no"`` are refused rather than read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def choice(value, name: str, choices) -> str:
+    """One of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def tensor(value, name: str) -> torch.Tensor:
+    """``value`` itself when it is a ``torch.Tensor``; a ``TypeError`` saying how to convert otherwise."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; "
+                        f"convert it with torch.as_tensor({name}, dtype=torch.float32).")
+    return value
+
+
+def tensors(**named) -> None:
+    """``tensor`` for several named arguments at once."""
+    for name, value in named.items():
+        tensor(value, name)
+
+
+def float_samples(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images or points as a floating-point tensor (of ``dtype`` when given).
+
+    Integer images are refused: diffusers' ``add_noise`` casts the noise schedule to the sample
+    dtype, so an integer batch would be replaced by pure noise without any error.
+    """
+    x = tensor(x, name)
+    verb = "have" if name.endswith("s") else "has"
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} {verb} dtype {x.dtype}, but images and points must be floating point in the "
+            f"data's range ([-1, 1] for images): convert them first, e.g. {name}.float() / 127.5 - 1 "
+            f"for 0..255 pixels (an integer batch would be noised into pure noise)."
+        )
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name} {verb} dtype {x.dtype} but the model computes in {dtype}; "
+                         f"pass {name}.to({dtype}).")
+    return x
+
+
+def finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse NaN or infinite values."""
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values; pass finite numbers.")
+    return x
+
+
+def timesteps(value, num_train_timesteps: int) -> int | list[int]:
+    """A timestep grid spec: a count of evenly spaced timesteps (an ``int``) or a list of
+    distinct integer timesteps in ``[0, T)``."""
+    top = num_train_timesteps
+    if isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        count = integer(value, "timesteps", 1, why="Pass a positive number of grid points or a list.")
+        if count > top - 1:
+            raise ValueError(f"timesteps={count} evenly spaced points do not fit in [1, {top - 1}] "
+                             f"without repeats; pass at most {top - 1} or an explicit list.")
+        return count
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"timesteps must be a number of grid points (an int) or a list of integer "
+                        f"timesteps, got {value!r}.")
+    try:
+        grid = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"timesteps must be an int or a list of integer timesteps; got {value!r} ({err}).") from err
+    if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+        shown = value if isinstance(value, (list, tuple)) else grid.tolist()
+        raise TypeError(f"timesteps must be integers (they index the noise schedule); got "
+                        f"{shown}. Round them yourself if that is what you mean.")
+    if grid.ndim != 1 or len(grid) == 0 or grid.min() < 0 or grid.max() >= top:
+        raise ValueError(f"timesteps must be a non-empty list in [0, {top}) (or a count); got "
+                         f"{grid.tolist()}.")
+    values = grid.tolist()
+    repeated = sorted({t for t in values if values.count(t) > 1})
+    if repeated:
+        raise ValueError(f"timesteps {repeated} appear more than once; each grid timestep is "
+                         "averaged once, so list each only once.")
+    return values
+
+
+def checkpoints(value, n_checkpoints: int) -> tuple[int, ...]:
+    """Distinct checkpoint indices (negative from the end) as non-negative ints; None = all."""
+    if value is None:
+        return tuple(range(n_checkpoints))
+    if isinstance(value, (str, bytes, numbers.Number)) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        raise TypeError(f"checkpoints must be a list of checkpoint indices (e.g. [{value!r}]) or "
+                        f"None for all; got {value!r}.")
+    items = [integer(c, "checkpoints entry") for c in value]
+    missing = [c for c in items if not -n_checkpoints <= c < n_checkpoints]
+    if missing or not items:
+        raise ValueError(f"Checkpoints {missing or '[]'} do not exist: the run has checkpoints "
+                         f"0..{n_checkpoints - 1} (or negative from the end).")
+    resolved = [c % n_checkpoints for c in items]
+    repeated = sorted({c for c in resolved if resolved.count(c) > 1})
+    if repeated:
+        raise ValueError(f"checkpoints {items} name checkpoint(s) {repeated} more than once; "
+                         "each checkpoint is summed once, so list each only once.")
+    return tuple(resolved)
+
+
+def device(value) -> torch.device:
+    """A device that can hold data and is present on this machine (None = the CPU)."""
+    if value is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(value)
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"device={value!r} is not a device; pass 'cpu' or 'cuda' ({err}).") from err
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data, so nothing can be computed there; "
+                         "pass 'cpu' or 'cuda'.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={value!r}: no CUDA GPU is available here; pass 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={value!r}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={value!r}: MPS is not available here; pass 'cpu'.")
+    return dev
+
+
+def query_noise(noise, n_timesteps: int, sample_shape, dtype: torch.dtype) -> torch.Tensor:
+    """Explicit query noise [K, *sample] or [T', K, *sample] with K >= 1, as [T', K, *sample]."""
+    noise = float_samples(noise, "query_noise", dtype)
+    shape, sample = tuple(noise.shape), tuple(sample_shape)
+    dims = ", ".join(map(str, sample))
+    if shape[1:] == sample:
+        noise = noise.expand(n_timesteps, *shape)
+    elif not (len(shape) == len(sample) + 2 and shape[0] == n_timesteps and shape[2:] == sample):
+        raise ValueError(f"query_noise has shape {shape}; expected [K, {dims}] or "
+                         f"[{n_timesteps} timesteps, K, {dims}].")
+    if noise.shape[1] == 0:
+        raise ValueError(f"query_noise has shape {shape}: K = 0 noise draws. Pass at least one "
+                         f"draw, [K, {dims}] with K >= 1.")
+    return finite(noise, "query_noise")

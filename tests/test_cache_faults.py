@@ -1,0 +1,251 @@
+"""No finished computation is lost and no damaged state is trusted: diverged runs, unwritable
+or shared caches, damaged attribution entries, orphans of killed saves, and processes killed
+(SIGKILL) at random points of a training or an attribution."""
+import json
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import retrac_lib as rl
+from retrac_lib.cache import CacheError, CacheWarning
+from retrac_lib.training import TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTR = dict(timesteps=3, n_noise=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return rl.data.digits("test").images[:2]
+
+
+def _tmp_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-")) if folder.exists() else []
+
+
+def _same_run(a, b) -> bool:
+    return all(torch.equal(ca.params[k], cb.params[k])
+               for ca, cb in zip(a.checkpoints, b.checkpoints, strict=True) for k in ca.params)
+
+
+# 4. A diverged run raises and is never cached.
+
+def test_diverged_training_raises_and_is_not_cached(tiny_config, tiny_digits, tmp_path):
+    config = tiny_config.replace(lr=1e6)
+    with pytest.raises(TrainingDiverged, match=r"Training diverged: the batch loss is nan.*lr=1000000.0.*"
+                                               r"Nothing was cached; lower TrainConfig.lr"):
+        rl.load_or_train(config, tiny_digits, progress=False, root=tmp_path)
+    assert not list((tmp_path / "runs").iterdir())
+    with pytest.raises(TrainingDiverged):  # the next call does not load a diverged run either
+        rl.load_or_train(config, tiny_digits, progress=False, root=tmp_path)
+
+
+def test_non_finite_weights_at_a_checkpoint_raise(tiny_config, tiny_digits, monkeypatch):
+    step = torch.optim.Adam.step
+
+    def poisoned(self, *args, **kwargs):  # the last update of the run makes one weight infinite
+        out = step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 9:
+            self.param_groups[0]["params"][0].data[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
+        rl.train(tiny_config, tiny_digits, progress=False)
+
+
+# 6. An unwritable cache costs the caching, never the result, and says so before computing.
+
+def test_unwritable_cache_warns_before_computing_and_returns_the_result(
+        tiny_config, tiny_digits, tiny_run, queries, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    root = blocker / "cache"                      # cannot be created, even by root
+    seen = []
+    train = rl.training.train
+
+    def spy_train(*args, **kwargs):
+        seen.append([str(w.message) for w in caught])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(rl.training, "train", spy_train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = rl.load_or_train(tiny_config, tiny_digits, progress=False, root=root)
+    assert len(seen) == 1 and any("cannot be written to" in m and "not cached" in m for m in seen[0])
+    assert [w.category for w in caught].count(CacheWarning) == 1
+    assert run.path is None and _same_run(run, tiny_run)
+
+    with pytest.warns(CacheWarning, match="computed and returned but not cached"):
+        res = rl.load_or_attribute(tiny_run, queries, "retrac", root=root, **ATTR)
+    assert torch.equal(res.scores, rl.attribute(tiny_run, queries, "retrac", **ATTR).scores)
+
+
+def test_a_failing_save_returns_the_result_with_a_warning(tiny_config, tiny_digits, tiny_run,
+                                                          tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rl.training, "save_run", disk_full)
+    with pytest.warns(CacheWarning, match="No space left on device.*will be recomputed next time"):
+        run = rl.load_or_train(tiny_config, tiny_digits, progress=False, root=tmp_path)
+    assert _same_run(run, tiny_run) and run.path is None
+
+
+# 7. A damaged attribution entry gives the same clear CacheError as a damaged run.
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "config.json").write_text("{not json"), r"config.json is corrupted"),
+    (lambda f: (f / "config.json").unlink(), r"is missing config.json"),
+    (lambda f: (f / "scores.safetensors").unlink(), r"is missing scores.safetensors"),
+    (lambda f: (f / "manifest.json").unlink(), r"has no manifest"),
+    (lambda f: (f / "manifest.json").write_text("[1"), r"manifest.json cannot be read"),
+])
+def test_damaged_attribution_cache_names_the_folder(damage, message, tiny_run, queries, tmp_path):
+    rl.load_or_attribute(tiny_run, queries, "retrac", root=tmp_path, **ATTR)
+    (folder,) = (tmp_path / "attributions").iterdir()
+    damage(folder)
+    with pytest.raises(CacheError, match=message) as err:
+        rl.load_or_attribute(tiny_run, queries, "retrac", root=tmp_path, **ATTR)
+    assert str(folder) in str(err.value) and f"Delete {folder} to recompute it." in str(err.value)
+
+
+def test_errors_in_a_cache_the_user_cannot_write_say_what_they_can_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(rl.cache.os, "access", lambda path, mode: False)
+    message = rl.cache.hint(tmp_path / "runs" / "abc")
+    assert "cannot write to" in message and "ask its owner" in message and "RETRAC_CACHE" in message
+    assert "Delete" not in message
+
+
+# 8. Orphans of killed saves are removed by the next call, but never a live writer's folder.
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_orphan_temporary_folders_are_cleaned_up(tiny_config, tiny_digits, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    host = socket.gethostname()
+    names = {
+        "dead": f".tmp-abc-{host}-{_dead_pid()}-0001",          # its writer was killed
+        "live": f".tmp-abc-{host}-{os.getpid()}-0002",          # this process is still writing
+        "old": ".tmp-abc-x1y2z3",                                # unknown writer, 2 hours old
+        "fresh": f".tmp-abc-otherhost-{_dead_pid()}-0003",       # another machine, just now
+    }
+    for name in names.values():
+        (runs / name).mkdir()
+        (runs / name / "weights.safetensors").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(runs / names["old"], (two_hours_ago, two_hours_ago))
+
+    rl.load_or_train(tiny_config, tiny_digits, progress=False, root=tmp_path)
+    assert _tmp_folders(runs) == sorted([names["live"], names["fresh"]])
+
+
+# 9. Cache files and folders follow the umask, so a course can share one cache.
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_cache_entries_respect_the_umask(umask, folder_mode, file_mode, tiny_run, queries, tmp_path):
+    old = os.umask(umask)
+    try:
+        rl.save_run(tiny_run, tmp_path / "run")
+        rl.load_or_attribute(tiny_run, queries, "tracin", root=tmp_path, **ATTR)
+    finally:
+        os.umask(old)
+    (attr,) = (tmp_path / "attributions").iterdir()
+    for folder in (tmp_path / "run", attr):
+        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert set(modes.values()) == {file_mode}, modes
+
+
+# Kills at random points (SIGKILL: no cleanup code runs), then the next call recovers.
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    import retrac_lib as rl
+    import retrac_lib.cache as cache
+
+    mode, root, pause_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    writes = 0
+
+    def pausing(write):
+        def wrapper(*args, **kwargs):
+            global writes
+            writes += 1
+            if writes == pause_at:  # stop inside the save, with some files written
+                print("PAUSED", flush=True)
+                time.sleep(600)
+            return write(*args, **kwargs)
+        return wrapper
+
+    if pause_at:
+        cache.save_tensors, cache.write_json = pausing(cache.save_tensors), pausing(cache.write_json)
+    data = rl.data.digits("train").subset(range(40), name="tiny-digits")
+    config = rl.TrainConfig(block_out_channels=(8, 16), epochs=3, batch_size=16, checkpoint_every=1)
+    if mode == "train":
+        rl.load_or_train(config, data, progress=False, root=root)
+    else:
+        run = rl.load_or_train(config, data, progress=False, root=root)
+        queries = rl.data.digits("test").images[:2]
+        rl.load_or_attribute(run, queries, "retrac", root=root, timesteps=3, n_noise=2, progress=False)
+    print("DONE", flush=True)
+""")
+
+
+def _kill_child(mode: str, root: Path, pause_at: int, delay: float | None = None) -> str:
+    """Run CHILD; kill it when it pauses inside a save (or after ``delay`` seconds); say how it ended."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(root), str(pause_at)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    if delay is None:
+        assert child.stdout.readline().strip() == "PAUSED"
+    else:
+        time.sleep(delay)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return child.stdout.read()
+
+
+def test_killed_training_and_attribution_recover(tiny_config, tiny_digits, tiny_run, queries, tmp_path):
+    rng = random.Random(12)
+    reference = rl.attribute(tiny_run, queries, "retrac", **ATTR).scores
+
+    # Training killed inside its save, after a random number of its five files.
+    _kill_child("train", tmp_path, pause_at=rng.randint(1, 5))
+    runs = tmp_path / "runs"
+    assert len(_tmp_folders(runs)) == 1 and not [p for p in runs.iterdir() if not p.name.startswith(".")]
+    run = rl.load_or_train(tiny_config, tiny_digits, progress=False, root=tmp_path)
+    assert _same_run(run, tiny_run) and run.path.parent == runs and _tmp_folders(runs) == []
+
+    # Attribution killed inside its save (the run loads from the cache): the next call recomputes.
+    _kill_child("attribute", tmp_path, pause_at=rng.randint(1, 3))
+    attributions = tmp_path / "attributions"
+    assert len(_tmp_folders(attributions)) == 1
+    again = rl.load_or_attribute(run, queries, "retrac", root=tmp_path, **ATTR)
+    assert torch.equal(again.scores, reference) and _tmp_folders(attributions) == []
+
+    # Killed at a random moment of a whole fresh call: whatever was left, the next call is right.
+    fresh = tmp_path / "fresh"
+    out = _kill_child("attribute", fresh, pause_at=0, delay=rng.uniform(2.0, 6.0))
+    run = rl.load_or_train(tiny_config, tiny_digits, progress=False, root=fresh)
+    assert _same_run(run, tiny_run)
+    result = rl.load_or_attribute(run, queries, "retrac", root=fresh, **ATTR)
+    assert torch.equal(result.scores, reference), out
+    for folder in (fresh / "runs", fresh / "attributions"):
+        assert _tmp_folders(folder) == []
