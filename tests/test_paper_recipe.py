@@ -1,0 +1,61 @@
+"""The paper's recipe: fresh query noise per query (``noise_per_query``) against the slow
+reference of ``test_attribution``, and ``rl.book.paper_setup``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attribution import ref_scores, rel_err
+
+import retrac_lib as rl
+from retrac_lib.attribution import per_query_noise_draws, query_noise_draws
+
+GRID, K = [5, 400, 990], 2
+
+
+@pytest.mark.parametrize("method", ["tracin", "retrac"])
+def test_noise_per_query_equals_reference_with_each_querys_own_draws(method, tiny_run):
+    queries = rl.data.digits("test").images[:3]
+    ckpts = [0, len(tiny_run.checkpoints) - 1]
+    res = rl.attribute(tiny_run, queries, method, checkpoints=ckpts, timesteps=GRID, n_noise=K,
+                       noise_seed=3, noise_per_query=True, progress=False)
+    assert res.config.noise_per_query
+    expected = torch.zeros_like(res.scores)
+    for q in range(len(queries)):       # each query alone, each checkpoint with its own draws
+        for c in ckpts:
+            noise = query_noise_draws(queries.shape[1:], len(GRID), K, 3 + 7919 * (q + 1) + 1_000_003 * (c + 1))
+            expected[q] += ref_scores(tiny_run, queries[q:q + 1], [c], GRID, noise,
+                                      tiny_run.config.loss, method)[0][0]
+    assert rel_err(res.scores, expected) <= 1e-4
+
+
+def test_per_query_draws_differ_between_queries_and_checkpoints():
+    a = per_query_noise_draws((1, 8, 8), 2, 3, 4, seed=0, checkpoint=0)
+    b = per_query_noise_draws((1, 8, 8), 2, 3, 4, seed=0, checkpoint=1)
+    assert a.shape == (2, 3, 4, 1, 8, 8)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a, b)
+    assert torch.equal(a, per_query_noise_draws((1, 8, 8), 2, 3, 4, seed=0, checkpoint=0))
+
+
+def test_noise_per_query_is_keyed_and_refuses_explicit_noise(tiny_run, tmp_path):
+    queries = rl.data.digits("test").images[:2]
+    opts = dict(checkpoints=[0], timesteps=2, n_noise=1, progress=False)
+    shared = rl.load_or_attribute(tiny_run, queries, "tracin", root=tmp_path, **opts)
+    fresh = rl.load_or_attribute(tiny_run, queries, "tracin", root=tmp_path, noise_per_query=True, **opts)
+    assert not torch.equal(shared.scores, fresh.scores)
+    assert len(list((tmp_path / "attributions").iterdir())) == 2
+    assert "noise_per_query" not in shared.config.to_dict()   # old cache keys stay valid
+    with pytest.raises(ValueError, match="either it or query_noise"):
+        rl.attribute(tiny_run, queries, "tracin", query_noise=torch.zeros(1, 1, 8, 8),
+                     noise_per_query=True, **opts)
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_paper_setup_changes_only_the_official_choices(smoke):
+    book_cfg, book_data = rl.book.digits_setup(smoke)
+    cfg, data, options = rl.book.paper_setup(smoke)
+    assert data is not None and len(data) == len(book_data)
+    assert cfg == book_cfg.replace(loss="l1", beta_schedule="squaredcos_cap_v2")
+    assert options["train_side"] == "fresh_noise" and options["noise_per_query"] is True
+    if not smoke:
+        assert (options["timesteps"], options["n_noise"]) == (100, 16)
+    assert rl.models.build_scheduler(cfg).config.beta_schedule == "squaredcos_cap_v2"
