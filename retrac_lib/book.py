@@ -58,6 +58,23 @@ def attribution_options(smoke: bool | None = None) -> dict:
     return dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=25, n_noise=8)
 
 
+def recipe_options(smoke: bool | None = None) -> dict:
+    """Section 4.1's recipe comparisons: the chapters' query grid on the last checkpoint only,
+    a fifth of the cost of all five, so that ten attributions fit in a book build."""
+    return dict(attribution_options(smoke), checkpoints=[-1])
+
+
+def grid_cost_setup(smoke: bool | None = None) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Section 4.1's query grids: the reference (T', K) and the smaller grids measured against it.
+
+    T' grows at the reference's K, K grows at the reference's T', and the chapters' 25 x 8.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        return (4, 2), [(2, 2), (4, 1)]
+    return (100, 16), [(10, 16), (25, 16), (50, 16), (100, 2), (100, 8), (25, 8)]
+
+
 def query_digits(n_per_class: int | None = None, smoke: bool | None = None) -> Dataset:
     """Held-out digits to attribute: the first ``n_per_class`` test digits of every class."""
     smoke = is_smoke() if smoke is None else smoke

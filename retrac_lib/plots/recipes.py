@@ -1,0 +1,57 @@
+"""Figures for section 4.1 (``notebooks/04b_recipes.ipynb``): the timestep bias under each loss and
+noise schedule, and what the query grid's size buys. Each function returns its figure."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from . import METHOD_COLORS, METHOD_LABELS
+from .bias import _binned_line, log_y
+
+RECIPE_COLORS = ["#4c72b0", "#8172b2", "#c44e52", "#dd8452"]   # one per loss x schedule run
+
+
+def bias_by_recipe(biases: dict, title: str | None = None):
+    """Mean gradient norm per timestep bin (band: middle half) for each run of ``biases``
+    (name -> ``recipes.RunBias``), on a log axis; the legend gives each decile ratio."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for color, (name, bias) in zip(RECIPE_COLORS, biases.items()):
+        _binned_line(ax, bias.summary.norm_bins, color,
+                     f"{name}: decile ratio {bias.decile_ratio:.1f}x, Spearman {bias.spearman:+.2f}")
+    log_y(ax)
+    ax.set_xlabel("recorded timestep t (bins of a tenth of T)")
+    ax.set_ylabel("per-sample gradient norm |g|")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Gradient norm against recorded timestep, per loss and schedule")
+    fig.tight_layout()
+    return fig
+
+
+def grid_cost(rows: list[dict], title: str | None = None):
+    """Agreement with the reference grid against the number of query draws T' x K.
+
+    ``rows``: dicts with ``method``, ``timesteps``, ``n_noise``, ``spearman``, ``overlap`` and
+    ``seconds``. Left: mean Spearman (solid) and top-10 overlap (dashed); right: time.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method),
+                      key=lambda r: r["timesteps"] * r["n_noise"])
+        draws = np.array([r["timesteps"] * r["n_noise"] for r in mine])
+        color, label = METHOD_COLORS[method], METHOD_LABELS[method]
+        left.plot(draws, [r["spearman"] for r in mine], "o-", color=color, label=f"{label}: Spearman")
+        left.plot(draws, [r["overlap"] for r in mine], "s--", color=color, label=f"{label}: top-10 overlap")
+        right.plot(draws, [r["seconds"] for r in mine], "o-", color=color, label=label)
+        for r, x in zip(mine, draws):
+            left.annotate(f"{r['timesteps']}x{r['n_noise']}", (x, r["spearman"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, 4))
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("query draws per checkpoint, T' x K (log scale)")
+        ax.legend(fontsize=8)
+    left.set_ylabel("agreement with the reference grid")
+    left.set_ylim(0, 1.05)
+    right.set_ylabel("attribution time (s)")
+    fig.suptitle(title or "Rankings on smaller query grids against the reference grid")
+    fig.tight_layout()
+    return fig
