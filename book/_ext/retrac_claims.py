@@ -88,7 +88,8 @@ def _table(app, docname, records):
         row = nodes.row(ids=[r["name"]])
         cell = nodes.paragraph()
         target = chapters.get(r["chapter"])
-        label = r["chapter"].replace("ch", "chapter ", 1)
+        number, letter = re.match(r"ch([0-9]+)([a-z]?)", r["chapter"]).groups()
+        label = f"section {number}.{ord(letter) - 96}" if letter else f"chapter {number}"
         if target:
             uri = app.builder.get_relative_uri(docname, target)
             cell += nodes.reference("", label, refuri=uri)
