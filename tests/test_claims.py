@@ -101,3 +101,21 @@ def test_notebook_claims_use_their_chapter_prefix_once(path):
     wrong = [n for n in names if not n.startswith(prefix + "-")]
     assert not wrong, f"{path.name}: claims {wrong} should start with {prefix}-"
     assert len(names) == len(set(names)), f"{path.name}: a claim name is used twice"
+
+
+def test_built_page_lists_every_recorded_claim():
+    """The page of a built site (``$RETRAC_SITE`` or ``_build/html``) against its claim records."""
+    import os
+    from pathlib import Path
+    site = Path(os.environ.get("RETRAC_SITE") or ROOT / "_build" / "html")
+    page, folder = site / "book" / "measured.html", site.parent / "claims"
+    if not page.exists() or not folder.exists():
+        if os.environ.get("RETRAC_SITE"):
+            pytest.fail(f"RETRAC_SITE={site} has no claims page or no claim records")
+        pytest.skip(f"no built book with claim records at {site}")
+    html, records = page.read_text(), claims.read_records(folder)
+    assert records, "the build recorded no claims"
+    missing = [r["name"] for r in records if f'id="{r["name"]}"' not in html]
+    assert not missing, f"claims recorded but not on the page: {missing}"
+    held = sum(r["holds"] for r in records)
+    assert f"{len(records)} claims in this build, {held} held" in html
