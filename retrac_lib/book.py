@@ -59,13 +59,14 @@ def attribution_options(smoke: bool | None = None) -> dict:
 
 
 def recipe_options(smoke: bool | None = None) -> dict:
-    """Section 4.1's recipe comparisons: the chapters' query grid on the last checkpoint only,
-    a fifth of the cost of all five, so that ten attributions fit in a book build."""
+    """The recipe comparisons of ``notebooks/04b_recipes.ipynb``: the chapters' query grid on the
+    last checkpoint only, a fifth of the cost of all five, so that ten attributions fit in a build."""
     return dict(attribution_options(smoke), checkpoints=[-1])
 
 
 def grid_cost_setup(smoke: bool | None = None) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """Section 4.1's query grids: the reference (T', K) and the smaller grids measured against it.
+    """The query grids of ``notebooks/04b_recipes.ipynb``: the reference (T', K) and the smaller
+    grids measured against it.
 
     T' grows at the reference's K, K grows at the reference's T', and the chapters' 25 x 8.
     """

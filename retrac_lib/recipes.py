@@ -1,4 +1,4 @@
-"""The paper's recipe beside the book's (section 4.1, ``notebooks/04b_recipes.ipynb``).
+"""The paper's recipe beside the book's (``notebooks/04b_recipes.ipynb``, a section of chapter 4).
 
 Small measurements that compare two rankings or two training runs: how well two score matrices
 agree, and how strongly the per-sample gradient norm depends on the timestep in a run.

@@ -12,7 +12,8 @@ The repository URL and branch live in one place, ``_config.yml`` (``repository.u
 * ``_toc.yml``: the "Chapters" part lists ``notebooks/*.ipynb`` in file-name order, numbered 1, 2,
   ... (so "chapter 3" in the prose is the third notebook), between the ``# BEGIN NOTEBOOKS`` and
   ``# END NOTEBOOKS`` lines. A number with a letter (``04b_recipes.ipynb``) makes a section of the
-  chapter before it (numbered 4.1), so later chapters keep their numbers.
+  chapter before it (numbered after that chapter's own headings), so later chapters keep their
+  numbers.
 
 Usage::
 

@@ -89,7 +89,9 @@ def _table(app, docname, records):
         cell = nodes.paragraph()
         target = chapters.get(r["chapter"])
         number, letter = re.match(r"ch([0-9]+)([a-z]?)", r["chapter"]).groups()
-        label = f"section {number}.{ord(letter) - 96}" if letter else f"chapter {number}"
+        label = f"chapter {number}"
+        if letter and target in app.env.titles:   # a section: its title
+            label = f"{label}: {app.env.titles[target].astext()}"
         if target:
             uri = app.builder.get_relative_uri(docname, target)
             cell += nodes.reference("", label, refuri=uri)

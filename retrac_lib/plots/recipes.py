@@ -1,5 +1,6 @@
-"""Figures for section 4.1 (``notebooks/04b_recipes.ipynb``): the timestep bias under each loss and
-noise schedule, and what the query grid's size buys. Each function returns its figure."""
+"""Figures for ``notebooks/04b_recipes.ipynb`` (the paper's recipe and ours): the timestep bias
+under each loss and noise schedule, and what the query grid's size buys. Each function returns
+its figure."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
