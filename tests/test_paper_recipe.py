@@ -59,3 +59,30 @@ def test_paper_setup_changes_only_the_official_choices(smoke):
     if not smoke:
         assert (options["timesteps"], options["n_noise"]) == (100, 16)
     assert rl.models.build_scheduler(cfg).config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_agreement_hand_computed():
+    a = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 4.0, 3.0]])
+    agree = rl.recipes.agreement(a, b, k=2)
+    # row 0: reversed ranking; row 1: ranks (1,2,3,4,5) vs (1,2,3,5,4): 1 - 6*2/(5*24) = 0.9
+    assert torch.allclose(agree.spearman, torch.tensor([-1.0, 0.9], dtype=torch.float64))
+    assert agree.top_overlap.tolist() == [0.0, 1.0] and agree.mean_overlap == 0.5
+    with pytest.raises(ValueError, match="same shape"):
+        rl.recipes.agreement(a, b[:, :4])
+
+
+def test_run_bias_matches_scipy_on_the_recorded_norms(tiny_run):
+    from scipy.stats import spearmanr
+    bias = rl.recipes.run_bias(tiny_run)
+    t, eps = tiny_run.recorded(-1)
+    norms = rl.per_sample_grads(tiny_run.model_at(-1), tiny_run.scheduler, tiny_run.data.images,
+                                t, eps).norm(dim=1)
+    losses = rl.losses.diffusion_loss(tiny_run.model_at(-1), tiny_run.scheduler, tiny_run.data.images,
+                                      t, eps, tiny_run.config.loss).detach()
+    assert bias.spearman == pytest.approx(spearmanr(t, norms).statistic, abs=1e-6)
+    assert bias.loss_norm_spearman == pytest.approx(spearmanr(losses, norms).statistic, abs=1e-5)
+    order = t.argsort(stable=True)
+    tenth = len(t) // 10
+    assert bias.decile_ratio == pytest.approx(
+        float(norms[order[:tenth]].mean() / norms[order[-tenth:]].mean()), rel=1e-4)
