@@ -12,13 +12,6 @@ import re
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class _Plain(str):
-    """A string whose text/plain display is the text itself, without quotes."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
 def glue(name: str, text) -> str:
     """Store ``text`` for ``{glue:text}`name``` in the book; return it (as a plain ``str``).
 
@@ -36,8 +29,8 @@ def glue(name: str, text) -> str:
         from myst_nb import glue as nb_glue
     except ImportError:
         return text
-    if get_ipython() is not None:
-        nb_glue(name, _Plain(text), display=False)
+    if get_ipython() is not None:   # stored as repr(text): {glue:text} reads it back verbatim
+        nb_glue(name, text, display=False)
     return text
 
 

@@ -119,3 +119,13 @@ def test_built_page_lists_every_recorded_claim():
     assert not missing, f"claims recorded but not on the page: {missing}"
     held = sum(r["holds"] for r in records)
     assert f"{len(records)} claims in this build, {held} held" in html
+
+
+@pytest.mark.parametrize("text", ["+0.96", "0.45, 0.60", "1,437", "0.20", "ReTrac's top", "25 x 8"])
+def test_glued_text_reads_back_verbatim(text):
+    """myst-nb's {glue:text} literal-evaluates the stored text/plain: what prose.glue stores must
+    come back exactly as printed (not "0.2" for "0.20", not a tuple for "1,437")."""
+    from IPython.core.formatters import format_display_data
+    from myst_nb.ext.glue.roles import format_plain_text
+    bundle, _ = format_display_data(text)
+    assert format_plain_text(bundle["text/plain"], "s") == text
