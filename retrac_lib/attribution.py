@@ -151,7 +151,7 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
     pass yields each averaged gradient: one group of T' x K draws for TracIn and "cosine", T'
     groups of K for "per_timestep", T' x K groups of one draw for "per_draw". With
     ``engine="ghost"`` small groups are normalized and summed from layer factors
-    (``ghost.normalized_sum``) instead of one gradient row per group.
+    (``ghost.weighted_sum``) instead of one gradient row per group.
     """
     n_t, k = noise.shape[:2]
     draws_per_group = {"tracin": n_t * k, "per_timestep": k, "per_draw": 1, "cosine": n_t * k}
@@ -161,8 +161,9 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
         x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
         t = timesteps.repeat_interleave(k).reshape(-1, group)
         if engine == "ghost":
-            v, norms = ghost.normalized_sum(model, scheduler, x, t, noise.reshape(-1, group, *z.shape),
-                                            loss, method == "retrac", chunk_size)
+            weights_of = (lambda n: 1 / _nonzero(n)) if method == "retrac" else torch.ones_like
+            v, norms = ghost.weighted_sum(model, scheduler, x, t, noise.reshape(-1, group, *z.shape),
+                                          weights_of, loss, chunk_size)
             _check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
             out.append(v / len(t))
             continue

@@ -265,6 +265,19 @@ def _check_groups(x, t, noise):
             "the same groups: x and noise are [G, M, *sample] and t is [G, M].")
 
 
+def _chunk_terms(model, scheduler, x, t, noise, loss, chunk_size, vectors, weighted):
+    """Yield each chunk's ``_Terms`` (one per layer): whole groups of at most ``chunk_size`` draws."""
+    n_groups, draws = t.shape
+    x_t, tt, eps = _noised(model, scheduler, x, t, noise)
+    vecs = _split(None if vectors is None else vectors.to(x_t), model)
+    step = chunk_size // draws
+    for a in range(0, n_groups, step):
+        b = min(a + step, n_groups)
+        s = slice(a * draws, b * draws)
+        layers = capture(model, *_draw_major(b - a, x_t[s], tt[s], eps[s]), loss, 1 / draws)
+        yield _layer_terms(model, layers, b - a, vecs, weighted)
+
+
 def group_terms(model, scheduler, x, t, noise, loss: str = "mse", vectors=None,
                 chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Squared norms [G] of each group's gradient and its dot products [G, Q] with ``vectors``.
@@ -276,57 +289,40 @@ def group_terms(model, scheduler, x, t, noise, loss: str = "mse", vectors=None,
     """
     check_loss(loss)
     _check_groups(x, t, noise)
-    n_groups, draws = t.shape
-    if 2 * draws > chunk_size:
+    if 2 * t.shape[1] > chunk_size:
         rows = grouped_grads(model, scheduler, x, t, noise, loss, chunk_size)
         return rows.square().sum(1), None if vectors is None else rows @ vectors.T.to(rows)
-    x_t, tt, eps = _noised(model, scheduler, x, t, noise)
-    vecs = _split(None if vectors is None else vectors.to(x_t), model)
-    step = chunk_size // draws
     sq, dots = [], []
-    for a in range(0, n_groups, step):
-        b = min(a + step, n_groups)
-        s = slice(a * draws, b * draws)
-        layers = capture(model, *_draw_major(b - a, x_t[s], tt[s], eps[s]), loss, 1 / draws)
-        terms = _layer_terms(model, layers, b - a, vecs, weighted=False)
+    for terms in _chunk_terms(model, scheduler, x, t, noise, loss, chunk_size, vectors, False):
         sq.append(sum(term.sq for term in terms))
-        if vecs:
-            dots.append(sum(term.dots for term in terms))
-    return torch.cat(sq), torch.cat(dots) if vecs else None
+        dots.append(sum(term.dots for term in terms))
+    return torch.cat(sq), None if vectors is None else torch.cat(dots)
 
 
-def normalized_sum(model, scheduler, x, t, noise, loss: str = "mse", normalize: bool = True,
-                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_g m_g / |m_g|`` (or ``sum_g m_g``) as a flat [P] vector, and the norms [G].
+def weighted_sum(model, scheduler, x, t, noise, weights_of, loss: str = "mse",
+                 chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_g w_g m_g`` as a flat [P] vector with ``w = weights_of(norms)``, and the norms [G].
 
     ``m_g`` is group ``g``'s gradient as in ``group_terms``. The norms of a chunk's groups come
     from its factors; the weighted sum then reuses the same factors (a materialized block is
-    scaled, a factor layer's ``(w * B)^T A`` is one matmul), so the chunk's forward and backward
-    pass run once: this is ReTrac's query vector, the gradient of ``sum_g l_g / |m_g|``.
+    scaled, a factor layer's ``(w * B)^T A`` is one matmul), so each chunk's forward and
+    backward pass run once. With ``w = 1 / |m_g|`` this is ReTrac's query vector, the gradient
+    of the re-weighted loss ``sum_g l_g / |m_g|``.
     """
     check_loss(loss)
     _check_groups(x, t, noise)
-    n_groups, draws = t.shape
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if 2 * draws > chunk_size:
+    if 2 * t.shape[1] > chunk_size:
         rows = grouped_grads(model, scheduler, x, t, noise, loss, chunk_size)
         norms = rows.norm(dim=1)
-        w = 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny) if normalize else torch.ones_like(norms)
-        return w @ rows, norms
-    x_t, tt, eps = _noised(model, scheduler, x, t, noise)
-    total = {k: torch.zeros_like(p) for k, p in params.items()}
-    step, norms = chunk_size // draws, []
-    for a in range(0, n_groups, step):
-        b = min(a + step, n_groups)
-        s = slice(a * draws, b * draws)
-        layers = capture(model, *_draw_major(b - a, x_t[s], tt[s], eps[s]), loss, 1 / draws)
-        terms = _layer_terms(model, layers, b - a, {}, weighted=True)
-        norm = sum(term.sq for term in terms).clamp_min(0).sqrt()
-        w = 1 / norm.clamp_min(torch.finfo(norm.dtype).tiny) if normalize else torch.ones_like(norm)
+        return weights_of(norms) @ rows, norms
+    total = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
+    norms = []
+    for terms in _chunk_terms(model, scheduler, x, t, noise, loss, chunk_size, None, True):
+        norms.append(sum(term.sq for term in terms).clamp_min(0).sqrt())
+        w = weights_of(norms[-1])
         for term in terms:
             for name, g in term.weighted_sum(w).items():
                 total[name] += g
-        norms.append(norm)
     return torch.cat([g.flatten() for g in total.values()]), torch.cat(norms)
 
 

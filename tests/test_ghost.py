@@ -48,9 +48,9 @@ def test_norms_and_dots_equal_the_loop_reference(any_run, loss, draws, chunk_siz
     assert sq.shape == (6,) and dots.shape == (6, 3)
     assert _rel(sq, ref.square().sum(1)) <= TOL
     assert _rel(dots, ref @ vectors.T) <= TOL
-    for normalize in (True, False):
-        total, norms = ghost.normalized_sum(model, run.scheduler, x, t, noise, loss, normalize, chunk_size)
-        w = 1 / ref.norm(dim=1, keepdim=True) if normalize else 1
+    for weights_of in (lambda n: 1 / n, lambda n: n.square() + 1):
+        total, norms = ghost.weighted_sum(model, run.scheduler, x, t, noise, weights_of, loss, chunk_size)
+        w = weights_of(ref.norm(dim=1, keepdim=True))
         assert _rel(total, (ref * w).sum(0)) <= TOL
         assert _rel(norms, ref.norm(dim=1)) <= TOL
 
@@ -64,7 +64,7 @@ def test_both_routes_are_exact_for_every_layer(any_run, forced, monkeypatch):
     vectors = torch.randn(2, ref.shape[1], generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(ghost, "route", lambda *args: forced)
     sq, dots = ghost.group_terms(model, run.scheduler, x, t, noise, "mse", vectors, chunk_size=8)
-    total, _ = ghost.normalized_sum(model, run.scheduler, x, t, noise, "mse", True, chunk_size=8)
+    total, _ = ghost.weighted_sum(model, run.scheduler, x, t, noise, lambda n: 1 / n, "mse", chunk_size=8)
     assert _rel(sq, ref.square().sum(1)) <= TOL
     assert _rel(dots, ref @ vectors.T) <= TOL
     assert _rel(total, (ref / ref.norm(dim=1, keepdim=True)).sum(0)) <= TOL
