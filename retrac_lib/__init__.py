@@ -5,7 +5,7 @@
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
 from . import (attribution, baselines, book, cache, checks, config, counterfactual, data,
-               diagnostics, grads, losses, metrics, models, sampling, training, widgets)
+               diagnostics, ghost, grads, losses, metrics, models, sampling, training, widgets)
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads
