@@ -10,8 +10,9 @@ Prints, in one process:
 2. FLOPs of one forward + backward pass per draw (FlopCounterMode);
 3. the gradient paths on one query and checkpoint (``grads.grouped_grads``: ``vmap`` over groups,
    or one plain backward pass for a single group) against plain autograd for scale;
-4. the full contract with ``rl.attribute`` (each method in a fresh subprocess, for its peak
-   resident memory) against a batch-1 loop that follows the official code's structure (one
+4. the full contract with ``rl.attribute`` for each method and gradient engine ("ghost": dot
+   products and norms from layer factors; "func": torch.func rows), each in a fresh subprocess
+   for its peak resident memory, against a batch-1 loop that follows the official code's structure (one
    backward pass per query, timestep and draw, then one per training sample). The loop is timed
    on a measured fraction (1 query x 1 checkpoint x 1,600 draws, and 200 training samples)
    and extrapolated linearly; the library is timed on the same fraction side by side and on the
@@ -77,13 +78,14 @@ def loop_train_grads(model, scheduler, x, t, eps) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def child(method: str, quick: bool) -> None:
+def child(method: str, quick: bool, engine: str) -> None:
     """The whole contract with rl.attribute in this (fresh) process; prints one JSON line."""
     run = rl.load_or_train(*common.contract_setup(), progress=False)
     opts = dict(timesteps=10, n_noise=4) if quick else common.CONTRACT
     queries = common.contract_queries(4 if quick else common.N_QUERIES)
     with Timer() as tm:
-        res = rl.attribute(run, queries, method, progress=False, **opts)
+        res = rl.attribute(run, queries, method, progress=False, engine=engine, **opts)
+    torch.save(res.scores, rl.cache_dir() / f"bench-scores-{method}-{engine}.pt")
     print(json.dumps({"wall": tm.wall, "cpu": tm.cpu, "peak_rss_mb": common.peak_rss_mb(),
                       "checksum": float(res.scores.abs().sum())}))
 
@@ -107,6 +109,9 @@ def engines(model, scheduler, run, grid, noise) -> list[dict]:
                      "cpu s": tm.cpu, "cpu ms/draw": 1e3 * tm.cpu / draws})
 
     fn = grads.grouped_grads
+    add(f"ReTrac query side: {n_t} groups of {k}", "ghost",
+        lambda: rl.attribution.query_vectors(model, scheduler, z[None], grid, noise, "retrac",
+                                             chunk_size=256, engine="ghost"), n_t * k)
     add(f"ReTrac query side: {n_t} groups of {k}", "vmap",
         lambda: fn(model, scheduler, xq.reshape(n_t, k, *z.shape), tq.reshape(n_t, k),
                    nq.reshape(n_t, k, *z.shape), "mse", 256), n_t * k)
@@ -114,6 +119,10 @@ def engines(model, scheduler, run, grid, noise) -> list[dict]:
         lambda: fn(model, scheduler, xq[None], tq[None], nq[None], "mse", 256), n_t * k)
     add("per-sample training grads, 256 samples", "vmap",
         lambda: fn(model, scheduler, xs[:, None], ts[:, None], es[:, None], "mse", 64), 256)
+    vectors = torch.randn(common.N_QUERIES, sum(p.numel() for p in model.parameters()))
+    add(f"training norms + {common.N_QUERIES} dots, 256 samples", "ghost",
+        lambda: rl.ghost.group_terms(model, scheduler, xs[:, None], ts[:, None], es[:, None], "mse",
+                                     vectors, 64), 256)
 
     def plain(b):
         model.zero_grad(set_to_none=True)
@@ -131,10 +140,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small smoke version")
     ap.add_argument("--child", choices=["tracin", "retrac"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="ghost", help=argparse.SUPPRESS)
     ap.add_argument("--skip-engines", action="store_true")
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.quick)
+        return child(args.child, args.quick, args.engine)
 
     print(f"torch {torch.__version__}, {common.threads()} thread(s), {common.load()}")
     run = rl.load_or_train(*common.contract_setup(), progress=False)
@@ -161,71 +171,77 @@ def main() -> None:
         rows = engines(model, run.scheduler, run, grid, noise)
         print(table(rows, f"Gradient engines, one query and checkpoint ({common.load()})"))
 
-    # ---- the measured fraction: batch-1 loop and library side by side
+    # ---- the measured fraction: batch-1 loop and both engines side by side
     z = common.contract_queries(1)
     t, eps = run.recorded(c)
     xs, ts, es = run.data.images[:REF_TRAIN], t[:REF_TRAIN], eps[:REF_TRAIN]
     w = float(run.checkpoint_weights()[c])
-    frac, scores = [], {}
+    frac = {}
     for method in ("tracin", "retrac"):
         with Timer() as lq:
             vq = loop_query_vector(model, run.scheduler, z[0], grid, noise, method)
         with Timer() as lt:
             gl = loop_train_grads(model, run.scheduler, xs, ts, es)
-        with Timer() as bq:
-            vb = rl.attribution.query_vectors(model, run.scheduler, z, grid, noise, method,
-                                              chunk_size=256)[0]
-        with Timer() as bt:
-            gb = grads.grouped_grads(model, run.scheduler, xs[:, None], ts[:, None], es[:, None], "mse", 64)
-        if method == "retrac":
-            gl, gb = gl / gl.norm(dim=1, keepdim=True), gb / gb.norm(dim=1, keepdim=True)
-        s_loop, s_lib = w * gl.double() @ vq.double(), w * gb.double() @ vb.double()
-        err = ((s_loop - s_lib).norm() / s_loop.norm()).item()
-        scores[method] = err
-        draws = len(grid) * opts["n_noise"]
-        per_q = {"loop": (lq.wall, lq.cpu), "lib": (bq.wall, bq.cpu)}
-        per_s = {"loop": (lt.wall / REF_TRAIN, lt.cpu / REF_TRAIN),
-                 "lib": (bt.wall / REF_TRAIN, bt.cpu / REF_TRAIN)}
-        frac.append(dict(method=method, per_q=per_q, per_s=per_s, err=err))
-        print(table([
-            {"part": f"query side, 1 query x 1 ckpt ({draws} draws)", "loop wall s": lq.wall,
-             "loop cpu s": lq.cpu, "library wall s": bq.wall, "library cpu s": bq.cpu,
-             "ratio (cpu)": lq.cpu / bq.cpu},
-            {"part": f"training side, {REF_TRAIN} samples", "loop wall s": lt.wall,
-             "loop cpu s": lt.cpu, "library wall s": bt.wall, "library cpu s": bt.cpu,
-             "ratio (cpu)": lt.cpu / bt.cpu},
-        ], f"{method}: measured fraction, side by side; scores rel. error library vs loop "
-           f"{err:.1e} ({common.load()})"))
+        sl = gl.double() @ vq.double()
+        s_loop = w * (sl / gl.norm(dim=1).double() if method == "retrac" else sl)
+        rows = [{"engine": "batch-1 loop", "query side cpu s": lq.cpu, "query wall s": lq.wall,
+                 "training side cpu s": lt.cpu, "training wall s": lt.wall, "scores rel. error": 0.0}]
+        frac[method] = {"loop": (lq, lt)}
+        for engine in ("ghost", "func"):
+            with Timer() as bq:
+                vb = rl.attribution.query_vectors(model, run.scheduler, z, grid, noise, method,
+                                                  chunk_size=256, engine=engine)
+            with Timer() as bt:
+                if engine == "ghost":
+                    sq, dots = rl.ghost.group_terms(model, run.scheduler, xs[:, None], ts[:, None],
+                                                    es[:, None], "mse", vb, 64)
+                    norm, dots = sq.sqrt(), dots[:, 0]
+                else:
+                    gb = grads.grouped_grads(model, run.scheduler, xs[:, None], ts[:, None],
+                                             es[:, None], "mse", 64)
+                    norm, dots = gb.norm(dim=1), gb @ vb[0]
+            s_lib = w * (dots.double() / norm.double() if method == "retrac" else dots.double())
+            err = ((s_loop - s_lib).norm() / s_loop.norm()).item()
+            frac[method][engine] = (bq, bt)
+            rows.append({"engine": engine, "query side cpu s": bq.cpu, "query wall s": bq.wall,
+                         "training side cpu s": bt.cpu, "training wall s": bt.wall,
+                         "scores rel. error": err})
+        print(table(rows, f"{method}: measured fraction, 1 query x 1 checkpoint x "
+                          f"{len(grid) * opts['n_noise']} draws and {REF_TRAIN} training samples; "
+                          f"scores against the loop ({common.load()})"))
 
     # ---- the whole contract with the library (fresh process each: peak memory)
     n_qc = n_queries * n_ckpt
-    full, limit_rows = [], []
-    for f in frac:
-        method = f["method"]
-        res = common.run_child(Path(__file__), ["--child", method] + (["--quick"] if args.quick else []))
-        loop_wall = n_qc * f["per_q"]["loop"][0] + n_ckpt * n * f["per_s"]["loop"][0]
-        loop_cpu = n_qc * f["per_q"]["loop"][1] + n_ckpt * n * f["per_s"]["loop"][1]
-        full.append({"method": method, "library wall s": res["wall"], "library cpu s": res["cpu"],
-                     "peak RSS MiB": res["peak_rss_mb"],
-                     "batch-1 loop wall s (extrapolated)": loop_wall,
-                     "batch-1 loop cpu s (extrapolated)": loop_cpu,
-                     "speed-up wall": loop_wall / res["wall"], "speed-up cpu": loop_cpu / res["cpu"]})
-        draws = n_qc * len(grid) * opts["n_noise"] + n_ckpt * n
-        flops = draws * per_draw
-        limit_rows.append({"method": method, "fwd+bwd draws": draws, "TFLOP": flops / 1e12,
-                           "limit s (wall rate)": flops / rate["wall"] / 1e9,
-                           "library wall s": res["wall"],
-                           "x limit (wall)": res["wall"] / (flops / rate["wall"] / 1e9),
-                           "limit s (cpu rate)": flops / rate["cpu"] / 1e9,
-                           "library cpu s": res["cpu"],
-                           "x limit (cpu)": res["cpu"] / (flops / rate["cpu"] / 1e9),
-                           "achieved GFLOP/s (cpu)": flops / res["cpu"] / 1e9})
+    draws = n_qc * len(grid) * opts["n_noise"] + n_ckpt * n
+    flops = draws * per_draw
+    limit_cpu, limit_wall = flops / rate["cpu"] / 1e9, flops / rate["wall"] / 1e9
+    full = []
+    for method in ("tracin", "retrac"):
+        (lq, lt) = frac[method]["loop"]
+        loop_cpu = n_qc * lq.cpu + n_ckpt * n * lt.cpu / REF_TRAIN
+        loop_wall = n_qc * lq.wall + n_ckpt * n * lt.wall / REF_TRAIN
+        res = {e: common.run_child(Path(__file__), ["--child", method, "--engine", e]
+                                   + (["--quick"] if args.quick else [])) for e in ("ghost", "func")}
+        scores = {e: torch.load(rl.cache_dir() / f"bench-scores-{method}-{e}.pt") for e in res}
+        agree = ((scores["ghost"] - scores["func"]).norm() / scores["func"].norm()).item()
+        for e, r in res.items():
+            full.append({"method": method, "engine": e, "cpu s": r["cpu"], "wall s": r["wall"],
+                         "loop cpu s (extrap.)": loop_cpu, "speed-up (cpu)": loop_cpu / r["cpu"],
+                         "speed-up (wall)": loop_wall / r["wall"],
+                         "x FLOP limit (cpu)": r["cpu"] / limit_cpu,
+                         "x FLOP limit (wall)": r["wall"] / limit_wall,
+                         "vs func (cpu)": res["func"]["cpu"] / r["cpu"],
+                         "peak RSS MiB": r["peak_rss_mb"], "ghost vs func rel. error": agree})
+    ghost = {r["method"]: r for r in full if r["engine"] == "ghost"}
     print(table(full, f"Full contract: {n_queries} queries x {n_ckpt} checkpoints x "
                       f"{len(grid) * opts['n_noise']} draws + {n_ckpt} x {n} training samples "
                       f"({common.threads()} thread(s), {common.load()})"))
+    print(f"FLOP limit: {draws:,} forward+backward draws x {per_draw / 1e6:.1f} MFLOP = "
+          f"{flops / 1e12:.2f} TFLOP; {limit_cpu:.1f} s at {rate['cpu']:.0f} GFLOP/s per CPU second, "
+          f"{limit_wall:.1f} s at {rate['wall']:.0f} GFLOP/s per wall second")
+    print(f"ReTrac / TracIn (ghost, cpu): {ghost['retrac']['cpu s'] / ghost['tracin']['cpu s']:.2f}")
     print("(batch-1 loop: measured on the fraction above and extrapolated linearly: "
           f"{n_qc} x query-side time + {n_ckpt * n} x per-sample time)")
-    print(table(limit_rows, "Against the FLOP limit (FLOPs needed / measured matmul rate)"))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Scaling of ``rl.attribute``: training-set size N, parameter count P, threads, chunk size.
+"""Scaling of ``rl.attribute``: training-set size N, parameter count P, queries, threads, chunk size.
 
-    OMP_NUM_THREADS=1 RETRAC_CACHE=/tmp/rcache python benchmarks/bench_scaling.py
+    OMP_NUM_THREADS=1 RETRAC_CACHE=/tmp/rcache python benchmarks/bench_scaling.py [--skip-threads]
 
 Every configuration runs in a fresh subprocess so that its peak resident memory (VmHWM) is its
-own. The N and P sweeps use one-checkpoint runs (1 epoch; attribution cost does not depend on
-how well the model is trained) and a small query side (1 query, 10 timesteps x 4 draws), so the
-time is dominated by the N per-sample training gradients the scores stream through.
+own, once per gradient engine ("ghost" and "func"). The N and P sweeps use one-checkpoint runs
+(1 epoch; attribution cost does not depend on how well the model is trained) and a small query
+side (1 query, 10 timesteps x 4 draws), so the time is dominated by the N training gradients the
+scores stream through; the query sweep uses the paper's grid (100 timesteps x 16 draws).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import retrac_lib as rl  # noqa: E402
 from retrac_lib import grads  # noqa: E402
 
 SMALL_QUERY = dict(timesteps=10, n_noise=4)
+ENGINES = ("ghost", "func")
 
 
 def _run(n: int, channels) -> "rl.Run":
@@ -42,11 +44,11 @@ def _run(n: int, channels) -> "rl.Run":
 def child_attribute(spec: dict) -> dict:
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     run = _run(spec["n"], spec["channels"])
-    queries = common.contract_queries(1)
     base = common.peak_rss_mb()
+    queries = common.contract_queries(spec.get("queries", 1))
     with Timer() as tm:
         rl.attribute(run, queries, "retrac", chunk_size=spec.get("chunk", 64), progress=False,
-                     **SMALL_QUERY)
+                     engine=spec.get("engine", "auto"), **spec.get("grid", SMALL_QUERY))
     p = sum(v.numel() for v in run.checkpoints[0].params.values())
     return {"wall": tm.wall, "cpu": tm.cpu, "peak_rss_mb": common.peak_rss_mb(),
             "rss_before_mb": base, "P": p}
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="250,500,1000,1797,3594")
     ap.add_argument("--widths", default="16x32,32x64,64x128")
+    ap.add_argument("--queries", default="1,4,16")
+    ap.add_argument("--skip-threads", action="store_true")
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
@@ -95,10 +99,11 @@ def main() -> None:
 
     # ---- N
     rows = []
-    for n in map(int, args.sizes.split(",")):
+    for n, engine in ((n, e) for n in map(int, args.sizes.split(",")) for e in ENGINES):
         _run(n, (16, 32))  # train (cached) outside the timed child
-        r = common.run_child(me, ["--child", json.dumps({"kind": "attr", "n": n, "channels": [16, 32]})])
-        rows.append({"N": n, "wall s": r["wall"], "cpu s": r["cpu"], "cpu ms / sample": 1e3 * r["cpu"] / n,
+        r = common.run_child(me, ["--child", json.dumps({"kind": "attr", "n": n, "channels": [16, 32],
+                                                          "engine": engine})])
+        rows.append({"N": n, "engine": engine, "wall s": r["wall"], "cpu s": r["cpu"], "cpu ms / sample": 1e3 * r["cpu"] / n,
                      "peak RSS MiB": r["peak_rss_mb"], "RSS before MiB": r["rss_before_mb"],
                      "load": common.load()})
     print(table(rows, "Time and memory against N (ReTrac, 1 checkpoint, P = 159,697, chunk 64, "
@@ -106,16 +111,31 @@ def main() -> None:
 
     # ---- P
     rows = []
-    for w in args.widths.split(","):
+    for w, engine in ((w, e) for w in args.widths.split(",") for e in ENGINES):
         ch = [int(c) for c in w.split("x")]
         run = _run(500, ch)
         fl = common.flops_per_draw(run.model_at(0), run.scheduler, run.data.sample_shape)
-        r = common.run_child(me, ["--child", json.dumps({"kind": "attr", "n": 500, "channels": ch})])
-        rows.append({"channels": w, "P": r["P"], "MFLOP/draw": (fl["forward"] + fl["backward"]) / 1e6,
+        r = common.run_child(me, ["--child", json.dumps({"kind": "attr", "n": 500, "channels": ch,
+                                                          "engine": engine})])
+        rows.append({"channels": w, "engine": engine, "P": r["P"], "MFLOP/draw": (fl["forward"] + fl["backward"]) / 1e6,
                      "wall s": r["wall"], "cpu s": r["cpu"], "cpu ms / sample": 2 * r["cpu"],
                      "peak RSS MiB": r["peak_rss_mb"], "chunk rows MiB": 64 * r["P"] * 4 / 2 ** 20,
                      "load": common.load()})
     print(table(rows, "Time and memory against P (ReTrac, N = 500, 1 checkpoint, chunk 64)"))
+
+    # ---- queries, on the paper's grid
+    rows = []
+    for q, engine in ((q, e) for q in map(int, args.queries.split(",")) for e in ENGINES):
+        r = common.run_child(me, ["--child", json.dumps({"kind": "attr", "n": 1797, "channels": [16, 32],
+                                                          "engine": engine, "queries": q,
+                                                          "grid": common.CONTRACT})])
+        rows.append({"queries": q, "engine": engine, "wall s": r["wall"], "cpu s": r["cpu"],
+                     "cpu s / query": r["cpu"] / q, "peak RSS MiB": r["peak_rss_mb"],
+                     "load": common.load()})
+    print(table(rows, "Time and memory against queries (ReTrac, N = 1,797, 1 checkpoint, "
+                      "100 timesteps x 16 draws per query)"))
+    if args.skip_threads:
+        return
 
     # ---- threads and chunk sizes
     rows = []

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, metrics, models, validation
+from . import cache, ghost, metrics, models, validation
 from .config import cache_dir
 from .grads import grouped_grads
 from .losses import check_loss
@@ -41,6 +41,7 @@ METHODS = ("tracin", "retrac")
 # paper's official code), each single (t, eps) draw, or once for the fully averaged vector.
 QUERY_NORMALIZATIONS = ("per_timestep", "per_draw", "cosine")
 TRAIN_SIDES = ("recorded", "fresh_noise", "timestep_average")
+ENGINES = ("auto", "ghost", "func")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +155,14 @@ def _check_finite(g: torch.Tensor, what: str, offset: int, checkpoint: int) -> N
 
 def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
                   normalization: str = "per_timestep", loss: str = "mse",
-                  chunk_size: int = 256, checkpoint: int = 0) -> torch.Tensor:
+                  chunk_size: int = 256, checkpoint: int = 0, engine: str = "func") -> torch.Tensor:
     """The query side [Q, P]: ``(1/|T'|) sum_t m(z, t)`` for TracIn, its normalized variants for ReTrac.
 
     ``noise`` is [T', K, *sample], the same for every query, or [Q, T', K, *sample]. Each query's draws are grouped so that one batched backward
     pass yields each averaged gradient: one group of T' x K draws for TracIn and "cosine", T'
-    groups of K for "per_timestep", T' x K groups of one draw for "per_draw".
+    groups of K for "per_timestep", T' x K groups of one draw for "per_draw". With
+    ``engine="ghost"`` small groups are normalized and summed from layer factors
+    (``ghost.weighted_sum``) instead of one gradient row per group.
     """
     per_query = noise.dim() == queries.dim() + 2
     n_t, k = noise.shape[1:3] if per_query else noise.shape[:2]
@@ -169,8 +172,14 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
     for q, z in enumerate(queries):
         x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
         t = timesteps.repeat_interleave(k).reshape(-1, group)
-        eps = noise[q] if per_query else noise
-        g = grouped_grads(model, scheduler, x, t, eps.reshape(-1, group, *z.shape), loss, chunk_size)
+        eps = (noise[q] if per_query else noise).reshape(-1, group, *z.shape)
+        if engine == "ghost":
+            weights_of = (lambda n: 1 / _nonzero(n)) if method == "retrac" else torch.ones_like
+            v, norms = ghost.weighted_sum(model, scheduler, x, t, eps, weights_of, loss, chunk_size)
+            _check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
+            out.append(v / len(t))
+            continue
+        g = grouped_grads(model, scheduler, x, t, eps, loss, chunk_size)
         _check_finite(g.reshape(1, -1), "query", q, checkpoint)
         if method == "retrac":
             g = _normalize_rows(g)
@@ -204,14 +213,44 @@ def training_gradient_chunks(run, model, c: int, train_side: str, timesteps: tor
 
     Memory is bounded by one chunk x P; a NaN or infinite gradient raises, naming the sample.
     """
+    for idx, x, t, eps in _training_batches(run, c, train_side, timesteps, noise_seed, chunk_size,
+                                            train_slice):
+        g = grouped_grads(model, run.scheduler, x, t, eps, loss, chunk_size)
+        _check_finite(g, "training sample", int(idx[0]), c)
+        yield idx, g
+
+
+def _training_batches(run, c, train_side, timesteps, noise_seed, chunk_size, train_slice=None):
+    """Yield ``(indices, x, t, noise)`` of ``chunk_size`` training samples at a time ([n, M, ...]),
+    over the training set or the ``range`` ``train_slice``."""
     t, eps = training_draws(run, c, train_side, timesteps, noise_seed)
     x = run.data.images[:, None].expand(-1, t.shape[1], *run.data.sample_shape)
     span = range(len(run.data)) if train_slice is None else train_slice
     for a in range(span.start, span.stop, chunk_size):
         idx = torch.arange(a, min(a + chunk_size, span.stop))
-        g = grouped_grads(model, run.scheduler, x[idx], t[idx], eps[idx], loss, chunk_size)
-        _check_finite(g, "training sample", a, c)
-        yield idx, g
+        yield idx, x[idx], t[idx], eps[idx]
+
+
+def training_dots(run, model, c: int, train_side: str, timesteps: torch.Tensor, noise_seed: int,
+                  loss: str, chunk_size: int, vectors: torch.Tensor, engine: str = "func",
+                  train_slice=None):
+    """Yield ``(indices, |g_c(x_i)| [n], <vectors, g_c(x_i)> [Q, n])`` over the training set
+    (or the indices ``train_slice``).
+
+    ``engine="func"`` forms the gradient rows (``training_gradient_chunks``); ``"ghost"`` takes
+    norms and dot products from layer factors (``ghost.group_terms``) without forming them.
+    """
+    if engine == "func":
+        for idx, g in training_gradient_chunks(run, model, c, train_side, timesteps, noise_seed,
+                                               loss, chunk_size, train_slice):
+            yield idx, g.norm(dim=1), vectors @ g.T
+        return
+    for idx, x, t, eps in _training_batches(run, c, train_side, timesteps, noise_seed, chunk_size,
+                                            train_slice):
+        sq, dots = ghost.group_terms(model, run.scheduler, x, t, eps, loss, vectors, chunk_size)
+        norm = sq.clamp_min(0).sqrt()
+        _check_finite(torch.cat([norm[:, None], dots], 1), "training sample", int(idx[0]), c)
+        yield idx, norm, dots.T
 
 
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints=None,
@@ -220,7 +259,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
               normalization: str = "per_timestep", loss: str | None = None,
               chunk_size: int = 64, device=None, progress: bool = True,
               projection=None, projection_seed: int = 0, train_slice=None,
-              noise_per_query: bool = False) -> AttributionResult:
+              noise_per_query: bool = False, engine: str = "auto") -> AttributionResult:
     """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
 
     Args:
@@ -248,6 +287,10 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
         train_slice: a ``range`` of training indices to score (default all); the other columns
             of ``scores`` and ``train_grad_norms`` stay 0. ``rl.distributed`` gives each process
             one slice.
+        engine: "func" forms per-sample gradient rows with ``torch.func`` (the readable path the
+            chapters teach); "ghost" takes dot products and norms from layer factors without
+            forming rows (``retrac_lib.ghost``, the appendix chapter; faster, same scores to float32
+            rounding); "auto" (default) uses "ghost" when the model's layers allow it.
     """
     start = time.perf_counter()
     chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
@@ -255,6 +298,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
                                   query_noise, noise_seed, train_side, normalization, loss,
                                   projection, projection_seed, noise_per_query)
+    engine = _engine(engine, run.model_at(config.checkpoints[0]))
     n = len(run.data)
     scores = torch.zeros(len(queries), n, dtype=torch.float64)
     norms = torch.zeros(len(config.checkpoints), n)
@@ -276,7 +320,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             noise = per_query_noise_draws(run.data.sample_shape, len(queries), len(grid),
                                           config.n_noise, noise_seed, c)
         v = query_vectors(model, run.scheduler, queries, grid, noise, method,
-                          config.normalization, config.loss, 4 * chunk_size, c)
+                          config.normalization, config.loss, 4 * chunk_size, c, engine)
         bar.update()
         if config.projection:
             s = sketch.checkpoints.index(c)
@@ -286,11 +330,9 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
             sv = sketch.projector()(v.cpu())
             scores += weights[j] * (sv @ g.T).double()
             continue
-        for idx, g in training_gradient_chunks(run, model, c, train_side, grid, noise_seed,
-                                               config.loss, chunk_size, train_slice):
-            norm = g.norm(dim=1)
+        for idx, norm, dots in training_dots(run, model, c, train_side, grid, noise_seed,
+                                             config.loss, chunk_size, v, engine, train_slice):
             norms[j, idx] = norm.cpu()
-            dots = v @ g.T
             if method == "retrac":  # <v, g/|g|> = <v, g>/|g|, without a normalized copy of g
                 dots = dots / _nonzero(norm)
             scores[:, idx] += weights[j] * dots.double().cpu()
@@ -428,6 +470,17 @@ def _train_slice(train_slice, n: int, projection) -> range | None:
     if projection is not None:
         raise ValueError("train_slice scores exact gradients only; pass projection=None.")
     return train_slice
+
+
+def _engine(engine: str, model) -> str:
+    """The gradient engine to use: "auto" is "ghost" when it covers every layer of ``model``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    if engine == "ghost":
+        ghost.check_supported(model)
+    if engine == "auto":
+        return "func" if ghost.unsupported_layers(model) else "ghost"
+    return engine
 
 
 def _checkpoints(run, checkpoints) -> tuple[int, ...]:

@@ -195,13 +195,19 @@ def test_scores_equal_slow_reference(case, tiny_run, reweighted_run, tiny_points
         query_noise = _noise((K, *sample), seed=12)
         ref_noise = query_noise.unsqueeze(0).expand(len(grid), *query_noise.shape)
         timesteps = 3
-    res = _attribute(run, queries, method, checkpoints=ckpts, timesteps=timesteps, n_noise=K,
-                     query_noise=query_noise, normalization=normalization, loss=loss)
-
     used = list(range(len(run.checkpoints))) if ckpts is None else ckpts
     eff_loss = loss or run.config.loss
     expected, norms = ref_scores(run, queries, used, grid, ref_noise, eff_loss, method, normalization)
+    for engine in ("ghost", "func"):  # both gradient engines against the same reference
+        res = _attribute(run, queries, method, checkpoints=ckpts, timesteps=timesteps, n_noise=K,
+                         query_noise=query_noise, normalization=normalization, loss=loss,
+                         engine=engine)
+        _check_against_reference(res, expected, norms, grid, used, method, eff_loss, run, queries,
+                                 engine)
 
+
+def _check_against_reference(res, expected, norms, grid, used, method, eff_loss, run, queries,
+                             engine):
     assert list(res.config.timesteps) == grid
     assert list(res.config.checkpoints) == used
     assert res.config.method == method and res.config.loss == eff_loss
@@ -209,11 +215,11 @@ def test_scores_equal_slow_reference(case, tiny_run, reweighted_run, tiny_points
     assert torch.allclose(res.checkpoint_weights.double(),
                           torch.tensor([ref_weight(run, c) for c in used], dtype=torch.float64))
     err = rel_err(res.scores, expected)
-    assert err <= REL_TOL, f"scores differ from the reference: relative error {err:.2e}"
+    assert err <= REL_TOL, f"{engine}: scores differ from the reference: relative error {err:.2e}"
     assert res.train_grad_norms.shape == (len(used), len(run.data))
     for row, c in enumerate(res.config.checkpoints):
         err = rel_err(res.train_grad_norms[row], norms[c])
-        assert err <= REL_TOL, f"train_grad_norms of checkpoint {c}: relative error {err:.2e}"
+        assert err <= REL_TOL, f"{engine}: train_grad_norms of checkpoint {c}: relative error {err:.2e}"
 
 
 def test_integer_timesteps_give_an_even_grid(tiny_run):
@@ -260,7 +266,8 @@ def _spy_training_rows(monkeypatch, run, edit):
 def test_retrac_ignores_and_tracin_follows_a_training_gradient_scale(
         tiny_run, digit_queries, monkeypatch):
     run, j, other, factor = tiny_run, 5, 17, 3.0
-    kw = dict(timesteps=3, n_noise=K, query_noise=_noise((K, 1, 8, 8), seed=3), chunk_size=16)
+    kw = dict(timesteps=3, n_noise=K, query_noise=_noise((K, 1, 8, 8), seed=3), chunk_size=16,
+              engine="func")  # the spy sees the rows of the torch.func engine
     base = {m: _attribute(run, digit_queries, m, **kw) for m in ("tracin", "retrac")}
 
     def scale(out, row, i):
@@ -336,6 +343,7 @@ def test_load_or_attribute_caches_and_keys_on_options(tiny_run, digit_queries, t
 
     with monkeypatch.context() as m:
         m.setattr(rl.attribution, "grouped_grads", no_gradients)
+        m.setattr(rl.ghost, "capture", no_gradients)
         again = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
     _assert_same_result(first, again)
     assert _result_folders(tmp_path) == folders
@@ -446,7 +454,8 @@ def test_non_finite_training_gradient_names_the_sample(tiny_run, digit_queries, 
 
     _spy_training_rows(monkeypatch, tiny_run, poison)
     with pytest.raises(FloatingPointError, match="training sample 7 at checkpoint 2 is NaN or infinite"):
-        _attribute(tiny_run, digit_queries, "retrac", checkpoints=[2], timesteps=3, n_noise=K)
+        _attribute(tiny_run, digit_queries, "retrac", checkpoints=[2], timesteps=3, n_noise=K,
+                   engine="func")
 
 
 def test_zero_timesteps_is_refused(tiny_run, digit_queries):
