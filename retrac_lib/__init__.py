@@ -4,9 +4,9 @@
     data = rl.data.digits()
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
-from . import (attribution, baselines, book, cache, checks, config, counterfactual, data,
-               diagnostics, distributed, grads, losses, metrics, models, recorder, sampling,
-               training, widgets)
+from . import (attribution, baselines, book, cache, checks, claims, config, counterfactual, data,
+               diagnostics, distributed, grads, losses, metrics, models, prose, recipes, recorder,
+               sampling, training, widgets)
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads

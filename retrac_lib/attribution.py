@@ -58,11 +58,14 @@ class AttributionConfig:
     loss: str
     projection: int = 0          # k of the CountSketch the scores were computed in; 0 = exact
     projection_seed: int = 0
+    noise_per_query: bool = False  # fresh query noise for every query and checkpoint
 
     def to_dict(self) -> dict:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         if not self.projection:  # exact results keep the keys they had before projections existed
             del d["projection"], d["projection_seed"]
+        if not self.noise_per_query:  # likewise for shared query noise, the default
+            del d["noise_per_query"]
         return d
 
 
@@ -123,6 +126,15 @@ def query_noise_draws(sample_shape, n_timesteps: int, n_noise: int, seed: int) -
     return torch.randn((n_timesteps, n_noise, *sample_shape), generator=gen)
 
 
+def per_query_noise_draws(sample_shape, n_queries: int, n_timesteps: int, n_noise: int, seed: int,
+                          checkpoint: int) -> torch.Tensor:
+    """Seeded noise [Q, T', K, *sample]: fresh draws for every query and checkpoint, as the
+    paper's official code draws them (``attribute(..., noise_per_query=True)``)."""
+    return torch.stack([query_noise_draws(sample_shape, n_timesteps, n_noise,
+                                          seed + 7919 * (q + 1) + 1_000_003 * (checkpoint + 1))
+                        for q in range(n_queries)])
+
+
 def _nonzero(norm: torch.Tensor) -> torch.Tensor:
     """Norms safe to divide by: a zero gradient then gets a zero normalized score, not NaN."""
     return norm.clamp_min(torch.finfo(norm.dtype).tiny)
@@ -146,18 +158,20 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
                   chunk_size: int = 256, checkpoint: int = 0) -> torch.Tensor:
     """The query side [Q, P]: ``(1/|T'|) sum_t m(z, t)`` for TracIn, its normalized variants for ReTrac.
 
-    ``noise`` is [T', K, *sample]. Each query's draws are grouped so that one batched backward
+    ``noise`` is [T', K, *sample], the same for every query, or [Q, T', K, *sample]. Each query's draws are grouped so that one batched backward
     pass yields each averaged gradient: one group of T' x K draws for TracIn and "cosine", T'
     groups of K for "per_timestep", T' x K groups of one draw for "per_draw".
     """
-    n_t, k = noise.shape[:2]
+    per_query = noise.dim() == queries.dim() + 2
+    n_t, k = noise.shape[1:3] if per_query else noise.shape[:2]
     draws_per_group = {"tracin": n_t * k, "per_timestep": k, "per_draw": 1, "cosine": n_t * k}
     group = draws_per_group["tracin" if method == "tracin" else normalization]
     out = []
     for q, z in enumerate(queries):
         x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
         t = timesteps.repeat_interleave(k).reshape(-1, group)
-        g = grouped_grads(model, scheduler, x, t, noise.reshape(-1, group, *z.shape), loss, chunk_size)
+        eps = noise[q] if per_query else noise
+        g = grouped_grads(model, scheduler, x, t, eps.reshape(-1, group, *z.shape), loss, chunk_size)
         _check_finite(g.reshape(1, -1), "query", q, checkpoint)
         if method == "retrac":
             g = _normalize_rows(g)
@@ -206,7 +220,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
               noise_seed: int = 0, train_side: str = "recorded",
               normalization: str = "per_timestep", loss: str | None = None,
               chunk_size: int = 64, device=None, progress: bool = True,
-              projection=None, projection_seed: int = 0, train_slice=None) -> AttributionResult:
+              projection=None, projection_seed: int = 0, train_slice=None,
+              noise_per_query: bool = False) -> AttributionResult:
     """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
 
     Args:
@@ -218,6 +233,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
         n_noise: K, noise draws per timestep. ``query_noise`` passes them explicitly, [K, *sample]
             (reused at every timestep) or [T', K, *sample]; otherwise they are drawn from
             ``noise_seed``, the same for every query and checkpoint.
+        noise_per_query: draw fresh seeded query noise for every query and checkpoint instead
+            (``per_query_noise_draws``), as the paper's official code does.
         train_side: "recorded" (default), "fresh_noise" or "timestep_average".
         normalization: ReTrac's query-side placement, "per_timestep" (default), "per_draw" or
             "cosine"; ignored by TracIn.
@@ -239,7 +256,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
     train_slice = _train_slice(train_slice, len(run.data), projection)
     config, grid, noise = resolve(run, queries, method, checkpoints, timesteps, n_noise,
                                   query_noise, noise_seed, train_side, normalization, loss,
-                                  projection, projection_seed)
+                                  projection, projection_seed, noise_per_query)
     n = len(run.data)
     scores = torch.zeros(len(queries), n, dtype=torch.float64)
     norms = torch.zeros(len(config.checkpoints), n)
@@ -257,6 +274,9 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, checkpoints
                desc=method, disable=not progress)
     for j, c in enumerate(config.checkpoints):
         model = run.model_at(c).to(device or "cpu")
+        if noise_per_query:
+            noise = per_query_noise_draws(run.data.sample_shape, len(queries), len(grid),
+                                          config.n_noise, noise_seed, c)
         v = query_vectors(model, run.scheduler, queries, grid, noise, method,
                           config.normalization, config.loss, 4 * chunk_size, c)
         bar.update()
@@ -362,8 +382,8 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
 
 
 def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, noise_seed,
-            train_side, normalization, loss, projection=None,
-            projection_seed: int = 0) -> tuple[AttributionConfig, torch.Tensor, torch.Tensor]:
+            train_side, normalization, loss, projection=None, projection_seed: int = 0,
+            noise_per_query: bool = False) -> tuple[AttributionConfig, torch.Tensor, torch.Tensor]:
     """Validate the options of ``attribute``; return its config, timestep grid and query noise."""
     run.require_log()
     if method not in METHODS:
@@ -385,12 +405,16 @@ def resolve(run, queries, method, checkpoints, timesteps, n_noise, query_noise, 
         raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with Q >= 1.")
     if query_noise is None and n_noise < 1:
         raise ValueError(f"n_noise must be at least 1 noise draw per timestep; got {n_noise}.")
+    if noise_per_query and query_noise is not None:
+        raise ValueError("noise_per_query=True draws fresh noise for every query; pass either it "
+                         "or query_noise, not both.")
     grid = parse_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
     noise = _query_noise(query_noise, grid, n_noise, noise_seed, run.data.sample_shape)
     k, seed = _projection(projection, projection_seed)
     config = AttributionConfig(method, checkpoints, tuple(grid.tolist()), noise.shape[1],
                                noise_seed, train_side,
-                               normalization if method == "retrac" else "none", loss, k, seed)
+                               normalization if method == "retrac" else "none", loss, k, seed,
+                               bool(noise_per_query))
     return config, grid, noise
 
 

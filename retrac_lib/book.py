@@ -23,6 +23,21 @@ def digits_setup(smoke: bool | None = None) -> tuple[TrainConfig, Dataset]:
     return TrainConfig(epochs=50, batch_size=64, lr=2e-3, checkpoint_every=10), data
 
 
+def paper_setup(smoke: bool | None = None) -> tuple[TrainConfig, Dataset, dict]:
+    """The book's digits run with the paper's official recipe: ``(config, data, attribution)``.
+
+    What differs from ``digits_setup`` and ``attribution_options``, as the official code does
+    it: the L1 loss, the cosine noise schedule (``squaredcos_cap_v2``), the recorded timestep
+    with fresh training-side noise, fresh query noise for every query, and 100 timesteps x 16
+    draws. ``attribution`` goes to ``rl.attribute`` / ``rl.load_or_attribute``.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    config, data = digits_setup(smoke)
+    grid = dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=100, n_noise=16)
+    return (config.replace(loss="l1", beta_schedule="squaredcos_cap_v2"), data,
+            dict(grid, train_side="fresh_noise", noise_per_query=True))
+
+
 def points_setup(smoke: bool | None = None) -> tuple[TrainConfig, Dataset]:
     """The book's 2-D run: the MLP denoiser on two moons."""
     smoke = is_smoke() if smoke is None else smoke
@@ -41,6 +56,24 @@ def attribution_options(smoke: bool | None = None) -> dict:
     """
     smoke = is_smoke() if smoke is None else smoke
     return dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=25, n_noise=8)
+
+
+def recipe_options(smoke: bool | None = None) -> dict:
+    """The recipe comparisons of ``notebooks/04b_recipes.ipynb``: the chapters' query grid on the
+    last checkpoint only, a fifth of the cost of all five, so that ten attributions fit in a build."""
+    return dict(attribution_options(smoke), checkpoints=[-1])
+
+
+def grid_cost_setup(smoke: bool | None = None) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The query grids of ``notebooks/04b_recipes.ipynb``: the reference (T', K) and the smaller
+    grids measured against it.
+
+    T' grows at the reference's K, K grows at the reference's T', and the chapters' 25 x 8.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        return (4, 2), [(2, 2), (4, 1)]
+    return (100, 16), [(10, 16), (25, 16), (50, 16), (100, 2), (100, 8), (25, 8)]
 
 
 def query_digits(n_per_class: int | None = None, smoke: bool | None = None) -> Dataset:

@@ -173,3 +173,12 @@ def test_toc_block_lists_notebooks_or_nothing():
     assert sync.toc_text(filled, []) == text
     assert sync.toc_text(sync.toc_text(text, ["notebooks/01_a"]), ["notebooks/01_a"]) == \
         sync.toc_text(text, ["notebooks/01_a"])
+
+
+def test_lettered_notebooks_become_sections_of_the_chapter_before():
+    text = "parts:\n  # BEGIN NOTEBOOKS\n  # END NOTEBOOKS\n"
+    files = ["notebooks/04_a", "notebooks/04b_b", "notebooks/04c_c", "notebooks/05_d"]
+    chapters = yaml.safe_load(sync.toc_text(text, files))["parts"][0]["chapters"]
+    assert chapters == [{"file": "notebooks/04_a", "sections": [{"file": "notebooks/04b_b"},
+                                                                {"file": "notebooks/04c_c"}]},
+                        {"file": "notebooks/05_d"}]

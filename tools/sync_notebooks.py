@@ -11,7 +11,9 @@ The repository URL and branch live in one place, ``_config.yml`` (``repository.u
   the rendered book, which does not need it, leaves it out;
 * ``_toc.yml``: the "Chapters" part lists ``notebooks/*.ipynb`` in file-name order, numbered 1, 2,
   ... (so "chapter 3" in the prose is the third notebook), between the ``# BEGIN NOTEBOOKS`` and
-  ``# END NOTEBOOKS`` lines.
+  ``# END NOTEBOOKS`` lines. A number with a letter (``04b_recipes.ipynb``) makes a section of the
+  chapter before it (numbered after that chapter's own headings), so later chapters keep their
+  numbers.
 
 Usage::
 
@@ -23,6 +25,7 @@ It never touches outputs or any other cell; ``tests/test_book.py`` runs ``--chec
 from __future__ import annotations
 
 import argparse
+import re
 import copy
 import sys
 from pathlib import Path
@@ -37,6 +40,7 @@ SETUP_TAGS = ["remove-cell"]   # the rendered book does not need it
 SETUP_CELL_ID = "colab-setup"
 TOC_BEGIN = "# BEGIN NOTEBOOKS"
 TOC_END = "# END NOTEBOOKS"
+SECTION = re.compile(r"^[0-9]+[a-z]_")   # "04b_recipes": a section of the chapter before it
 
 
 class SyncError(ValueError):
@@ -136,7 +140,13 @@ def toc_text(text: str, files: list[str]) -> str:
     if files:  # an empty part is not a valid table of contents: leave it out
         block = [f"{indent}- caption: Chapters", f"{indent}  numbered: true",
                  f"{indent}  chapters:"]
-        block += [f"{indent}    - file: {f}" for f in files]
+        for f in files:
+            if SECTION.match(f.rsplit("/", 1)[-1]) and block[-1].lstrip().startswith("- file:"):
+                if not block[-1].startswith(f"{indent}        "):   # first section of a chapter
+                    block.append(f"{indent}      sections:")
+                block.append(f"{indent}        - file: {f}")
+            else:
+                block.append(f"{indent}    - file: {f}")
     return "\n".join(lines[: begin[0] + 1] + block + lines[end[0]:])
 
 

@@ -88,7 +88,7 @@ def norm_vs_timestep(sweep, run=None, ax=None, title: str | None = None):
     ax.set_ylabel("gradient norm |g|")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or f"The same sample's gradient norm swings with t ({sweep.label})", fontsize=10)
+    ax.set_title(title or f"Gradient norm of each sample against t ({sweep.label})", fontsize=10)
     return fig
 
 
@@ -144,8 +144,8 @@ def over_training(summaries, title: str | None = None):
     log_y(ax2)
     ax2.set_ylim(min(0.5, min(ratios) / 1.5), max(ratios) * 2)
     ax2.set_ylabel("decile ratio (lowest-t / highest-t tenth)")
-    ax2.set_title("The bias is absent at init and grows", fontsize=10)
-    fig.suptitle(title or "Training makes small-t gradients large", fontsize=11)
+    ax2.set_title("Decile ratio at each set of weights", fontsize=10)
+    fig.suptitle(title or "Gradient norm per timestep bin, from initialization to the last checkpoint", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -165,7 +165,7 @@ def loss_beside_norm(summaries, title: str | None = None):
         ax.legend(fontsize=8)
     axes[0].set_title("Loss per timestep", fontsize=10)
     axes[1].set_title("Gradient norm per timestep", fontsize=10)
-    fig.suptitle(title or "Where the trained model still errs, its gradients are large", fontsize=11)
+    fig.suptitle(title or "Loss and gradient norm per timestep bin", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -194,7 +194,7 @@ def points_bias(run, summaries, title: str | None = None):
     axes[2].grid(True, which="major", alpha=0.3)
     axes[2].legend(fontsize=8)
     axes[2].set_title("Across checkpoints", fontsize=10)
-    fig.suptitle(title or "The same bias on 2-D points with an MLP denoiser", fontsize=11)
+    fig.suptitle(title or "The same measurements on 2-D points with an MLP denoiser", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -236,7 +236,7 @@ def small_multiples(run, sweeps, ncols: int = 3, title: str | None = None):
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
                bbox_to_anchor=(0.5, 0.0), frameon=False)
-    fig.suptitle(title or "Every sample: flat at init, steeply falling with t after training", fontsize=11)
+    fig.suptitle(title or "Each swept sample: gradient norm against t at every set of weights", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 

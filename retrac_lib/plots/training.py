@@ -106,7 +106,7 @@ def loss_curve(losses, checkpoint_steps=(), window: int = 25, ax=None):
     ax.set_ylabel(r"loss  mean $|\epsilon_\theta(x_t,t)-\epsilon|^2$")
     ax.set_xlim(0, max(1, len(y) - 1))
     ax.legend(fontsize=8)
-    ax.set_title("The loss falls fast in the first epochs, then slowly, and stays noisy",
+    ax.set_title("Training loss of every step, with its running mean",
                  fontsize=10)
     return fig
 
@@ -125,7 +125,7 @@ def samples_vs_data(samples, real, ncols: int = 8, title: str | None = None):
     axes[0, ncols // 2].set_title(f"generated ({len(samples)})", fontsize=10, x=0.0, pad=6)
     axes[0, ncols + 1 + ncols // 2].set_title(f"training data ({len(real)})", fontsize=10,
                                               x=0.0, pad=6)
-    fig.suptitle(title or "Generated digits (left) look like training digits (right)", fontsize=11)
+    fig.suptitle(title or "Generated digits (left) beside training digits (right)", fontsize=11)
     return fig
 
 
@@ -139,7 +139,7 @@ def samples_by_checkpoint(samples, labels, title: str | None = None):
         image_grid(imgs, axes=axes[row])
         axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     fig.subplots_adjust(top=0.9)
-    fig.suptitle(title or "Samples sharpen as training goes on "
+    fig.suptitle(title or "Samples at every checkpoint "
                  "(same starting noise in every row, one row per checkpoint)", fontsize=11)
     return fig
 
@@ -153,7 +153,7 @@ def points_by_checkpoint(data, samples, labels, title: str | None = None):
         ax.get_legend().remove()
         if ax is not axes[0, 0]:
             ax.set_ylabel("")
-    fig.suptitle(title or "The 2-D model's samples gather on the moons as training goes on",
+    fig.suptitle(title or "The 2-D model's samples at every checkpoint",
                  fontsize=11)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=9, markerscale=2.5,
@@ -176,7 +176,7 @@ def timestep_histogram(t, num_train_timesteps: int, bins: int = 20, ax=None,
     ax.set_ylabel("number of training samples")
     ax.set_xlim(0, num_train_timesteps)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title or "Recorded timesteps are spread uniformly over [0, T)", fontsize=10)
+    ax.set_title(title or "Recorded timesteps of the training set over [0, T)", fontsize=10)
     return fig
 
 
@@ -213,7 +213,7 @@ def loss_vs_timestep(t, losses, ax=None, title: str | None = None):
     ax.set_yscale("log")
     ax.set_xlabel("recorded timestep t")
     ax.set_ylabel("per-sample loss (log scale)")
-    ax.set_title(title or "The same model's loss spans decades: it depends mostly on t", fontsize=10)
+    ax.set_title(title or "Per-sample loss of the final model against its recorded timestep", fontsize=10)
     return fig
 
 

@@ -1,0 +1,67 @@
+"""Figures for ``notebooks/04b_recipes.ipynb`` (the paper's recipe and ours): the timestep bias
+under each loss and noise schedule, and what the query grid's size buys. Each function returns
+its figure."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullFormatter
+
+from . import METHOD_COLORS, METHOD_LABELS
+from .bias import _binned_line, log_y
+
+RECIPE_COLORS = ["#4c72b0", "#8172b2", "#c44e52", "#dd8452"]   # one per loss x schedule run
+
+
+def bias_by_recipe(biases: dict, title: str | None = None):
+    """Mean gradient norm per timestep bin (band: middle half) for each run of ``biases``
+    (name -> ``recipes.RunBias``), on a log axis; the legend gives each decile ratio."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for color, (name, bias) in zip(RECIPE_COLORS, biases.items()):
+        _binned_line(ax, bias.summary.norm_bins, color,
+                     f"{name}: decile ratio {bias.decile_ratio:.1f}x, Spearman {bias.spearman:+.2f}")
+    log_y(ax)
+    ax.set_xlabel("recorded timestep t (bins of a tenth of T)")
+    ax.set_ylabel("per-sample gradient norm |g|")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Gradient norm against recorded timestep, per loss and schedule")
+    fig.tight_layout()
+    return fig
+
+
+def grid_cost(rows: list[dict], title: str | None = None):
+    """Agreement with the reference grid against the number of query draws T' x K.
+
+    ``rows``: dicts with ``method``, ``timesteps``, ``n_noise``, ``spearman``, ``overlap`` and
+    ``seconds``. Left: mean Spearman (circles) and top-10 overlap (squares); right: time. Each
+    point is labelled with its grid; grids with the same number of draws share an x position.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    placed = {}                       # labels already at a point: the next one goes below
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        draws = np.array([r["timesteps"] * r["n_noise"] for r in mine])
+        color, label = METHOD_COLORS[method], METHOD_LABELS[method]
+        left.scatter(draws, [r["spearman"] for r in mine], marker="o", color=color, label=f"{label}: Spearman")
+        left.scatter(draws, [r["overlap"] for r in mine], marker="s", facecolors="none", edgecolors=color,
+                     label=f"{label}: top-10 overlap")
+        right.scatter(draws, [r["seconds"] for r in mine], marker="o", color=color, label=label)
+        for r, x in zip(mine, draws):
+            for ax, y in ((left, r["overlap"]), (right, r["seconds"])):
+                key = (id(ax), int(x), round(float(y), 2))
+                placed[key] = placed.get(key, -1) + 1
+                ax.annotate(f"{r['timesteps']}x{r['n_noise']}", (x, y), fontsize=7, color=color,
+                            textcoords="offset points", xytext=(4, -3 - 8 * placed[key]))
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ticks = sorted({r["timesteps"] * r["n_noise"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("query draws per query and checkpoint, T' x K (log scale)")
+        ax.legend(fontsize=8, loc="lower right" if ax is left else "upper left")
+    left.set_ylabel("agreement with the reference grid")
+    left.set_ylim(0, 1.05)
+    right.set_ylabel("attribution time, training side included (s)")
+    fig.suptitle(title or "Rankings on smaller query grids against the reference grid")
+    fig.tight_layout()
+    return fig
