@@ -31,3 +31,20 @@ def test_a_three_level_unet_takes_mnist():
     x = rl.data.mnist("test").images[:2]
     out = model(x, torch.tensor([10, 900])).sample
     assert out.shape == x.shape
+
+
+def test_mnist_setup_plants_four_percent_zeros_and_holds_out_the_queries():
+    for smoke in (False, True):
+        setup = rl.book.mnist_setup(smoke=smoke)
+        labels = setup.data.labels
+        counts = {c: int((labels == c).sum()) for c in labels.unique().tolist()}
+        assert set(counts) == {*setup.inlier_labels, setup.outlier_label}
+        assert len({counts[c] for c in setup.inlier_labels}) == 1
+        share = counts[setup.outlier_label] / len(labels)
+        assert 0 < share < 0.1
+        assert set(setup.queries.labels.tolist()) == set(setup.inlier_labels)
+        seen = {tuple(x.flatten().tolist()) for x in setup.data.images}
+        assert not any(tuple(q.flatten().tolist()) in seen for q in setup.queries.images)
+        assert len(setup.config.block_out_channels) == 3
+    full = rl.book.mnist_setup(smoke=False)
+    assert len(full.data) == 1000 and int((full.data.labels == full.outlier_label).sum()) == 40
