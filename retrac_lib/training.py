@@ -220,9 +220,16 @@ def _describe(config: TrainConfig, data: Dataset) -> dict:
                                                  "fingerprint": data.fingerprint()}}
 
 
-def save_run(run: Run, folder: Path, with_data: bool = False) -> Path:
+def save_run(run: Run, folder: Path, with_data: bool = False, *, exist_ok: bool = False) -> Path:
     """Write ``run`` atomically to ``folder`` (safetensors weights and log, JSON metadata);
-    ``with_data`` adds the training set, so the folder loads on its own (recorded runs)."""
+    ``with_data`` adds the training set, so the folder loads on its own (recorded runs).
+
+    An existing ``folder`` is an error, since it may hold another run; ``exist_ok=True`` (the
+    cache, where a concurrent writer of the same configuration may finish first) keeps it.
+    """
+    if Path(folder).exists() and not exist_ok:
+        raise FileExistsError(f"{folder} exists already and may hold another run: save to a new "
+                              "folder, or delete this one first.")
     with cache.atomic_folder(folder) as tmp:
         cache.write_json(tmp / "config.json", _describe(run.config, run.data))
         if with_data:
@@ -282,7 +289,7 @@ def load_or_train(config: TrainConfig, data: Dataset, progress: bool = True,
         return load_run(folder, config, data)
     can_save = cache.prepare(folder)
     run = train(config, data, progress=progress)
-    if can_save and cache.try_save(lambda: save_run(run, folder), folder):
+    if can_save and cache.try_save(lambda: save_run(run, folder, exist_ok=True), folder):
         run.path = folder
     return run
 

@@ -126,3 +126,12 @@ def test_mlp_run_on_points_and_sampling(tiny_points_run, tiny_run):
     assert imgs.shape == (3, 1, 8, 8) and imgs.min() >= -1 and imgs.max() <= 1
     assert torch.equal(imgs, rl.generate(tiny_run.model_at(-1), tiny_run.scheduler, 3, steps=10, seed=3))
     assert tiny_run.scheduler.timesteps.numel() == 1000  # sampling left the run's scheduler alone
+
+
+def test_save_run_refuses_an_existing_folder(tiny_run, tmp_path):
+    folder = rl.save_run(tiny_run, tmp_path / "run")
+    before = (folder / "weights.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="exists already"):
+        rl.save_run(tiny_run, folder)
+    assert (folder / "weights.safetensors").read_bytes() == before
+    assert rl.save_run(tiny_run, folder, exist_ok=True) == folder   # the cache's concurrent writers
