@@ -74,6 +74,10 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str 
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}.")
     if options.get("train_slice") is not None:
         raise ValueError("distributed.attribute chooses each rank's train_slice itself.")
+    if shard == "queries" and options.get("noise_per_query"):
+        raise ValueError("noise_per_query draws each query's noise from its position in the "
+                         "query batch, so query shards would not match one process; use "
+                         "shard='train'.")
     if not dist.is_initialized():
         return attribution.attribute(run, queries, method, **options)
     rank, world = dist.get_rank(), dist.get_world_size()

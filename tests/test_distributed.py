@@ -149,3 +149,10 @@ def test_cli_refuses_an_existing_output_and_a_run_without_images(saved, tiny_run
         rl.recorder.load(folder)
     copy = rl.recorder.load(rl.save_run(tiny_run, tmp_path / "with-data", with_data=True))
     assert copy.config == tiny_run.config and torch.equal(copy.log.noise, tiny_run.log.noise)
+
+
+def test_query_shards_refuse_noise_drawn_per_query(tiny_run):
+    # Per-query noise is drawn by a query's position in its batch: a shard would draw other noise.
+    with pytest.raises(ValueError, match="shard='train'"):
+        rl.distributed.attribute(tiny_run, tiny_run.data.images[:2], "tracin", shard="queries",
+                                 noise_per_query=True, timesteps=2, n_noise=1, progress=False)
