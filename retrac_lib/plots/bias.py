@@ -117,7 +117,7 @@ def recorded_scatter(summary, ax=None, title: str | None = None, color: str | No
     ax.set_ylabel("gradient norm |g|")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title or (f"{rec.label}: lowest-t tenth has {summary.decile_ratio:.0f}x the norm "
+    ax.set_title(title or (f"{rec.label}: lowest-t tenth has {summary.decile_ratio:.1f}x the norm "
                            f"of the highest-t tenth"), fontsize=10)
     return fig
 
@@ -184,7 +184,7 @@ def points_bias(run, summaries, title: str | None = None):
     axes[0].set_xlabel("x1")
     axes[0].set_ylabel("x2")
     axes[0].set_title(f"Training points, {rec.label}", fontsize=10)
-    recorded_scatter(last, ax=axes[1], title=f"Norm vs recorded t: {last.decile_ratio:.0f}x decile ratio")
+    recorded_scatter(last, ax=axes[1], title=f"Norm vs recorded t: {last.decile_ratio:.1f}x decile ratio")
     colors = checkpoint_colors([s.label for s in summaries])
     for s, color in zip(summaries, colors):
         _binned_line(axes[2], s.norm_bins, color, s.label, _style(s.label), band=False)
