@@ -37,7 +37,7 @@ from . import cache
 from .config import TrainConfig
 from .data import Dataset
 from .models import ModelSpec, check_samples
-from .training import Checkpoint, Run, TrainingLog, load_run, save_run
+from .training import Checkpoint, Run, TrainingDiverged, TrainingLog, load_run, save_run
 
 UNLABELLED = -1
 
@@ -142,6 +142,8 @@ class Recorder:
                              f"0 during warm-up); got {lr!r}.")
         if images is not None:
             self._check_images(images, idx)
+        if loss is not None and not torch.isfinite(torch.as_tensor(float(loss))):
+            raise self._diverged(f"the batch loss is {float(loss)}", lr)
         self._indices.append(idx)
         self._timesteps.append(t)
         self._noise.append(noise.detach().cpu().clone())
@@ -165,6 +167,9 @@ class Recorder:
                 "on yet, so they have no recorded timestep and noise for this checkpoint. Checkpoint "
                 "at the end of an epoch (and do not drop the last batch before then).")
         params = _snapshot(model)
+        bad = [k for k, v in params.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise self._diverged(f"weights {bad[:3]} are NaN or infinite", self._lrs[-1])
         layout = {k: (v.shape, v.dtype) for k, v in params.items()}
         if layout != self._layout:
             diff = sorted(set(layout) ^ set(self._layout)) or [
@@ -196,6 +201,12 @@ class Recorder:
         if self.folder is not None:
             run.path = save_run(run, self.folder, with_data=True)
         return run
+
+    def _diverged(self, what: str, lr) -> TrainingDiverged:
+        hint = ("Nothing was cached; lower TrainConfig.lr (the book uses 2e-3)"
+                if isinstance(self.config, TrainConfig) else "Nothing was saved; lower the learning rate")
+        return TrainingDiverged(f"Training diverged: {what} at optimizer step {self.n_steps} with "
+                                f"lr={lr}. {hint} and train again.")
 
     def _check_open(self, what: str) -> None:
         if self.closed:

@@ -151,18 +151,12 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the weights became NaN or infinite: the run is useless and is not cached."""
 
 
-def _diverged(what: str, step: int, epoch: int, config: TrainConfig) -> TrainingDiverged:
-    return TrainingDiverged(
-        f"Training diverged: {what} at optimizer step {step} (epoch {epoch + 1}) with lr="
-        f"{config.lr}. Nothing was cached; lower TrainConfig.lr (the book uses 2e-3) and train again."
-    )
-
-
 def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
     """Train a DDPM on ``data`` in shuffled epochs, recording the log and checkpoints (CPU)
     with the same ``Recorder`` a user adds to their own loop.
 
-    Raises ``TrainingDiverged`` as soon as a loss or a checkpoint's weights are NaN or infinite.
+    The recorder raises ``TrainingDiverged`` as soon as a loss or a checkpoint's weights are NaN
+    or infinite.
     """
     from .recorder import Recorder  # recorder builds on this module's Run
 
@@ -175,34 +169,25 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
     gen = torch.Generator().manual_seed(config.seed)
     n, bs = len(data), config.batch_size
     total = config.epochs * math.ceil(n / bs)
-    bar = tqdm(total=total, desc="training", disable=not progress)
-    for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
-        for b in range(0, n, bs):
-            idx = order[b:b + bs]
-            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
-            eps = torch.randn((len(idx), *data.sample_shape), generator=gen)
-            lr = _lr_at(config, recorder.n_steps, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise _diverged(f"the batch loss is {loss.item()}", recorder.n_steps, epoch, config)
-            loss.backward()
-            optimizer.step()
-            recorder.step(idx, t, eps, lr, loss=loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-            bad = [k for k, v in model.state_dict().items()
-                   if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                bar.close()
-                raise _diverged(f"weights {bad[:3]} are NaN or infinite", recorder.n_steps, epoch, config)
-            recorder.checkpoint(model, epoch=epoch + 1)
-    bar.close()
+    with tqdm(total=total, desc="training", disable=not progress) as bar:
+        for epoch in range(config.epochs):
+            order = torch.randperm(n, generator=gen)
+            for b in range(0, n, bs):
+                idx = order[b:b + bs]
+                t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
+                eps = torch.randn((len(idx), *data.sample_shape), generator=gen)
+                lr = _lr_at(config, recorder.n_steps, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = diffusion_loss(model, scheduler, data.images[idx], t, eps, config.loss).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                recorder.step(idx, t, eps, lr, loss=loss.item())   # refuses a NaN/inf loss
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+                recorder.checkpoint(model, epoch=epoch + 1)        # refuses NaN/inf weights
     return recorder.close()
 
 

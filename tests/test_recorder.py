@@ -202,6 +202,20 @@ def test_bad_checkpoints_and_use_after_close_are_refused(fresh):
         dataclasses.replace(run, config=other).model_at(0)
 
 
+def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
+    _, model, images = fresh
+    rec = rl.Recorder(model, DDPMScheduler(), images, folder=tmp_path / "run")
+    with pytest.raises(rl.training.TrainingDiverged, match=r"batch loss is nan.*lr=0.5.*Nothing was saved"):
+        rec.step(*_batch([0, 1]), 0.5, loss=float("nan"))
+    assert rec.n_steps == 0
+    rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5, loss=1.0)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(rl.training.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
+        rec.checkpoint(model)
+    assert not rec.checkpoints and not (tmp_path / "run").exists()
+
+
 def test_unsupported_models_schedulers_and_losses_are_refused():
     images = torch.zeros(4, 1, SIZE, SIZE)
     model = make_model(1, attention=False)
