@@ -34,11 +34,11 @@ def grid_cost(rows: list[dict], title: str | None = None):
 
     ``rows``: dicts with ``method``, ``timesteps``, ``n_noise``, ``spearman``, ``overlap`` and
     ``seconds``. Left: mean Spearman (circles) and top-10 overlap (squares); right: time. Each
-    point is labelled with its grid; grids with the same number of draws share an x position.
+    point is labelled with its grid (the first method's labels left of its points, the second's
+    right, stacked where they would overlap); grids with the same number of draws share an x.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    placed = {}                       # labels already at a point: the next one goes below
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for side, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
         draws = np.array([r["timesteps"] * r["n_noise"] for r in mine])
         color, label = METHOD_COLORS[method], METHOD_LABELS[method]
@@ -46,12 +46,11 @@ def grid_cost(rows: list[dict], title: str | None = None):
         left.scatter(draws, [r["overlap"] for r in mine], marker="s", facecolors="none", edgecolors=color,
                      label=f"{label}: top-10 overlap")
         right.scatter(draws, [r["seconds"] for r in mine], marker="o", color=color, label=label)
+        dx, align = (-5, "right") if side == 0 else (5, "left")   # first method left of its points
         for r, x in zip(mine, draws):
             for ax, y in ((left, r["overlap"]), (right, r["seconds"])):
-                key = (id(ax), int(x), round(float(y), 2))
-                placed[key] = placed.get(key, -1) + 1
-                ax.annotate(f"{r['timesteps']}x{r['n_noise']}", (x, y), fontsize=7, color=color,
-                            textcoords="offset points", xytext=(4, -3 - 8 * placed[key]))
+                ax.annotate(f"{r['timesteps']}x{r['n_noise']}", (x, y), xytext=(dx, 0), textcoords="offset points",
+                            fontsize=7, color=color, ha=align, va="center")
     for ax in (left, right):
         ax.set_xscale("log")
         ticks = sorted({r["timesteps"] * r["n_noise"] for r in rows})
@@ -64,4 +63,21 @@ def grid_cost(rows: list[dict], title: str | None = None):
     right.set_ylabel("attribution time, training side included (s)")
     fig.suptitle(title or "Rankings on smaller query grids against the reference grid")
     fig.tight_layout()
+    for ax in (left, right):
+        _separate(ax)
     return fig
+
+
+def _separate(ax, step: float = 8.0):
+    """Move ``ax``'s point labels up or down, in steps of ``step`` points, until none overlaps
+    another, keeping each as close to its point as it can."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for text in sorted(ax.texts, key=lambda t: (t.xy[0], -t.xy[1])):
+        dx, _ = text.xyann
+        for shift in (0, -1, 1, -2, 2, -3, 3, -4, 4):
+            text.xyann = (dx, shift * step)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
