@@ -214,8 +214,15 @@ def rank(values) -> torch.Tensor:
 
 
 def spearman(a, b) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with ``b`` (the same row, or one shared row)."""
+    """Spearman rank correlation of each row of ``a`` with ``b`` (the same row, or one shared row).
+
+    For two 1-D sequences, e.g. timesteps and gradient norms, ``float(spearman(t, norms))`` is
+    the single number chapter 2 reports (negative: norms are larger at small t).
+    """
     ra, rb = rank(a), rank(b)
+    if ra.shape[-1] != rb.shape[-1]:
+        raise ValueError(f"spearman needs sequences of equal length; got {ra.shape[-1]} and "
+                         f"{rb.shape[-1]}.")
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
     denom = (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-300)
     return (ra * rb).sum(-1) / denom
@@ -289,7 +296,7 @@ def summary(result, run, query_labels=None, k: int = 10, share: float = 0.5,
                          f"{result.config.method!r} baseline has none (no timesteps or norms).")
     n = len(run.data.labels)
     top = result.proponents(k)
-    recorded = torch.stack([run.recorded(c)[0] for c in result.config.checkpoints])
+    recorded = result.recorded_timesteps(run)
     norms = sample_norms(result.train_grad_norms, result.checkpoint_weights)
     t_prop, t_all = proponent_timesteps(top, recorded)
     q = top.shape[0]

@@ -223,9 +223,9 @@ def _check_against_reference(res, expected, norms, grid, used, method, eff_loss,
 
 
 def test_integer_timesteps_give_an_even_grid(tiny_run):
-    assert rl.attribution.timestep_grid(3, 1000).tolist() == [1, 500, 999]
-    assert rl.attribution.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]
-    assert rl.attribution.timestep_grid(7, 50).tolist() == _even_grid(7, 50)
+    assert rl.timesteps.timestep_grid(3, 1000).tolist() == [1, 500, 999]
+    assert rl.timesteps.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]
+    assert rl.timesteps.timestep_grid(7, 50).tolist() == _even_grid(7, 50)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _spy_training_rows(monkeypatch, run, edit):
     Training calls are those whose samples x[:, 0] are all training images; ``i`` is the training
     index of row ``row``. Returns a list that collects the training indices seen.
     """
-    original = rl.attribution.grouped_grads
+    original = rl.attribution.sides.grouped_grads
     signature = inspect.signature(original)
     images = run.data.images.flatten(1)
     seen = []
@@ -259,7 +259,7 @@ def _spy_training_rows(monkeypatch, run, edit):
             assert not matches.any(), "a call mixes training samples with other samples"
         return out
 
-    monkeypatch.setattr(rl.attribution, "grouped_grads", wrapper)
+    monkeypatch.setattr(rl.attribution.sides, "grouped_grads", wrapper)
     return seen
 
 
@@ -342,7 +342,7 @@ def test_load_or_attribute_caches_and_keys_on_options(tiny_run, digit_queries, t
         raise AssertionError("a cached result must not recompute gradients")
 
     with monkeypatch.context() as m:
-        m.setattr(rl.attribution, "grouped_grads", no_gradients)
+        m.setattr(rl.attribution.sides, "grouped_grads", no_gradients)
         m.setattr(rl.ghost, "capture", no_gradients)
         again = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
     _assert_same_result(first, again)

@@ -54,8 +54,8 @@ def test_dtrak_uses_the_square_norm_output_function_on_both_sides(tiny_points_ru
     t, eps = run.recorded(c)
     g = per_sample_grads_loop(model, run.scheduler, run.data.images, t, eps, loss="square_norm")
     g = g / g.norm(dim=1, keepdim=True)
-    grid = rl.attribution.timestep_grid(3)
-    noise = rl.attribution.query_noise_draws((2,), 3, 2, 0).flatten(0, 1)
+    grid = rl.timesteps.timestep_grid(3)
+    noise = rl.timesteps.query_noise_draws((2,), 3, 2, 0).flatten(0, 1)
     tt = grid.repeat_interleave(2)
     rows = []
     for z in q:
