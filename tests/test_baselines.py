@@ -74,8 +74,17 @@ def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, t
     q = tiny_points_run.data.images[:2]
     first = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
     assert len(list((tmp_path / "attributions").iterdir())) == 1
-    again = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
-    assert torch.equal(first.scores, again.scores) and again.config.method == "dtrak"
+
+    def no_computing(*args, **kwargs):
+        raise AssertionError("the second call must come from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(rl.attribution.scoring, "attribute", no_computing)
+        again = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
+        assert torch.equal(first.scores, again.scores) and again.config.method == "dtrak"
+        assert again.seconds == first.seconds  # the saved timing, not a new one
+        with pytest.raises(AssertionError, match="from the cache"):  # other options: not cached
+            baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
     both = baselines.attribute_any(tiny_points_run, q, "retrac", **OPTS)
     assert both.config.method == "retrac"
 
