@@ -42,7 +42,8 @@ def grad_norms(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: int
     """Norms ``|grad_theta l(theta; x_i, t_i, eps_i)|`` [B] of the per-sample loss gradients.
 
     Computed ``chunk_size`` rows at a time with ``rl.per_sample_grads``, so the [B, P] gradient
-    matrix is never held. Chapter 2, "Per-sample gradients", derives the gradients.
+    matrix is never held. Chapter 2, "One loss gradient per training sample", derives the
+    gradients.
     """
     check_loss(loss)
     check_batch(model, scheduler, x, t, noise)
@@ -158,7 +159,7 @@ def sweep_run(run, indices, checkpoint=-1, timesteps=50, n_noise: int = 1, seed:
 
     ``timesteps`` is a number of evenly spaced timesteps in [1, T-1] (``timestep_grid``) or an
     explicit list; noise comes from ``sample_noise(..., seed)``; ``loss`` defaults to the
-    run's training loss.
+    run's training loss. Chapter 2, "One sample across the timestep grid".
     """
     indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
     grid = _grid(run, timesteps)
@@ -314,6 +315,7 @@ def bias_over_training(run, indices=None, include_init: bool = True, n_bins: int
     """``summarize(recorded_norms(run, c))`` at initialization and every checkpoint, in order.
 
     Each checkpoint uses its own recorded timesteps and noise; "init" uses the last checkpoint's.
+    Chapter 2, "At initialization and during training".
     """
     keys = checkpoint_keys(run, include_init)
     if progress:

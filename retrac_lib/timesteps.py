@@ -1,8 +1,8 @@
 """The timestep grid and the seeded query noise that diagnostics, attribution and retraining share.
 
 A leaf below ``diagnostics`` (chapter 2) and ``attribution`` (chapters 3-4): the grid ``T'`` of
-evenly spaced timesteps (chapter 2, "One sample across every timestep"; chapter 3, "The query
-side") and the noise draws ``eps_{t,k}`` that the query side averages over.
+evenly spaced timesteps (chapter 2, "One sample across the timestep grid"; chapter 3, "TracIn
+by hand, for one checkpoint") and the noise draws ``eps_{t,k}`` that the query side averages over.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ The timestep grid and the query noise draws live one layer below, in ``retrac_li
 from .options import AttributionConfig
 from .results import AttributionResult
 from .scoring import attribute, load_or_attribute
-from .sides import ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, query_vectors
+from .sides import (ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, query_vectors,
+                    timestep_gradients)
 from .sketch import TrainingSketch, sketch_training
 
 # The chapters' exercise cells call these here; new code imports them from ``rl.timesteps``.
@@ -19,6 +20,7 @@ from ..timesteps import query_noise_draws, timestep_grid  # noqa: E402
 
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
-    "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "TrainingSketch",
+    "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
+    "TrainingSketch",
     "sketch_training",
 ]

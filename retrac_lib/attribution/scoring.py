@@ -5,8 +5,9 @@ For training sample ``x_i``, query ``z`` and checkpoints ``c`` with weights ``w_
 * TracIn:  ``I(x_i, z) = sum_c w_c < g_c(x_i), (1/|T'|) sum_t m_c(z, t) >``
 * ReTrac:  ``I(x_i, z) = sum_c w_c < g_c(x_i)/|g_c(x_i)|, (1/|T'|) sum_t m_c(z, t)/|m_c(z, t)| >``
 
-Chapter 3, "TracIn by hand", computes the first for one checkpoint in a few lines of tensor code
-and checks ``attribute`` against it; ``sides`` computes the two factors at scale.
+Chapter 3, "TracIn by hand, for one checkpoint", computes the first in a few lines of tensor code
+and checks ``attribute`` against it; chapter 4, "Re-normalizing the dot product", derives the
+second. ``sides`` computes the two factors at scale.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Both sums of chapter 3's formula collapse to one *query vector* per query and ch
 (``query_vectors``); the training side is streamed in chunks of ``g_c(x_i)`` against those vectors
 (``training_dots``), so memory is bounded by one chunk, never N x P. The query side never loops
 over draws: the mean of gradients is the gradient of the mean loss, so each averaged gradient is
-one batched backward pass (``grads.grouped_grads``). Chapter 3, "TracIn by hand", writes the same
-sums for one checkpoint as a few lines of tensor code.
+one batched backward pass (``grads.grouped_grads``). Chapter 3, "TracIn by hand, for one checkpoint", writes
+the same sums for one checkpoint as a few lines of tensor code.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
     one group of T' x K draws for TracIn and "cosine", T' groups of K for "per_timestep",
     T' x K groups of one draw for "per_draw". With ``engine="ghost"`` small groups are
     normalized and summed from layer factors (``ghost.weighted_sum``) instead of one gradient
-    row per group. Derived in chapter 3, "The query side", and chapter 4, "Normalizing both sides".
+    row per group. Derived in chapter 3, "TracIn by hand, for one checkpoint", and chapter 4,
+    "Re-normalizing the dot product".
     """
     per_query = noise.dim() == queries.dim() + 2
     n_t, k = noise.shape[1:3] if per_query else noise.shape[:2]
@@ -67,9 +68,7 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
     group = draws_per_group["tracin" if method == "tracin" else normalization]
     out = []
     for q, z in enumerate(queries):
-        x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
-        t = timesteps.repeat_interleave(k).reshape(-1, group)
-        eps = (noise[q] if per_query else noise).reshape(-1, group, *z.shape)
+        x, t, eps = _query_groups(z, timesteps, noise[q] if per_query else noise, group)
         if engine == "ghost":
             weights_of = (lambda n: 1 / clamp_norm(n)) if method == "retrac" else torch.ones_like
             v, norms = ghost.weighted_sum(model, scheduler, x, t, eps, weights_of, loss, chunk_size)
@@ -82,6 +81,24 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method: str,
             g = g / clamp_norm(g.norm(dim=1, keepdim=True))
         out.append(g.mean(0))
     return torch.stack(out)
+
+
+def _query_groups(z, timesteps, noise, group: int):
+    """The T' x K noised copies of query ``z`` (``noise`` [T', K, *sample]) as groups of ``group``
+    draws: ``(x, t, eps)`` of shapes [G, group, *sample], [G, group], [G, group, *sample]."""
+    n_t, k = noise.shape[:2]
+    x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
+    t = timesteps.repeat_interleave(k).reshape(-1, group)
+    return x, t, noise.reshape(-1, group, *z.shape)
+
+
+def timestep_gradients(model, scheduler, z, timesteps, noise, loss: str = "mse",
+                       chunk_size: int = 64) -> torch.Tensor:
+    """``m(z, t)`` [T', P] for one query ``z``: its loss gradient at each grid timestep, averaged
+    over that timestep's K draws of ``noise`` [T', K, *sample] (chapter 4, "Every metric, both
+    methods", draws their cosines); ReTrac normalizes these rows before averaging them."""
+    x, t, eps = _query_groups(z, timesteps, noise, noise.shape[1])
+    return grouped_grads(model, scheduler, x, t, eps, loss, chunk_size)
 
 
 def training_draws(run, c: int, train_side: str, timesteps: torch.Tensor,
