@@ -5,8 +5,8 @@
     run = rl.load_or_train(rl.TrainConfig(), data)
     res = rl.attribute(run, queries, method="retrac")
 
-The names below are the public surface (DESIGN.md); the modules in ``_MODULES`` load on first
-use as ``rl.<module>`` (ARCHITECTURE.md says which layer each belongs to).
+The names below are the stable public surface; the modules in ``_MODULES`` load on first use as
+``rl.<module>`` (ARCHITECTURE.md says which layer each belongs to).
 """
 import importlib
 

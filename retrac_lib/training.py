@@ -28,7 +28,7 @@ class Checkpoint:
     """Weights after ``step`` optimizer steps (the end of epoch ``epoch``).
 
     ``visits`` counts sample visits since the previous checkpoint (steps x batch size when
-    every batch is full), so ``weight(N) = lr * visits / N`` is DESIGN.md's ``lr * steps * batch / N``.
+    every batch is full), so ``weight(N) = lr * visits / N`` is TracIn's ``lr * steps * batch / N``.
     """
 
     index: int
