@@ -228,6 +228,18 @@ def test_integer_timesteps_give_an_even_grid(tiny_run):
     assert rl.timesteps.timestep_grid(7, 50).tolist() == _even_grid(7, 50)
 
 
+def test_timestep_gradients_average_each_timesteps_draws(tiny_run):
+    """m(z, t) per grid timestep (chapter 4's cosine figure) against the one-draw reference."""
+    model, z = tiny_run.model_at(-1), tiny_run.data.images[0]
+    grid, noise = torch.tensor(GRID[:3]), _noise((3, K, 1, 8, 8), seed=5)
+    got = rl.attribution.timestep_gradients(model, tiny_run.scheduler, z, grid, noise, chunk_size=4)
+    abar = tiny_run.scheduler.alphas_cumprod
+    ref = torch.stack([torch.stack([_ref_grad(model, abar, z, int(t), noise[j, d], "mse")
+                                    for d in range(K)]).mean(0) for j, t in enumerate(grid)])
+    assert got.shape == ref.shape == (3, ref.shape[1])
+    torch.testing.assert_close(got.double(), ref, rtol=REL_TOL, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. ReTrac is invariant to a training gradient's scale, TracIn is linear in it
 
