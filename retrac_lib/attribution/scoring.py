@@ -26,6 +26,7 @@ from .sides import clamp_norm, query_vectors, resolve_engine, training_dots
 from .sketch import TrainingSketch, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
+_HOW = ("chunk_size", "device", "progress", "engine")  # how to compute, not what: not in the key
 
 
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
@@ -86,6 +87,7 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     if kwargs.get("train_slice") is not None:
         raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
     options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
+    _refuse_unknown(kwargs, _HOW + ("train_slice",))
     config, _, noise = _resolve(run, queries, method, query_noise, projection, options)
     payload = cache_key(run, queries, noise, config)
     folder, result = cached(payload, root)
@@ -99,7 +101,15 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     return result
 
 
+def _refuse_unknown(given: dict, allowed) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}; attribute takes query_noise, projection, "
+                        f"{', '.join(_HOW)}, train_slice and the options {', '.join(_OPTIONS)}.")
+
+
 def _resolve(run, queries, method, query_noise, projection, options: dict):
+    _refuse_unknown(options, _OPTIONS)
     return AttributionConfig(method=method, **options).resolve(run, queries, query_noise, projection)
 
 
