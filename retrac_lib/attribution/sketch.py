@@ -1,4 +1,5 @@
-"""Training gradients stored once, CountSketch-projected (chapter 7, and ``rl.projection``).
+"""Training gradients stored once, CountSketch-projected (``rl.projection``; the solution of
+chapter 4b's exercise on query-grid cost points here).
 
 To score many query sets against one run, ``sketch_training`` stores every ``g_c(x_i)``
 projected to ``k`` dimensions, and ``attribute(..., projection=sketch)`` scores against them:
