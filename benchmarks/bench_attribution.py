@@ -151,8 +151,8 @@ def main() -> None:
     n, n_ckpt = len(run.data), len(run.checkpoints)
     opts = dict(timesteps=10, n_noise=4) if args.quick else common.CONTRACT
     n_queries = 4 if args.quick else common.N_QUERIES
-    grid = rl.attribution.timestep_grid(opts["timesteps"])
-    noise = rl.attribution.query_noise_draws(run.data.sample_shape, len(grid), opts["n_noise"], 0)
+    grid = rl.timesteps.timestep_grid(opts["timesteps"])
+    noise = rl.timesteps.query_noise_draws(run.data.sample_shape, len(grid), opts["n_noise"], 0)
     c = n_ckpt - 1
     model = run.model_at(c)
     n_params = sum(p.numel() for p in model.parameters())

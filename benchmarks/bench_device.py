@@ -63,8 +63,8 @@ def main() -> None:
     run = rl.load_or_train(*common.contract_setup(), progress=False)
     opts = dict(timesteps=10, n_noise=4) if args.quick else dict(common.CONTRACT)
     queries = common.contract_queries(4 if args.quick else common.N_QUERIES)
-    grid = rl.attribution.timestep_grid(opts["timesteps"])
-    noise = rl.attribution.query_noise_draws(run.data.sample_shape, len(grid), opts["n_noise"], 0)
+    grid = rl.timesteps.timestep_grid(opts["timesteps"])
+    noise = rl.timesteps.query_noise_draws(run.data.sample_shape, len(grid), opts["n_noise"], 0)
     n, n_ckpt, c = len(run.data), len(run.checkpoints), len(run.checkpoints) - 1
     draws = len(queries) * len(grid) * opts["n_noise"]
     print(f"run: {n} digits, {n_ckpt} checkpoints; {len(queries)} queries x {len(grid)} timesteps "

@@ -62,8 +62,8 @@ def main() -> None:
     # per-draw and per-sample costs in this process, last checkpoint
     c = n_ckpt - 1
     model = run.model_at(c)
-    grid = rl.attribution.timestep_grid(OPTIONS["timesteps"])
-    noise = rl.attribution.query_noise_draws(run.data.sample_shape, len(grid), OPTIONS["n_noise"], 0)
+    grid = rl.timesteps.timestep_grid(OPTIONS["timesteps"])
+    noise = rl.timesteps.query_noise_draws(run.data.sample_shape, len(grid), OPTIONS["n_noise"], 0)
     t, eps = run.recorded(c)
     with Timer() as tq:
         rl.attribution.query_vectors(model, run.scheduler, queries, grid, noise, "retrac", chunk_size=256)

@@ -59,8 +59,8 @@ def child_parts(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     run = rl.load_or_train(*common.contract_setup(), progress=False)
     model, c = run.model_at(-1), len(run.checkpoints) - 1
-    grid = rl.attribution.timestep_grid(100)
-    noise = rl.attribution.query_noise_draws(run.data.sample_shape, 100, 16, 0)
+    grid = rl.timesteps.timestep_grid(100)
+    noise = rl.timesteps.query_noise_draws(run.data.sample_shape, 100, 16, 0)
     z = common.contract_queries(1)
     t, eps = run.recorded(c)
     out = {}

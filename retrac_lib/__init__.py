@@ -3,15 +3,37 @@
     import retrac_lib as rl
     data = rl.data.digits()
     run = rl.load_or_train(rl.TrainConfig(), data)
+    res = rl.attribute(run, queries, method="retrac")
+
+The names below are the stable public surface; the modules in ``_MODULES`` load on first use as
+``rl.<module>`` (ARCHITECTURE.md says which layer each belongs to).
 """
-from . import (attribution, baselines, book, cache, checks, claims, config, counterfactual, data,
-               diagnostics, distributed, ghost, grads, losses, metrics, models, prose, recipes,
-               recorder, sampling, training, widgets)
+import importlib
+
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads
 from .recorder import Recorder
 from .sampling import generate
-from .training import Checkpoint, Run, TrainingLog, load_or_train, load_run, save_run, train
+from .training import Run, load_or_train, load_run, save_run, train
+
+_MODULES = (
+    "attribution", "baselines", "book", "cache", "checks", "claims", "config", "counterfactual",
+    "data", "diagnostics", "distributed", "ghost", "grads", "losses", "metrics", "models",
+    "plots", "projection", "prose", "recipes", "recorder", "sampling", "timesteps", "training",
+    "validation", "widgets",
+)
+
+__all__ = [
+    "AttributionResult", "attribute", "load_or_attribute", "TrainConfig", "cache_dir", "is_smoke",
+    "per_sample_grads", "Recorder", "generate", "Run", "load_or_train", "load_run", "save_run",
+    "train", *_MODULES,
+]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'retrac_lib' has no attribute {name!r}")

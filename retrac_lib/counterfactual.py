@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from . import validation
-from .attribution import parse_timesteps, query_noise_draws
+from .timesteps import parse_timesteps, query_noise_draws
 from .baselines import attribute_any
 from .config import TrainConfig
 from .data import Dataset

@@ -134,16 +134,6 @@ def _points(name, x, y) -> Dataset:
     return Dataset(name, torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
 
 
-LOADERS = {"digits": digits, "mnist": mnist, "moons": moons, "gaussian_mixture": gaussian_mixture}
-
-
-def load(name: str, **kwargs) -> Dataset:
-    """A data set by name: one of ``LOADERS``."""
-    if name not in LOADERS:
-        raise ValueError(f"Unknown data set {name!r}; available: {', '.join(sorted(LOADERS))}.")
-    return LOADERS[name](**kwargs)
-
-
 OUTLIER_LABEL = 10
 
 
@@ -177,6 +167,3 @@ def digits_with_outliers(n_digits: int = 300, n_outliers: int = 9, seed: int = 0
     labels = torch.cat([base.labels, torch.full((n_outliers,), OUTLIER_LABEL, dtype=torch.long)])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return Dataset("digits+outliers", images[order], labels[order])
-
-
-LOADERS["digits_with_outliers"] = digits_with_outliers

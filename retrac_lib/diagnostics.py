@@ -19,18 +19,17 @@ import dataclasses
 import numpy as np
 import torch
 
-from .attribution import parse_timesteps, timestep_grid
+from .timesteps import parse_timesteps
 from .grads import check_batch, per_sample_grads
 from .losses import check_loss, diffusion_loss
 from . import validation
 from .metrics import spearman
-
-INIT = "init"
+from .training import INIT
 
 __all__ = [
-    "INIT", "timestep_grid", "grad_norms", "sample_losses", "model_at", "checkpoint_label",
+    "INIT", "grad_norms", "sample_losses", "model_at", "checkpoint_label",
     "checkpoint_keys", "sample_noise", "Sweep", "sweep", "sweep_run", "RecordedNorms",
-    "recorded_norms", "BinnedStats", "bin_by_timestep", "decile_ratio", "rank_correlation",
+    "recorded_norms", "BinnedStats", "bin_by_timestep", "decile_ratio",
     "BiasSummary", "summarize", "bias_over_training",
 ]
 
@@ -39,33 +38,22 @@ __all__ = [
 # norms and losses of a batch
 
 
-def grad_norms(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: int = 64,
-               against: torch.Tensor | None = None):
+def grad_norms(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: int = 64):
     """Norms ``|grad_theta l(theta; x_i, t_i, eps_i)|`` [B] of the per-sample loss gradients.
 
     Computed ``chunk_size`` rows at a time with ``rl.per_sample_grads``, so the [B, P] gradient
-    matrix is never held. With ``against`` ([Q, P] fixed vectors, e.g. TracIn query vectors)
-    also returns the dot products [B, Q] of every gradient with them: ``(norms, dots)``.
+    matrix is never held. Chapter 2, "One loss gradient per training sample", derives the
+    gradients.
     """
     check_loss(loss)
     check_batch(model, scheduler, x, t, noise)
     chunk_size = validation.chunk_size(chunk_size)
     norms = torch.empty(len(x))
-    dots = None
-    if against is not None:
-        against = torch.as_tensor(against)
-        against = against[None] if against.ndim == 1 else against
-        dots = torch.empty(len(x), len(against), dtype=torch.float64)
     for a in range(0, len(x), chunk_size):
         b = min(a + chunk_size, len(x))
         g = per_sample_grads(model, scheduler, x[a:b], t[a:b], noise[a:b], loss, chunk_size)
         norms[a:b] = g.norm(dim=1).float().cpu()
-        if dots is not None:
-            if against.shape[1] != g.shape[1]:
-                raise ValueError(f"against has {against.shape[1]} columns but the model has "
-                                 f"{g.shape[1]} trainable parameters.")
-            dots[a:b] = (g @ against.to(g).T).double().cpu()
-    return norms if dots is None else (norms, dots)
+    return norms
 
 
 @torch.no_grad()
@@ -87,24 +75,15 @@ def sample_losses(model, scheduler, x, t, noise, loss: str = "mse", chunk_size: 
 # checkpoints by name
 
 
-def _resolve(run, checkpoint) -> int | str:
-    if isinstance(checkpoint, str):
-        if checkpoint != INIT:
-            raise ValueError(f"checkpoint must be an index into run.checkpoints or {INIT!r}, "
-                             f"got {checkpoint!r}.")
-        return INIT
-    return run._check_index(validation.integer(checkpoint, "checkpoint"))
-
-
 def model_at(run, checkpoint):
     """The denoiser at ``checkpoint`` (an index, negative from the end, or ``"init"``)."""
-    c = _resolve(run, checkpoint)
+    c = run.checkpoint_index(checkpoint, allow_init=True)
     return run.initial_model() if c == INIT else run.model_at(c)
 
 
 def checkpoint_label(run, checkpoint) -> str:
     """``"init"`` or ``"epoch E"`` for a checkpoint, as the figures label it."""
-    c = _resolve(run, checkpoint)
+    c = run.checkpoint_index(checkpoint, allow_init=True)
     return "init" if c == INIT else f"epoch {run.checkpoints[c].epoch}"
 
 
@@ -180,7 +159,7 @@ def sweep_run(run, indices, checkpoint=-1, timesteps=50, n_noise: int = 1, seed:
 
     ``timesteps`` is a number of evenly spaced timesteps in [1, T-1] (``timestep_grid``) or an
     explicit list; noise comes from ``sample_noise(..., seed)``; ``loss`` defaults to the
-    run's training loss.
+    run's training loss. Chapter 2, "One sample across the timestep grid".
     """
     indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
     grid = _grid(run, timesteps)
@@ -204,7 +183,8 @@ class RecordedNorms:
     """Gradient norm and loss of training samples at their recorded timestep and noise.
 
     ``indices`` [n] are training-set indices, ``timesteps`` [n] their recorded timesteps,
-    ``norms`` and ``losses`` [n]; ``dots`` [n, Q] when computed against fixed vectors.
+    ``norms`` and ``losses`` [n]; ``recorded_at`` the checkpoint whose recorded timesteps
+    and noise were used.
     """
 
     indices: torch.Tensor
@@ -213,33 +193,28 @@ class RecordedNorms:
     losses: torch.Tensor
     label: str
     recorded_at: int
-    dots: torch.Tensor | None = None
 
 
 def recorded_norms(run, checkpoint=-1, indices=None, loss: str | None = None,
-                   recorded_at: int | None = None, chunk_size: int = 64,
-                   against: torch.Tensor | None = None) -> RecordedNorms:
+                   chunk_size: int = 64) -> RecordedNorms:
     """``|g_c(x_i)|`` for training samples ``indices`` (default all) at ``checkpoint``.
 
     ``g_c(x_i)`` is the loss gradient at the timestep and noise sample ``i`` was last trained
-    with before checkpoint ``recorded_at`` (default: ``checkpoint`` itself). At ``"init"`` no
-    timestep has been recorded yet, so the default there is the last checkpoint's: the
-    initial and the trained norms then differ only in the weights.
+    with before ``checkpoint``. At ``"init"`` no timestep has been recorded yet, so the last
+    checkpoint's are used: the initial and the trained norms then differ only in the weights.
+    Chapter 2, "The whole training set at its recorded timesteps".
     """
-    c = _resolve(run, checkpoint)
-    if recorded_at is None:
-        recorded_at = len(run.checkpoints) - 1 if c == INIT else c
-    recorded_at = run._check_index(validation.integer(recorded_at, "recorded_at"))
+    c = run.checkpoint_index(checkpoint, allow_init=True)
+    recorded_at = len(run.checkpoints) - 1 if c == INIT else c
     t, eps = run.recorded(recorded_at)
     idx = (torch.arange(len(run.data)) if indices is None
            else torch.as_tensor(indices, dtype=torch.long).reshape(-1))
     loss = loss or run.config.loss
     model = model_at(run, c)
     x, t, eps = run.data.images[idx], t[idx], eps[idx]
-    out = grad_norms(model, run.scheduler, x, t, eps, loss, chunk_size, against)
-    norms, dots = out if against is not None else (out, None)
+    norms = grad_norms(model, run.scheduler, x, t, eps, loss, chunk_size)
     losses = sample_losses(model, run.scheduler, x, t, eps, loss)
-    return RecordedNorms(idx, t, norms, losses, checkpoint_label(run, c), recorded_at, dots)
+    return RecordedNorms(idx, t, norms, losses, checkpoint_label(run, c), recorded_at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,16 +285,6 @@ def decile_ratio(timesteps, norms, fraction: float = 0.1) -> float:
     return (v[order[:k]].mean() / v[order[-k:]].mean()).item()
 
 
-def rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two sequences, e.g. timesteps and norms (negative: norms
-    are larger at small t)."""
-    a = torch.as_tensor(a).reshape(-1).double()
-    b = torch.as_tensor(b).reshape(-1).double()
-    if len(a) != len(b):
-        raise ValueError(f"rank_correlation needs sequences of equal length; got {len(a)} and {len(b)}.")
-    return float(spearman(a, b))
-
-
 @dataclasses.dataclass
 class BiasSummary:
     """A ``RecordedNorms`` with its timestep-binned norms and losses and its two bias numbers."""
@@ -341,7 +306,7 @@ def summarize(record: RecordedNorms, n_bins: int = 10, num_train_timesteps: int 
     return BiasSummary(record,
                        bin_by_timestep(t, record.norms, n_bins, num_train_timesteps),
                        bin_by_timestep(t, record.losses, n_bins, num_train_timesteps),
-                       decile_ratio(t, record.norms), rank_correlation(t, record.norms))
+                       decile_ratio(t, record.norms), float(spearman(t, record.norms)))
 
 
 def bias_over_training(run, indices=None, include_init: bool = True, n_bins: int = 10,
@@ -350,6 +315,7 @@ def bias_over_training(run, indices=None, include_init: bool = True, n_bins: int
     """``summarize(recorded_norms(run, c))`` at initialization and every checkpoint, in order.
 
     Each checkpoint uses its own recorded timesteps and noise; "init" uses the last checkpoint's.
+    Chapter 2, "At initialization and during training".
     """
     keys = checkpoint_keys(run, include_init)
     if progress:

@@ -115,7 +115,8 @@ def per_sample_grads(model, scheduler, x, t, noise, loss: str = "mse",
 
     Row ``i`` is the gradient of sample ``x[i]`` noised with ``noise[i]`` at timestep ``t[i]``,
     computed with ``functional_call`` + ``vmap(grad(...))`` in chunks of ``chunk_size`` samples.
-    Runs on the model's device.
+    Runs on the model's device. Chapter 2, "One loss gradient per training sample", writes the
+    recipe out in a few lines and checks both against ``per_sample_grads_loop``.
     """
     check_batch(model, scheduler, x, t, noise)
     return grouped_grads(model, scheduler, x[:, None], t[:, None], noise[:, None], loss, chunk_size)

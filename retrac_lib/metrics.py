@@ -92,6 +92,7 @@ def distinct_proponents(top) -> int:
 
     It lies between ``k`` (every query gets the same k proponents) and ``Q * k`` (no two queries
     share one); the larger, the more each query gets proponents of its own.
+    Chapter 3, "The same faces come back?".
     """
     return len(torch.unique(_top(top)))
 
@@ -102,6 +103,7 @@ def generally_influential(top, share: float = 0.5) -> tuple[torch.Tensor, torch.
     A training sample that is a top proponent of most queries, whatever they show, is
     "generally influential" (Xie et al. 2024). Returns the indices of those samples and the number
     of queries whose top-k each appears in, most frequent first (ties by index).
+    Chapter 3, "The same faces come back?".
     """
     if not 0 < share <= 1:
         raise ValueError(f"share must be a fraction of the queries in (0, 1], got {share}.")
@@ -119,6 +121,7 @@ def pairwise_overlap(top) -> float:
 
     Averaged over all pairs of distinct queries: ``|top(a) & top(b)| / k``. 1 when every query
     has the same proponents; near ``k / N`` for random ones.
+    Chapter 3, "The same faces come back?".
     """
     top = _top(top)
     q, k = top.shape
@@ -143,6 +146,7 @@ def proponent_timesteps(top, recorded_t) -> tuple[torch.Tensor, torch.Tensor]:
     at before each checkpoint, ``run.recorded(c)[0]``). Returns ``(proponents, everyone)``: the
     flattened timesteps of every (query, proponent, checkpoint) and of every (sample, checkpoint).
     The training timesteps are uniform by construction, so any tilt in the first is selection.
+    Chapter 3, "Why these digits: they were trained at large-norm timesteps".
     """
     recorded_t = torch.as_tensor(recorded_t)
     recorded_t = recorded_t[None] if recorded_t.ndim == 1 else recorded_t
@@ -190,6 +194,7 @@ def norm_percentile(top, norms) -> float:
 
     ``norms`` [N] is one norm per sample (``sample_norms``). 0.5 means proponents have typical
     norms; near 1, proponents are the largest-norm samples, whatever the query.
+    Chapter 3, "Why these digits: they were trained at large-norm timesteps".
     """
     norms = torch.as_tensor(norms, dtype=torch.float64)
     top = _top(top, len(norms))
@@ -214,8 +219,15 @@ def rank(values) -> torch.Tensor:
 
 
 def spearman(a, b) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with ``b`` (the same row, or one shared row)."""
+    """Spearman rank correlation of each row of ``a`` with ``b`` (the same row, or one shared row).
+
+    For two 1-D sequences, e.g. timesteps and gradient norms, ``float(spearman(t, norms))`` is
+    the single number chapter 2 reports (negative: norms are larger at small t).
+    """
     ra, rb = rank(a), rank(b)
+    if ra.shape[-1] != rb.shape[-1]:
+        raise ValueError(f"spearman needs sequences of equal length; got {ra.shape[-1]} and "
+                         f"{rb.shape[-1]}.")
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
     denom = (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-300)
     return (ra * rb).sum(-1) / denom
@@ -228,6 +240,7 @@ def norm_influence_correlation(scores, norms, absolute: bool = True) -> float:
     ``|I(x_i, z)|`` is correlated: a large norm makes a sample a strong proponent *or* a strong
     opponent, so the signed score can hide the effect. 1 means the ranking of samples by
     influence strength is the ranking by norm, whatever the query; near 0 means no relation.
+    Chapter 3, "Why these digits: they were trained at large-norm timesteps".
     """
     scores = _scores(scores)
     norms = _per_sample(norms, scores.shape[1], "norms")
@@ -244,6 +257,7 @@ def same_label_rate(top, train_labels, query_labels) -> float:
 
     Over all queries and all k proponents. Chance level is the share of training samples with
     the query's label (about 0.1 for the ten digit classes).
+    Chapter 3, "The same faces come back?".
     """
     train_labels = torch.as_tensor(train_labels)
     top = _top(top, len(train_labels))
@@ -259,6 +273,7 @@ def self_rank(scores, query_train_indices) -> torch.Tensor:
 
     For queries that *are* training samples: row q of ``scores`` attributes training sample
     ``query_train_indices[q]``. The rank is 1 + the number of samples scoring strictly higher.
+    Chapter 3, "Generated and training images as queries".
     """
     scores = _scores(scores)
     idx = torch.as_tensor(query_train_indices, dtype=torch.long).flatten()
@@ -283,13 +298,14 @@ def summary(result, run, query_labels=None, k: int = 10, share: float = 0.5,
     self-rank needs scores [S, N] (a tensor, or a result with ``.scores``) of queries that are
     the training samples ``self_indices``. Timesteps and norms are those of the checkpoints the
     result used; the recorded timesteps pool every (proponent, checkpoint) pair.
+    Chapter 4, "Every metric, both methods".
     """
     if not result.config.checkpoints:
         raise ValueError(f"summary needs a gradient-based result with checkpoints; the "
                          f"{result.config.method!r} baseline has none (no timesteps or norms).")
     n = len(run.data.labels)
     top = result.proponents(k)
-    recorded = torch.stack([run.recorded(c)[0] for c in result.config.checkpoints])
+    recorded = result.recorded_timesteps(run)
     norms = sample_norms(result.train_grad_norms, result.checkpoint_weights)
     t_prop, t_all = proponent_timesteps(top, recorded)
     q = top.shape[0]

@@ -61,4 +61,4 @@ def run_bias(run, checkpoint: int = -1) -> RunBias:
     loss), reduced to the decile ratio, Spearman(t, norm) and Spearman(loss, norm)."""
     record = diagnostics.recorded_norms(run, checkpoint)
     summary = diagnostics.summarize(record, num_train_timesteps=run.config.num_train_timesteps)
-    return RunBias(summary, diagnostics.rank_correlation(record.losses, record.norms))
+    return RunBias(summary, float(metrics.spearman(record.losses, record.norms)))

@@ -14,11 +14,13 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from . import cache, validation
 from .config import TrainConfig, cache_dir
 from .data import Dataset
 from .losses import diffusion_loss
 from .models import build_model, build_scheduler
+
+INIT = "init"  # names the weights before the first optimizer step
 
 
 @dataclasses.dataclass
@@ -26,7 +28,7 @@ class Checkpoint:
     """Weights after ``step`` optimizer steps (the end of epoch ``epoch``).
 
     ``visits`` counts sample visits since the previous checkpoint (steps x batch size when
-    every batch is full), so ``weight(N) = lr * visits / N`` is DESIGN.md's ``lr * steps * batch / N``.
+    every batch is full), so ``weight(N) = lr * visits / N`` is TracIn's ``lr * steps * batch / N``.
     """
 
     index: int
@@ -83,7 +85,15 @@ class Run:
     train_seconds: float
     path: Path | None = None
 
-    def _check_index(self, c: int) -> int:
+    def checkpoint_index(self, c, allow_init: bool = False) -> int | str:
+        """Checkpoint ``c`` as a non-negative index into ``checkpoints`` (``c`` may count from
+        the end); with ``allow_init``, ``"init"`` (the weights before the first step) stays ``"init"``."""
+        if allow_init and isinstance(c, str):
+            if c != INIT:
+                raise ValueError(f"checkpoint must be an index into run.checkpoints or {INIT!r}, "
+                                 f"got {c!r}.")
+            return INIT
+        c = validation.integer(c, "checkpoint")
         n = len(self.checkpoints)
         if not -n <= c < n:
             raise IndexError(
@@ -94,7 +104,7 @@ class Run:
 
     def model_at(self, c: int) -> torch.nn.Module:
         """The denoiser with checkpoint ``c``'s weights, in eval mode."""
-        return self._model(self.checkpoints[self._check_index(c)].params)
+        return self._model(self.checkpoints[self.checkpoint_index(c)].params)
 
     def initial_model(self) -> torch.nn.Module:
         """The denoiser at initialization (before any step), in eval mode."""
@@ -112,7 +122,7 @@ class Run:
 
     def recorded(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's last training timestep [N] and noise [N, ...] before checkpoint ``c``."""
-        ckpt = self.checkpoints[self._check_index(c)]
+        ckpt = self.checkpoints[self.checkpoint_index(c)]
         log = self.require_log()
         n_visits = int(log.step_starts[ckpt.step])
         idx = log.indices[:n_visits]

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt
 from . import diagnostics
 from .plots.bias import log_y
 
+__all__ = ["TimestepExplorer", "attribution_explorer"]
+
 
 class TimestepExplorer:
     """Sample slider + checkpoint dropdown, redrawing the sample's gradient norm against t.
@@ -35,7 +37,7 @@ class TimestepExplorer:
                             chunk_size=chunk_size)
         keys = diagnostics.checkpoint_keys(run)
         self._labels = {k: diagnostics.checkpoint_label(run, k) for k in keys}
-        start = diagnostics._resolve(run, checkpoint)
+        start = run.checkpoint_index(checkpoint, allow_init=True)
         if not 0 <= sample < len(run.data):
             raise ValueError(f"sample {sample} is not a training index (0..{len(run.data) - 1}).")
         self.sample = W.IntSlider(value=sample, min=0, max=len(run.data) - 1, description="sample",
@@ -105,14 +107,6 @@ class TimestepExplorer:
         from IPython.display import display
 
         display(self.widget)
-
-
-def timestep_explorer(run, **options) -> TimestepExplorer:
-    """``TimestepExplorer(run, **options)``; see its docstring."""
-    return TimestepExplorer(run, **options)
-
-
-__all__ = ["TimestepExplorer", "timestep_explorer"]
 
 
 def attribution_explorer(results, run, queries, query_names=None, k: int = 8, max_k: int = 20,

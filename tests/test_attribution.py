@@ -223,9 +223,21 @@ def _check_against_reference(res, expected, norms, grid, used, method, eff_loss,
 
 
 def test_integer_timesteps_give_an_even_grid(tiny_run):
-    assert rl.attribution.timestep_grid(3, 1000).tolist() == [1, 500, 999]
-    assert rl.attribution.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]
-    assert rl.attribution.timestep_grid(7, 50).tolist() == _even_grid(7, 50)
+    assert rl.timesteps.timestep_grid(3, 1000).tolist() == [1, 500, 999]
+    assert rl.timesteps.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]
+    assert rl.timesteps.timestep_grid(7, 50).tolist() == _even_grid(7, 50)
+
+
+def test_timestep_gradients_average_each_timesteps_draws(tiny_run):
+    """m(z, t) per grid timestep (chapter 4's cosine figure) against the one-draw reference."""
+    model, z = tiny_run.model_at(-1), tiny_run.data.images[0]
+    grid, noise = torch.tensor(GRID[:3]), _noise((3, K, 1, 8, 8), seed=5)
+    got = rl.attribution.timestep_gradients(model, tiny_run.scheduler, z, grid, noise, chunk_size=4)
+    abar = tiny_run.scheduler.alphas_cumprod
+    ref = torch.stack([torch.stack([_ref_grad(model, abar, z, int(t), noise[j, d], "mse")
+                                    for d in range(K)]).mean(0) for j, t in enumerate(grid)])
+    assert got.shape == ref.shape == (3, ref.shape[1])
+    torch.testing.assert_close(got.double(), ref, rtol=REL_TOL, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +250,7 @@ def _spy_training_rows(monkeypatch, run, edit):
     Training calls are those whose samples x[:, 0] are all training images; ``i`` is the training
     index of row ``row``. Returns a list that collects the training indices seen.
     """
-    original = rl.attribution.grouped_grads
+    original = rl.attribution.sides.grouped_grads
     signature = inspect.signature(original)
     images = run.data.images.flatten(1)
     seen = []
@@ -259,7 +271,7 @@ def _spy_training_rows(monkeypatch, run, edit):
             assert not matches.any(), "a call mixes training samples with other samples"
         return out
 
-    monkeypatch.setattr(rl.attribution, "grouped_grads", wrapper)
+    monkeypatch.setattr(rl.attribution.sides, "grouped_grads", wrapper)
     return seen
 
 
@@ -342,7 +354,7 @@ def test_load_or_attribute_caches_and_keys_on_options(tiny_run, digit_queries, t
         raise AssertionError("a cached result must not recompute gradients")
 
     with monkeypatch.context() as m:
-        m.setattr(rl.attribution, "grouped_grads", no_gradients)
+        m.setattr(rl.attribution.sides, "grouped_grads", no_gradients)
         m.setattr(rl.ghost, "capture", no_gradients)
         again = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
     _assert_same_result(first, again)

@@ -109,6 +109,13 @@ def test_timesteps_are_never_coerced(timesteps, error, message, tiny_run, digit_
         cf.query_loss(model, tiny_run.scheduler, digit_queries, timesteps=timesteps, n_noise=1)
 
 
+def test_unknown_options_are_refused_even_when_cached(tiny_run, digit_queries, tmp_path):
+    rl.load_or_attribute(tiny_run, digit_queries, "tracin", root=tmp_path, **OPTS)
+    for call in (rl.attribute, lambda *a, **kw: rl.load_or_attribute(*a, root=tmp_path, **kw)):
+        with pytest.raises(TypeError, match=r"Unknown option\(s\) \['n_noises'\]; attribute takes"):
+            call(tiny_run, digit_queries, "tracin", n_noises=3, **OPTS)
+
+
 @pytest.mark.parametrize("checkpoints, error, message", [
     ([0, 0], ValueError, r"name checkpoint\(s\) \[0\] more than once"),
     ([2, -1], ValueError, r"name checkpoint\(s\) \[2\] more than once"),

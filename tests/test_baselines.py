@@ -54,8 +54,8 @@ def test_dtrak_uses_the_square_norm_output_function_on_both_sides(tiny_points_ru
     t, eps = run.recorded(c)
     g = per_sample_grads_loop(model, run.scheduler, run.data.images, t, eps, loss="square_norm")
     g = g / g.norm(dim=1, keepdim=True)
-    grid = rl.attribution.timestep_grid(3)
-    noise = rl.attribution.query_noise_draws((2,), 3, 2, 0).flatten(0, 1)
+    grid = rl.timesteps.timestep_grid(3)
+    noise = rl.timesteps.query_noise_draws((2,), 3, 2, 0).flatten(0, 1)
     tt = grid.repeat_interleave(2)
     rows = []
     for z in q:
@@ -74,8 +74,17 @@ def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, t
     q = tiny_points_run.data.images[:2]
     first = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
     assert len(list((tmp_path / "attributions").iterdir())) == 1
-    again = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
-    assert torch.equal(first.scores, again.scores) and again.config.method == "dtrak"
+
+    def no_computing(*args, **kwargs):
+        raise AssertionError("the second call must come from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(rl.attribution.scoring, "attribute", no_computing)
+        again = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
+        assert torch.equal(first.scores, again.scores) and again.config.method == "dtrak"
+        assert again.seconds == first.seconds  # the saved timing, not a new one
+        with pytest.raises(AssertionError, match="from the cache"):  # other options: not cached
+            baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
     both = baselines.attribute_any(tiny_points_run, q, "retrac", **OPTS)
     assert both.config.method == "retrac"
 

@@ -142,8 +142,8 @@ def test_query_loss_is_the_mean_loss_over_a_fixed_grid_and_noise(tiny_points_run
     z = tiny_points_run.data.images[:3]
     got = cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7)
     assert torch.equal(got, cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7, chunk_size=4))
-    grid = rl.attribution.timestep_grid(5)
-    noise = rl.attribution.query_noise_draws((2,), 5, 3, 7)
+    grid = rl.timesteps.timestep_grid(5)
+    noise = rl.timesteps.query_noise_draws((2,), 5, 3, 7)
     with torch.no_grad():
         manual = torch.stack([
             torch.stack([rl.losses.diffusion_loss(model, sched, zq.expand(3, 2), grid[i].repeat(3),
@@ -166,7 +166,7 @@ def test_digits_with_outliers_plants_visible_outliers():
     assert len(data) == 54 and int(is_out.sum()) == 4
     assert data.images.shape == (54, 1, 8, 8) and data.images.abs().max() <= 1
     assert is_out.nonzero().min() < 50, "outliers are mixed in, not appended"
-    again = rl.data.load("digits_with_outliers", n_digits=50, n_outliers=4, seed=1)
+    again = rl.data.digits_with_outliers(n_digits=50, n_outliers=4, seed=1)
     assert data.fingerprint() == again.fingerprint()
     digits = rl.data.digits("train").subset(range(50)).images.flatten(1)
     nearest_digit = torch.cdist(data.images[is_out].flatten(1), digits).min(1).values

@@ -24,11 +24,6 @@ def test_point_clouds_are_standardized():
     assert set(rl.data.gaussian_mixture(n=200, centers=3).labels.tolist()) == {0, 1, 2}
 
 
-def test_unknown_data_set_name():
-    with pytest.raises(ValueError, match="Unknown data set 'cifar'; available: digits, digits_with_outliers, gaussian_mixture, mnist, moons"):
-        rl.data.load("cifar")
-
-
 def test_group_norm_divisibility_is_checked():
     with pytest.raises(ValueError, match=r"\(12, 32\) must all divide by norm_num_groups=8.*\[12\]"):
         rl.TrainConfig(block_out_channels=(12, 32))

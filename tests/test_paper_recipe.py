@@ -7,7 +7,7 @@ import torch
 from test_attribution import ref_scores, rel_err
 
 import retrac_lib as rl
-from retrac_lib.attribution import per_query_noise_draws, query_noise_draws
+from retrac_lib.timesteps import per_query_noise_draws, query_noise_draws
 
 GRID, K = [5, 400, 990], 2
 

@@ -110,8 +110,8 @@ def test_projection_equals_sketched_exact_gradients(method, tiny_run, queries):
     assert res.config.projection == k and res.config.projection_seed == 2
     exact = rl.attribute(tiny_run, queries, method, **_kw())
     assert torch.allclose(res.train_grad_norms, exact.train_grad_norms, rtol=1e-5)
-    grid = rl.attribution.timestep_grid(3)
-    noise = rl.attribution.query_noise_draws((1, 8, 8), 3, 2, 0)
+    grid = rl.timesteps.timestep_grid(3)
+    noise = rl.timesteps.query_noise_draws((1, 8, 8), 3, 2, 0)
     expected = torch.zeros_like(res.scores)
     for j, c in enumerate(res.config.checkpoints):
         model = tiny_run.model_at(c)

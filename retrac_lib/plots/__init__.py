@@ -23,6 +23,11 @@ METHOD_LABELS = {
 }
 
 
+def to_numpy(x) -> np.ndarray:
+    """A tensor (or array-like) as a float64 NumPy array on the CPU, for matplotlib."""
+    return torch.as_tensor(x).detach().cpu().double().numpy()
+
+
 def image_grid(images, captions=None, ncols: int = 8, title: str | None = None,
                size: float = 1.1, axes=None, cmap: str = "gray_r"):
     """Show [n, 1, H, W] images in [-1, 1] in a grid, each with an optional caption.

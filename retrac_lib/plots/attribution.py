@@ -18,15 +18,11 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.gridspec import GridSpec
 
 from .. import metrics
-from . import METHOD_COLORS, METHOD_LABELS, image_grid
+from . import METHOD_COLORS, METHOD_LABELS, image_grid, to_numpy
 
 ALL_COLOR = "#9a9a9a"          # the whole training set, for reference
 REPEAT_CMAP = "tab10"          # one frame colour per generally influential sample
 INFLUENCE_CMAP = "RdBu_r"      # red: proponent (helps the query), blue: opponent
-
-
-def _np(x) -> np.ndarray:
-    return torch.as_tensor(x).detach().cpu().double().numpy()
 
 
 def _as_dict(results) -> dict:
@@ -41,14 +37,9 @@ def _color(method: str) -> str:
     return METHOD_COLORS.get(method, "black")
 
 
-def recorded_timesteps(result, run) -> torch.Tensor:
-    """[C, N] recorded timesteps of every sample before each checkpoint the result used."""
-    return torch.stack([run.recorded(c)[0] for c in result.config.checkpoints])
-
-
 def caption_timesteps(result, run) -> torch.Tensor:
     """[N] the dominant recorded timestep of every training sample (see the module docstring)."""
-    return metrics.dominant_timesteps(recorded_timesteps(result, run), result.train_grad_norms,
+    return metrics.dominant_timesteps(result.recorded_timesteps(run), result.train_grad_norms,
                                       result.checkpoint_weights)
 
 
@@ -180,7 +171,7 @@ def appearance_counts(results, k: int = 10, share: float = 0.5, n_show: int = 30
         q = res.scores.shape[0]
         top = counts.sort(descending=True).values[:n_show]
         x = np.arange(len(top)) + (m - (len(results) - 1) / 2) * width
-        ax.bar(x, _np(top), width=width, color=_color(name), label=_label(name))
+        ax.bar(x, to_numpy(top), width=width, color=_color(name), label=_label(name))
     ax.axhline(share * q, color="black", ls="--", lw=1, label=f"{share:.0%} of the {q} queries")
     ax.set_xlabel(f"training samples, sorted by how often they are a top-{k} proponent")
     ax.set_ylabel(f"queries with it in their top-{k}")
@@ -194,7 +185,7 @@ def appearance_counts(results, k: int = 10, share: float = 0.5, n_show: int = 30
 
 def _dominant_pairs(result, run):
     """[N] dominant recorded timestep and the (unweighted) gradient norm at that checkpoint."""
-    t = recorded_timesteps(result, run)
+    t = result.recorded_timesteps(run)
     norms = torch.as_tensor(result.train_grad_norms, dtype=torch.float64)
     c = (norms * result.checkpoint_weights.double()[:, None]).argmax(0, keepdim=True)
     return t.gather(0, c)[0], norms.gather(0, c)[0]
@@ -213,12 +204,12 @@ def timestep_bias(results, run, k: int = 10, title: str | None = None):
     ax = axes[0]
     bins = np.linspace(0, 1000, 21)
     first = next(iter(results.values()))
-    t_all = recorded_timesteps(first, run)
-    ax.hist(_np(t_all.flatten()), bins=bins, density=True, color=ALL_COLOR, alpha=0.5,
+    t_all = first.recorded_timesteps(run)
+    ax.hist(to_numpy(t_all.flatten()), bins=bins, density=True, color=ALL_COLOR, alpha=0.5,
             label="all training samples")
     for name, res in results.items():
-        t_prop, _ = metrics.proponent_timesteps(res.proponents(k), recorded_timesteps(res, run))
-        ax.hist(_np(t_prop), bins=bins, density=True, histtype="step", lw=2, color=_color(name),
+        t_prop, _ = metrics.proponent_timesteps(res.proponents(k), res.recorded_timesteps(run))
+        ax.hist(to_numpy(t_prop), bins=bins, density=True, histtype="step", lw=2, color=_color(name),
                 label=f"top-{k} proponents, {_label(name)}")
     ax.set_xlabel("recorded training timestep t")
     ax.set_ylabel("density")
@@ -227,9 +218,9 @@ def timestep_bias(results, run, k: int = 10, title: str | None = None):
     for ax, (name, res) in zip(axes[1:], results.items()):
         t, norms = _dominant_pairs(res, run)
         top = res.proponents(k).unique()
-        ax.scatter(_np(t), _np(norms), s=3, color=ALL_COLOR, alpha=0.5, rasterized=True,
+        ax.scatter(to_numpy(t), to_numpy(norms), s=3, color=ALL_COLOR, alpha=0.5, rasterized=True,
                    label="every training sample")
-        ax.scatter(_np(t[top]), _np(norms[top]), s=14, color=_color(name), edgecolor="black",
+        ax.scatter(to_numpy(t[top]), to_numpy(norms[top]), s=14, color=_color(name), edgecolor="black",
                    lw=0.3, label=f"top-{k} proponents of any query")
         ax.set_yscale("log")
         ax.set_xlabel("dominant recorded timestep t")
@@ -258,7 +249,7 @@ def influence_2d(results, run, query, k: int = 10, title: str | None = None, nor
     n_panels = len(results) + int(norm_panel)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.9 * n_panels, 4.0), squeeze=False)
     axes = axes.ravel()
-    pts = _np(run.data.images)
+    pts = to_numpy(run.data.images)
     if norm_panel:
         first = dict([next(iter(results.items()))])
         influence_vs_norm(first, run, query, axes=[axes[-1]])
@@ -266,12 +257,12 @@ def influence_2d(results, run, query, k: int = 10, title: str | None = None, nor
         if res.scores.shape[0] != 1:
             raise ValueError(f"influence_2d draws one query; the {name} result has "
                              f"{res.scores.shape[0]}. Pass a result for that query alone.")
-        s = _np(res.scores[0])
+        s = to_numpy(res.scores[0])
         vmax = float(np.quantile(np.abs(s), 0.99)) or 1.0
         order = np.argsort(np.abs(s))  # strongest on top
         sc = ax.scatter(pts[order, 0], pts[order, 1], c=s[order], s=14, cmap=INFLUENCE_CMAP,
                         norm=TwoSlopeNorm(0.0, -vmax, vmax), edgecolor="none")
-        top = _np(res.proponents(k)[0]).astype(int)
+        top = to_numpy(res.proponents(k)[0]).astype(int)
         ax.scatter(pts[top, 0], pts[top, 1], s=60, facecolor="none", edgecolor="black", lw=1,
                    label=f"top-{k} proponents")
         ax.scatter([float(query[0])], [float(query[1])], marker="*", s=320, color="black",
@@ -340,8 +331,8 @@ def timestep_cosines(grads, timesteps, title: str | None = None, ax=None):
     """
     g = torch.as_tensor(grads, dtype=torch.float64)
     g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = _np(g @ g.T)
-    t = _np(timesteps).astype(int)
+    cos = to_numpy(g @ g.T)
+    t = to_numpy(timesteps).astype(int)
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.8, 4.0))
     fig = ax.figure
@@ -372,11 +363,11 @@ def influence_vs_norm(results, run, query, title: str | None = None, axes=None):
         fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
         axes = axes.ravel()
     fig = axes[0].figure
-    pts = _np(run.data.images)
-    dist = np.linalg.norm(pts - _np(query)[None], axis=1)
+    pts = to_numpy(run.data.images)
+    dist = np.linalg.norm(pts - to_numpy(query)[None], axis=1)
     for ax, (name, res) in zip(axes, results.items()):
-        norms = _np(metrics.sample_norms(res.train_grad_norms, res.checkpoint_weights))
-        sc = ax.scatter(norms, _np(res.scores[0]), c=dist, s=10, cmap="viridis_r", edgecolor="none")
+        norms = to_numpy(metrics.sample_norms(res.train_grad_norms, res.checkpoint_weights))
+        sc = ax.scatter(norms, to_numpy(res.scores[0]), c=dist, s=10, cmap="viridis_r", edgecolor="none")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

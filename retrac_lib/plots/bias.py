@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import Formatter
 
-from . import METHOD_COLORS, image_grid
+from . import METHOD_COLORS, image_grid, to_numpy
 
 INIT_COLOR = "#555555"        # the untrained model, drawn dashed
 SAMPLE_CMAP = "tab10"         # one colour per chosen sample
 CHECKPOINT_CMAP = "viridis"   # checkpoints from early (purple) to late (yellow)
-
-
-def _np(x) -> np.ndarray:
-    return torch.as_tensor(x).detach().cpu().double().numpy()
 
 
 def checkpoint_colors(labels) -> list:
@@ -75,13 +70,13 @@ def norm_vs_timestep(sweep, run=None, ax=None, title: str | None = None):
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 4))
     fig = ax.figure
-    t = _np(sweep.timesteps)
+    t = to_numpy(sweep.timesteps)
     colors = plt.get_cmap(SAMPLE_CMAP)(np.arange(len(sweep.norms)) % 10)
     for s, color in enumerate(colors):
         name = _sample_name(run, int(sweep.indices[s])) if sweep.indices is not None else f"sample {s}"
-        ax.plot(t, _np(sweep.mean_norms[s]), color=color, lw=1.6, label=name)
+        ax.plot(t, to_numpy(sweep.mean_norms[s]), color=color, lw=1.6, label=name)
         if sweep.norms.shape[-1] > 1:
-            ax.fill_between(t, _np(sweep.norms[s].min(-1).values), _np(sweep.norms[s].max(-1).values),
+            ax.fill_between(t, to_numpy(sweep.norms[s].min(-1).values), to_numpy(sweep.norms[s].max(-1).values),
                             color=color, alpha=0.15, lw=0)
     log_y(ax)
     ax.set_xlabel("timestep t")
@@ -93,10 +88,10 @@ def norm_vs_timestep(sweep, run=None, ax=None, title: str | None = None):
 
 
 def _binned_line(ax, bins, color, label, ls="-", band=True):
-    x, m = _np(bins.centers), _np(bins.mean)
+    x, m = to_numpy(bins.centers), to_numpy(bins.mean)
     ax.plot(x, m, ls, color=color, lw=2, marker="o", ms=4, label=label)
     if band:
-        ax.fill_between(x, _np(bins.q25), _np(bins.q75), color=color, alpha=0.15, lw=0)
+        ax.fill_between(x, to_numpy(bins.q25), to_numpy(bins.q75), color=color, alpha=0.15, lw=0)
 
 
 def recorded_scatter(summary, ax=None, title: str | None = None, color: str | None = None):
@@ -109,7 +104,7 @@ def recorded_scatter(summary, ax=None, title: str | None = None, color: str | No
     fig = ax.figure
     rec = summary.record
     color = color or METHOD_COLORS["data"]
-    ax.scatter(_np(rec.timesteps), _np(rec.norms), s=5, alpha=0.35, color=color, lw=0,
+    ax.scatter(to_numpy(rec.timesteps), to_numpy(rec.norms), s=5, alpha=0.35, color=color, lw=0,
                label=f"{len(rec.norms)} training samples")
     _binned_line(ax, summary.norm_bins, "black", "mean per bin (band: 25-75 %)")
     log_y(ax)
@@ -175,8 +170,8 @@ def points_bias(run, summaries, title: str | None = None):
     last = summaries[-1]
     rec = last.record
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    pts = _np(run.data.images[rec.indices])
-    norms = _np(rec.norms)
+    pts = to_numpy(run.data.images[rec.indices])
+    norms = to_numpy(rec.norms)
     sc = axes[0].scatter(pts[:, 0], pts[:, 1], c=norms, cmap="magma_r", s=10,
                          norm=LogNorm(norms.min(), norms.max()))
     fig.colorbar(sc, ax=axes[0], label="gradient norm at recorded t (log)")
@@ -204,12 +199,12 @@ def sweep_panel(ax, sweeps, index: int, image=None):
     labels = [s.label for s in sweeps]
     for sw, color, lab in zip(sweeps, checkpoint_colors(labels), labels):
         row = int((sw.indices == index).nonzero()[0, 0]) if sw.indices is not None else index
-        ax.plot(_np(sw.timesteps), _np(sw.mean_norms[row]), _style(lab), color=color, lw=1.5, label=lab)
+        ax.plot(to_numpy(sw.timesteps), to_numpy(sw.mean_norms[row]), _style(lab), color=color, lw=1.5, label=lab)
     log_y(ax)
     ax.grid(True, which="major", alpha=0.3)
     if image is not None:
         inset = ax.inset_axes([0.02, 0.03, 0.24, 0.34])  # lower left: small t, small norm stays empty
-        inset.imshow(_np(image)[0], cmap="gray_r", vmin=-1, vmax=1)
+        inset.imshow(to_numpy(image)[0], cmap="gray_r", vmin=-1, vmax=1)
         inset.set_xticks([]), inset.set_yticks([])
     return ax
 

@@ -9,14 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import METHOD_COLORS, image_grid
+from . import METHOD_COLORS, image_grid, to_numpy
 
 GENERATED_COLOR = "#222222"   # samples drawn from a trained model (not a method, so not in METHOD_COLORS)
 CHECKPOINT_COLOR = "#999999"  # vertical markers at checkpoints
-
-
-def _np(x) -> np.ndarray:
-    return torch.as_tensor(x).detach().cpu().numpy()
 
 
 def digits_grid(data, n: int = 32, ncols: int = 8, title: str | None = None):
@@ -30,11 +26,11 @@ def digits_grid(data, n: int = 32, ncols: int = 8, title: str | None = None):
 def points_scatter(data, samples=None, ax=None, title: str | None = None, s: float = 6):
     """A 2-D point ``Dataset`` in the data colour, with generated ``samples`` [n, 2] on top (chapter 1)."""
     fig, ax = _fig_ax(ax, (4.2, 4))
-    x = _np(data.images)
+    x = to_numpy(data.images)
     ax.scatter(x[:, 0], x[:, 1], s=s, color=METHOD_COLORS["data"], alpha=0.6,
                label=f"training data ({len(x)})")
     if samples is not None:
-        y = _np(samples)
+        y = to_numpy(samples)
         ax.scatter(y[:, 0], y[:, 1], s=s, color=GENERATED_COLOR, marker="x", linewidths=0.7,
                    label=f"generated ({len(y)})")
     ax.set_xlabel("$x_1$ (standardized)")
@@ -66,8 +62,8 @@ def forward_process(scheduler, x, timesteps, noise=None, seed: int = 0):
 
     ax = fig.add_subplot(grid[1, :])
     steps = np.arange(len(abar))
-    ax.plot(steps, _np(abar.sqrt()), color=METHOD_COLORS["data"], label=r"signal $\sqrt{\bar\alpha_t}$")
-    ax.plot(steps, _np((1 - abar).sqrt()), color=GENERATED_COLOR, ls="--",
+    ax.plot(steps, to_numpy(abar.sqrt()), color=METHOD_COLORS["data"], label=r"signal $\sqrt{\bar\alpha_t}$")
+    ax.plot(steps, to_numpy((1 - abar).sqrt()), color=GENERATED_COLOR, ls="--",
             label=r"noise $\sqrt{1-\bar\alpha_t}$")
     for s in t:
         ax.axvline(int(s), color=CHECKPOINT_COLOR, lw=0.6, alpha=0.6)
@@ -92,7 +88,7 @@ def loss_curve(losses, checkpoint_steps=(), window: int = 25, ax=None):
     """Batch loss per optimizer step (faint), its running mean over ``window`` steps, and
     checkpoints as vertical lines, on a log scale (chapter 1)."""
     fig, ax = _fig_ax(ax, (7, 3.4))
-    y = _np(losses).astype(float)
+    y = to_numpy(losses).astype(float)
     steps = np.arange(len(y))
     ax.plot(steps, y, color=METHOD_COLORS["data"], alpha=0.3, lw=0.8, label="batch loss per step")
     window = max(1, min(window, len(y)))
@@ -165,7 +161,7 @@ def timestep_histogram(t, num_train_timesteps: int, bins: int = 20, ax=None,
                        title: str | None = None):
     """Histogram of recorded timesteps with the count a uniform draw would give per bin (chapter 1)."""
     fig, ax = _fig_ax(ax, (6, 3.2))
-    t = _np(t)
+    t = to_numpy(t)
     bins = max(1, min(bins, len(t) // 5 or 1))
     edges = np.linspace(0, num_train_timesteps, bins + 1)
     ax.hist(t, bins=edges, color=METHOD_COLORS["data"], alpha=0.8, edgecolor="white",
@@ -189,12 +185,12 @@ def timestep_history(epochs, timesteps, checkpoint_epochs, recorded, sample_inde
     ``recorded`` is ``run.recorded(c)[0][sample_index]`` for each checkpoint epoch.
     """
     fig, ax = _fig_ax(ax, (7, 3.2))
-    ax.plot(_np(epochs), _np(timesteps), "o-", color=METHOD_COLORS["data"], ms=3.5, lw=0.8,
+    ax.plot(to_numpy(epochs), to_numpy(timesteps), "o-", color=METHOD_COLORS["data"], ms=3.5, lw=0.8,
             label=f"timestep of sample {sample_index} in each epoch")
-    ax.scatter(_np(checkpoint_epochs), _np(recorded), s=110, facecolors="none",
+    ax.scatter(to_numpy(checkpoint_epochs), to_numpy(recorded), s=110, facecolors="none",
                edgecolors=GENERATED_COLOR, linewidths=1.5, zorder=3,
                label="recorded for the checkpoint at the end of that epoch")
-    for e in _np(checkpoint_epochs):
+    for e in to_numpy(checkpoint_epochs):
         ax.axvline(e, color=CHECKPOINT_COLOR, lw=0.8, ls=":")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training timestep t")
@@ -209,7 +205,7 @@ def timestep_history(epochs, timesteps, checkpoint_epochs, recorded, sample_inde
 def loss_vs_timestep(t, losses, ax=None, title: str | None = None):
     """Per-sample loss against the timestep it was computed at, log scale (chapter 1)."""
     fig, ax = _fig_ax(ax, (6, 3.4))
-    ax.scatter(_np(t), _np(losses), s=5, color=METHOD_COLORS["data"], alpha=0.5)
+    ax.scatter(to_numpy(t), to_numpy(losses), s=5, color=METHOD_COLORS["data"], alpha=0.5)
     ax.set_yscale("log")
     ax.set_xlabel("recorded timestep t")
     ax.set_ylabel("per-sample loss (log scale)")

@@ -1,0 +1,26 @@
+"""Diffusion-TracIn and Diffusion-ReTrac (chapters 3 and 4), one job per module.
+
+* ``options``: ``AttributionConfig``, every choice behind a score matrix, validated by ``resolve``;
+* ``sides``: the query vectors and the training gradients streamed against them;
+* ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``;
+* ``results``: ``AttributionResult`` and its cache format;
+* ``sketch``: training gradients stored once, CountSketch-projected.
+
+The timestep grid and the query noise draws live one layer below, in ``retrac_lib.timesteps``.
+"""
+from .options import AttributionConfig
+from .results import AttributionResult
+from .scoring import attribute, load_or_attribute
+from .sides import (ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, query_vectors,
+                    timestep_gradients)
+from .sketch import TrainingSketch, sketch_training
+
+# The chapters' exercise cells call these here; new code imports them from ``rl.timesteps``.
+from ..timesteps import query_noise_draws, timestep_grid  # noqa: E402
+
+__all__ = [
+    "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
+    "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
+    "TrainingSketch",
+    "sketch_training",
+]

@@ -1,0 +1,84 @@
+"""A score matrix with everything that produced it, and its on-disk cache format."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .. import cache, metrics
+from ..config import cache_dir
+from ..training import run_key
+from .options import AttributionConfig
+
+
+@dataclasses.dataclass
+class AttributionResult:
+    """Scores [Q, N] of every training sample for every query, with what produced them.
+
+    ``train_grad_norms`` [C, N] holds ``|g_c(x_i)|`` for each used checkpoint, the quantity the
+    timestep bias lives in.
+    """
+
+    scores: torch.Tensor
+    config: AttributionConfig
+    checkpoint_weights: torch.Tensor
+    train_grad_norms: torch.Tensor
+    seconds: float = 0.0
+
+    def top_k(self, k: int, largest: bool = True) -> torch.Tensor:
+        """Indices [Q, k] of the ``k`` highest (or lowest) scoring training samples per query."""
+        return metrics.top_k(self.scores, k, largest)
+
+    def proponents(self, k: int) -> torch.Tensor:
+        """The ``k`` training samples whose training step most reduced each query's loss."""
+        return self.top_k(k, largest=True)
+
+    def opponents(self, k: int) -> torch.Tensor:
+        """The ``k`` training samples whose training step most increased each query's loss."""
+        return self.top_k(k, largest=False)
+
+    def recorded_timesteps(self, run) -> torch.Tensor:
+        """[C, N] recorded timesteps of every training sample before each checkpoint used."""
+        return torch.stack([run.recorded(c)[0] for c in self.config.checkpoints])
+
+    def save(self, folder: Path, key: dict | None = None) -> Path:
+        """Write the result atomically (safetensors + JSON); ``key`` describes what produced it."""
+        with cache.atomic_folder(Path(folder)) as tmp:
+            cache.save_tensors(tmp / "scores.safetensors", {
+                "scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
+                "train_grad_norms": self.train_grad_norms})
+            cache.write_json(tmp / "config.json", {"config": self.config.to_dict(),
+                                                   "seconds": self.seconds, "key": key})
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> "AttributionResult":
+        """Read a result written by ``save``, refusing a corrupted or partial folder."""
+        cache.verify_folder(folder)
+        tensors = cache.load_tensors(Path(folder) / "scores.safetensors")
+        meta = cache.read_json(Path(folder) / "config.json")
+        return cls(config=AttributionConfig.from_dict(meta["config"]), seconds=meta["seconds"],
+                   **tensors)
+
+
+def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: AttributionConfig) -> dict:
+    """What a cached score matrix depends on: the run's configuration and data, the query and
+    query-noise values and the resolved config."""
+    return {"kind": "attribution", "run": run_key(run.config, run.data),
+            "queries": cache.tensor_fingerprint(queries),
+            "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
+
+
+def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionResult | None]:
+    """The cache folder for ``payload`` and the result saved there (None when there is none);
+    a folder written for another payload raises ``cache.CacheError``."""
+    folder = Path(root or cache_dir()) / "attributions" / cache.key_for(payload)
+    cache.clean_orphans(folder.parent)
+    if not folder.exists():
+        return folder, None
+    cache.verify_folder(folder)
+    if cache.read_json(folder / "config.json").get("key") != payload:
+        raise cache.CacheError(f"The cached attribution in {folder} was computed for another "
+                               f"run, queries or options. {cache.hint(folder)}")
+    return folder, AttributionResult.load(folder)
