@@ -5,7 +5,7 @@
     run = rl.load_or_train(rl.TrainConfig(), data)
 """
 from . import (attribution, baselines, book, cache, checks, claims, config, counterfactual, data,
-               diagnostics, distributed, ghost, grads, losses, metrics, models, prose, recipes,
+               diagnostics, distributed, dtrak, ghost, grads, losses, metrics, models, prose, recipes,
                recorder, sampling, training, widgets)
 from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
