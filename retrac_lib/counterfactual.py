@@ -40,7 +40,7 @@ from .models import check_samples
 from .training import Run, load_or_train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference", "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc",
+           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference", "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc", "outlier_auc_interval",
            "outliers_in_top", "run_self_influence", "chapter_table",
            "format_table"]
 
@@ -250,6 +250,11 @@ class PairedDifference:
         """True when the whole interval lies on one side of 0."""
         return self.low > 0 or self.high < 0
 
+    def pick(self, above: str, below: str, includes_zero: str) -> str:
+        """The wording that is true: ``above`` when the interval lies above 0, ``below`` when
+        it lies below 0, else ``includes_zero``."""
+        return above if self.low > 0 else below if self.high < 0 else includes_zero
+
     def text(self, fmt: str = "+.3f", unit: str = "") -> str:
         """``"+0.123 (95 % CI +0.045 to +0.201)"``."""
         return (f"{self.mean:{fmt}}{unit} ({100 * self.level:.0f} % CI {self.low:{fmt}}{unit} to "
@@ -413,6 +418,27 @@ def outlier_auc(values: torch.Tensor, is_outlier: torch.Tensor) -> float:
         raise ValueError("Need at least one outlier and one inlier.")
     diff = a[:, None] - b[None, :]
     return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def outlier_auc_interval(values: torch.Tensor, is_outlier: torch.Tensor, *, n_boot: int = 2000,
+                         level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A seeded percentile bootstrap interval for ``outlier_auc``: outliers and inliers are
+    resampled separately, with replacement, ``n_boot`` times."""
+    values, is_outlier = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(is_outlier)
+    a, b = values[is_outlier], values[~is_outlier]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Need at least two outliers and two inliers for an interval.")
+    gen = torch.Generator().manual_seed(seed)
+    aucs = []
+    for _ in range(validation.integer(n_boot, "n_boot", 1)):
+        ra = a[torch.randint(0, len(a), (len(a),), generator=gen)]
+        rb = b[torch.randint(0, len(b), (len(b),), generator=gen)]
+        diff = ra[:, None] - rb[None, :]
+        aucs.append(float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()))
+    tail = (1 - level) / 2
+    low, high = torch.quantile(torch.tensor(aucs, dtype=torch.float64),
+                               torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def outliers_in_top(values: torch.Tensor, is_outlier: torch.Tensor, k: int | None = None) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from . import validation
 from .attribution import AttributionConfig, AttributionResult
@@ -106,7 +107,7 @@ def damping_lambda(train_features: torch.Tensor, damping: float) -> float:
 
 def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps: int = 10,
                     proj_dim: int = 2048, damping: float = 0.1, seed: int = 0,
-                    chunk_size: int = 64, device=None) -> AttributionResult:
+                    chunk_size: int = 64, device=None, progress: bool = True) -> AttributionResult:
     """D-TRAK scores [Q, N] of every training sample of ``run`` for every query.
 
     Args:
@@ -116,6 +117,7 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
         proj_dim: ``k`` of the Gaussian projection.
         damping: ``lambda`` relative to the kernel's mean non-zero eigenvalue (``damping_lambda``).
         seed: seeds the projection and the noise draws (training side ``seed``, queries ``seed + 1``).
+        progress: a progress bar over the checkpoints.
 
     ``train_grad_norms`` holds the norms of the unprojected training features.
     """
@@ -129,7 +131,7 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
                 (validation.integer(c, "checkpoints entry") for c in checkpoints))
     scores = torch.zeros(len(queries), len(run.data), dtype=torch.float64)
     norms = torch.zeros(len(idx), len(run.data))
-    for j, c in enumerate(idx):
+    for j, c in enumerate(tqdm(idx, desc="dtrak", disable=not progress)):
         model = run.model_at(c).to(device)
         train = averaged_gradients(model, run.scheduler, run.data.images, grid, seed, chunk_size)
         query = averaged_gradients(model, run.scheduler, queries, grid, seed + 1, chunk_size)

@@ -172,6 +172,9 @@ def test_digits_with_outliers_plants_visible_outliers():
     nearest_digit = torch.cdist(data.images[is_out].flatten(1), digits).min(1).values
     typical = torch.cdist(digits, digits).fill_diagonal_(float("inf")).min(1).values.median()
     assert (nearest_digit > 2 * typical).all(), "an outlier should be far from every digit"
+    outliers = data.images[is_out].flatten(1)
+    spread = torch.cdist(outliers, outliers).max()
+    assert spread < typical, "the outliers are one family: closer to each other than digits are"
 
 
 def test_self_influence_outlier_auc_and_top():
@@ -238,6 +241,11 @@ def test_subset_losses_average_the_seeds(points_config, points, tmp_path):
 def test_paired_difference_interval():
     same = cf.paired_difference(torch.tensor([3.0, 2.0, 5.0]), torch.tensor([1.0, 0.0, 3.0]))
     assert (same.mean, same.low, same.high) == (2.0, 2.0, 2.0) and same.excludes_zero
+    assert same.pick("up", "down", "tie") == "up"
+    flipped = cf.paired_difference(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([3.0, 2.0, 5.0]))
+    assert flipped.pick("up", "down", "tie") == "down" and flipped.excludes_zero
+    mixed = cf.paired_difference(torch.tensor([1.0, -1.0, 2.0, -2.0]), torch.zeros(4))
+    assert mixed.pick("up", "down", "tie") == "tie" and not mixed.excludes_zero
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, generator=gen) + 0.1, torch.randn(400, generator=gen)
     res = cf.paired_difference(a, b, n_boot=4000, seed=1)
@@ -252,3 +260,16 @@ def test_paired_difference_interval():
         cf.paired_difference(a, b[:5])
     with pytest.raises(ValueError, match="level"):
         cf.paired_difference(a, b, level=1.5)
+
+
+def test_outlier_auc_interval_brackets_the_auc_and_collapses_when_separated():
+    is_out = torch.tensor([True, True, False, False, False])
+    assert cf.outlier_auc_interval(torch.tensor([5.0, 6.0, 1.0, 2.0, 3.0]), is_out) == (1.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    values, is_out = torch.randn(60, generator=gen), torch.arange(60) < 20
+    values[is_out] += 0.8
+    low, high = cf.outlier_auc_interval(values, is_out, seed=3)
+    assert low < cf.outlier_auc(values, is_out) < high and 0.5 < high - low + 0.5 < 1
+    assert (low, high) == cf.outlier_auc_interval(values, is_out, seed=3)
+    with pytest.raises(ValueError, match="two outliers"):
+        cf.outlier_auc_interval(values, torch.arange(60) < 1)
