@@ -19,7 +19,7 @@ from .training import Run, load_or_train, load_run, save_run, train
 
 _MODULES = (
     "attribution", "baselines", "book", "cache", "checks", "claims", "config", "counterfactual",
-    "data", "diagnostics", "distributed", "ghost", "grads", "losses", "metrics", "models",
+    "data", "diagnostics", "distributed", "dtrak", "ghost", "grads", "losses", "metrics", "models",
     "plots", "projection", "prose", "recipes", "recorder", "sampling", "timesteps", "training",
     "validation", "widgets",
 )

@@ -3,20 +3,17 @@
 ``attribute_baseline(run, queries, method)`` returns an ``AttributionResult`` whose ``scores``
 [Q, N] rank training samples the way ``rl.attribute`` does (higher = more of a proponent):
 
-* ``"dtrak"``: D-TRAK's choice of output function (Zheng et al., ICLR 2024). Both gradients are
-  taken of ``f = mean eps_theta(x_t, t)^2`` (loss ``"square_norm"``, which ignores the true
-  noise) instead of the DDPM loss, and compared by cosine: the training gradient normalized, the
-  query gradient averaged over the whole grid and then normalized (``normalization="cosine"``).
-  D-TRAK itself projects the gradients randomly and whitens them with the inverse gradient
-  covariance (TRAK); at toy scale we keep only its output function and its normalization, so the
-  difference to "cosine" isolates the choice of output function.
+* ``"dtrak"``: D-TRAK as published (Zheng et al., ICLR 2024): gradients of the output function
+  ``mean eps_theta(x_t, t)^2`` averaged over a set of timesteps, randomly projected and scored
+  through the damped inverse feature kernel (``rl.dtrak.attribute_dtrak``, which takes its own
+  options: checkpoints, timesteps, proj_dim, damping, seed, device).
 * ``"cosine"``: plain gradient cosine of the DDPM loss, without ReTrac's per-timestep
   normalization: ``cos(g_c(x_i), mean_t m_c(z, t))`` summed over checkpoints. This is exactly
   ``rl.attribute(method="retrac", normalization="cosine")``, which it calls.
 * ``"pixel"``: nearest neighbours in pixel (or point) space, ``-|z - x_i|_2``.
 * ``"random"``: seeded standard-normal scores, the floor every method must beat.
 
-Gradient baselines take every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
+"cosine" takes every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
 ``pixel`` and ``random`` accept and ignore them (``random`` uses ``seed``).
 """
 from __future__ import annotations
@@ -27,12 +24,12 @@ import time
 import torch
 
 from .attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
+from .dtrak import attribute_dtrak
 from .models import check_samples
 
 BASELINES = ("dtrak", "cosine", "pixel", "random")
 # How each gradient baseline maps onto rl.attribute's options.
 _GRADIENT_OPTIONS = {
-    "dtrak": dict(normalization="cosine", loss="square_norm"),
     "cosine": dict(normalization="cosine"),
 }
 
@@ -75,13 +72,15 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
 
     Args:
         method: "dtrak", "cosine", "pixel" or "random" (see the module docstring).
-        seed: the random baseline's seed.
-        options: passed to ``rl.attribute`` by the gradient baselines ("dtrak", "cosine");
-            ignored by "pixel" and "random".
+        seed: the seed of "random" and "dtrak".
+        options: passed to ``rl.dtrak.attribute_dtrak`` by "dtrak", to ``rl.attribute`` by
+            "cosine"; ignored by "pixel" and "random".
 
     ``result.config.method`` names the baseline.
     """
     _check(method)
+    if method == "dtrak":
+        return attribute_dtrak(run, queries, seed=seed, **options)
     if method in _GRADIENT_OPTIONS:
         return _renamed(attribute(run, queries, "retrac", **_gradient_options(method, options)),
                         method)
@@ -90,9 +89,11 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
 
 def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *,
                                seed: int = 0, **options) -> AttributionResult:
-    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for the gradient baselines
-    (pixel and random scores are cheap and recomputed)."""
+    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel
+    and random scores are cheap at the book's scale and recomputed)."""
     _check(method)
+    if method == "dtrak":
+        return attribute_dtrak(run, queries, seed=seed, **options)
     if method in _GRADIENT_OPTIONS:
         result = load_or_attribute(run, queries, "retrac", **_gradient_options(method, options))
         return _renamed(result, method)

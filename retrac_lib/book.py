@@ -104,9 +104,12 @@ def query_digits(n_per_class: int | None = None, smoke: bool | None = None) -> D
 
 @dataclasses.dataclass(frozen=True)
 class CounterfactualSetup:
-    """Everything chapter 5's retraining experiments fix: run, queries and budgets.
+    """Everything one of chapter 5's retraining experiments fixes: run, queries and budgets.
 
-    ``loss_options`` go to ``rl.counterfactual.query_loss``; ``attribution`` to ``rl.attribute``.
+    Every training set is retrained with each of ``seeds`` and the query losses averaged; the
+    random removal is drawn ``random_draws`` times per query. ``loss_options`` go to
+    ``rl.counterfactual.query_loss``; ``attribution`` to ``rl.attribute``; ``dtrak`` to
+    ``rl.dtrak.attribute_dtrak``.
     """
 
     config: TrainConfig
@@ -118,14 +121,28 @@ class CounterfactualSetup:
     subset_seed: int
     loss_options: dict
     attribution: dict
+    seeds: tuple[int, ...] = (0,)
+    random_draws: int = 1
+    dtrak: dict = dataclasses.field(default_factory=dict)
+
+    def options(self, method: str) -> dict:
+        """The attribution options of ``method``: ``dtrak`` for D-TRAK, else ``attribution``."""
+        return self.dtrak if method == "dtrak" else self.attribution
+
+
+def dtrak_options(smoke: bool | None = None) -> dict:
+    """D-TRAK's settings in the chapters: the final checkpoint, 10 timesteps (the published
+    ``S``), a 2048-dimensional projection (smoke: 4 timesteps, 64 dimensions)."""
+    smoke = is_smoke() if smoke is None else smoke
+    sizes = dict(timesteps=4, proj_dim=64) if smoke else dict(timesteps=10, proj_dim=2048)
+    return dict(sizes, checkpoints=[-1], damping=0.1, device=device())
 
 
 def counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
-    """Chapter 5's retraining experiments: the MLP on 256 two-moons points, 100 epochs.
+    """Chapter 5's 2-D retraining experiments: the MLP on 256 two-moons points, 100 epochs.
 
-    Small enough to retrain dozens of times on a laptop CPU: held-out moons points as queries,
-    12 held-out query points, the top 10 % of the training set removed per query, 64
-    half-size subsets for the LDS.
+    8 held-out query points, the top 10 % of the training set removed per query, 48 half-size
+    subsets for the LDS; every training set trained with 3 seeds, 3 random removals per query.
     """
     smoke = is_smoke() if smoke is None else smoke
     if smoke:
@@ -133,12 +150,42 @@ def counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
             TrainConfig(model="mlp", clip_sample=False, mlp_hidden=32, epochs=3, batch_size=32,
                         checkpoint_every=1), moons(n=48), moons(n=16, seed=1).subset(range(3)),
             k=5, n_subsets=6, subset_fraction=0.5, subset_seed=0,
-            loss_options=dict(timesteps=10, n_noise=4), attribution=attribution_options(smoke=True))
+            loss_options=dict(timesteps=10, n_noise=4), attribution=attribution_options(smoke=True),
+            seeds=(0, 1), random_draws=2, dtrak=dtrak_options(smoke=True))
     return CounterfactualSetup(
         TrainConfig(model="mlp", clip_sample=False, epochs=100, batch_size=64, lr=2e-3,
-                    checkpoint_every=25), moons(n=256), moons(n=64, seed=1).subset(range(12)),
-        k=25, n_subsets=64, subset_fraction=0.5, subset_seed=0,
-        loss_options=dict(timesteps=100, n_noise=32), attribution=attribution_options(smoke=False))
+                    checkpoint_every=25), moons(n=256), moons(n=64, seed=1).subset(range(8)),
+        k=25, n_subsets=48, subset_fraction=0.5, subset_seed=0,
+        loss_options=dict(timesteps=100, n_noise=32), attribution=attribution_options(smoke=False),
+        seeds=(0, 1, 2), random_draws=3, dtrak=dtrak_options(smoke=False))
+
+
+def digits_counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
+    """Chapter 5's retraining experiments on digit images: 120 training digits (12 per class),
+    the small (8, 16) UNet, 20 epochs; 6 held-out query digits, the top 12 removed per query,
+    32 half-size subsets for the LDS, 3 training seeds, 3 random removals per query."""
+    smoke = is_smoke() if smoke is None else smoke
+    train, test = digits("train"), digits("test")
+
+    def per_class(data, n):
+        return [i for c in range(10) for i in (data.labels == c).nonzero().flatten()[:n].tolist()]
+
+    if smoke:
+        return CounterfactualSetup(
+            TrainConfig(block_out_channels=(8, 16), epochs=2, batch_size=16, checkpoint_every=1),
+            train.subset(per_class(train, 3), name="digits-cf-smoke"),
+            test.subset(per_class(test, 1)[:2], name="digits-cf-queries"),
+            k=3, n_subsets=4, subset_fraction=0.5, subset_seed=0,
+            loss_options=dict(timesteps=5, n_noise=2), attribution=attribution_options(smoke=True),
+            seeds=(0, 1), random_draws=2, dtrak=dtrak_options(smoke=True))
+    queries = test.subset(per_class(test, 1)[:6], name="digits-cf-queries")
+    return CounterfactualSetup(
+        TrainConfig(block_out_channels=(8, 16), epochs=20, batch_size=32, lr=2e-3,
+                    checkpoint_every=10),
+        train.subset(per_class(train, 12), name="digits-cf"), queries,
+        k=12, n_subsets=32, subset_fraction=0.5, subset_seed=0,
+        loss_options=dict(timesteps=50, n_noise=8), attribution=attribution_options(smoke=False),
+        seeds=(0, 1, 2), random_draws=3, dtrak=dtrak_options(smoke=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +202,19 @@ class OutlierSetup:
     attribution: dict
     n_generated: int
     n_queries: int
+    dtrak: dict = dataclasses.field(default_factory=dtrak_options)
+
+    def options(self, method: str, self_influence: bool = False) -> dict:
+        """The attribution options of ``method`` for the generated queries, or for the
+        self-influence of every training image: ``dtrak`` for D-TRAK (both cases)."""
+        if method == "dtrak":
+            return self.dtrak
+        return self.self_attribution if self_influence else self.attribution
 
 
 def outlier_setup(smoke: bool | None = None) -> OutlierSetup:
-    """300 training digits with 9 checkerboards mixed in, the book's UNet, 40 epochs.
+    """300 training digits with 15 checkerboards (4.8 %, one pattern with pixel noise) mixed in,
+    the book's UNet, 40 epochs; 256 generated images.
 
     Self-influence needs every training image as a query, so it uses the last checkpoint and a
     10 x 2 query grid; the generated queries use the chapters' usual options.
@@ -169,12 +225,13 @@ def outlier_setup(smoke: bool | None = None) -> OutlierSetup:
             TrainConfig(block_out_channels=(8, 16), epochs=2, batch_size=32, checkpoint_every=1),
             digits_with_outliers(n_digits=60, n_outliers=3),
             self_attribution=dict(checkpoints=[-1], timesteps=2, n_noise=1),
-            attribution=attribution_options(smoke=True), n_generated=8, n_queries=2)
+            attribution=attribution_options(smoke=True), n_generated=8, n_queries=2,
+            dtrak=dtrak_options(smoke=True))
     return OutlierSetup(
         TrainConfig(epochs=40, batch_size=32, lr=2e-3, checkpoint_every=10),
-        digits_with_outliers(n_digits=300, n_outliers=9),
+        digits_with_outliers(n_digits=300, n_outliers=15),
         self_attribution=dict(checkpoints=[-1], timesteps=10, n_noise=2),
-        attribution=attribution_options(smoke=False), n_generated=128, n_queries=4)
+        attribution=attribution_options(smoke=False), n_generated=256, n_queries=8)
 
 
 # ---------------------------------------------------------------------------------------------

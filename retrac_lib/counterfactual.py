@@ -1,7 +1,8 @@
 """Counterfactual truth for attribution scores: what retraining actually does (chapter 5).
 
 An attribution claims that some training samples lowered a query's loss. At toy scale the claim
-can be tested by retraining, with the same configuration and seed, on a changed training set:
+can be tested by retraining, with the same configuration, on a changed training set, each
+training set with several training seeds whose query losses are averaged (``seed_mean_loss``):
 
 * **Removal test** (``removal_test``): for each query, drop a method's top-``k`` proponents,
   retrain, and measure how much the query's loss rose, against dropping ``k`` random samples.
@@ -9,6 +10,8 @@ can be tested by retraining, with the same configuration and seed, on a changed 
   ``M`` random subsets of half the data; for each query, the Spearman correlation between the
   subset's summed scores and the retrained model's *negative* query loss. A proponent lowers the
   loss when it is present, so a perfect additive attribution scores +1, a random one about 0.
+* **Paired comparisons** (``paired_difference``): two methods measured on the same queries are
+  compared by their per-query differences, with a seeded bootstrap confidence interval.
 
 Every retrain goes through ``rl.load_or_train`` (``retrain_on``), so it is cached by its exact
 configuration and kept samples: rerunning a chapter, or two methods asking for the same
@@ -37,7 +40,7 @@ from .models import check_samples
 from .training import Run, load_or_train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "removal_test", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc",
+           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference", "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc", "outlier_auc_interval",
            "outliers_in_top", "run_self_influence", "chapter_table",
            "format_table"]
 
@@ -131,9 +134,11 @@ def retrain_on(config: TrainConfig, data: Dataset, kept, progress: bool = False,
 class RemovalResult:
     """Query losses after removing each method's top-``k`` proponents of each query.
 
-    ``base_loss`` [Q] is the loss of the model trained on all data; ``loss[m]`` [Q] the loss of
-    the model retrained without ``removed[m]`` [Q, k]. ``n_retrains`` counts distinct trained
-    sets (identical ones are trained once).
+    Every loss is the mean over the training ``seeds``: ``base_loss`` [Q] of the models trained
+    on all data, ``loss[m]`` [Q] of the models retrained without ``removed[m]`` [Q, k]. The
+    "random" reference removes ``k`` random samples ``draws`` times per query: ``removed["random"]``
+    is [Q, draws, k], ``draw_loss`` [Q, draws] the seed-mean loss of each draw and
+    ``loss["random"]`` their mean. ``n_retrains`` counts distinct (training set, seed) runs.
     """
 
     k: int
@@ -141,7 +146,8 @@ class RemovalResult:
     loss: dict[str, torch.Tensor]
     removed: dict[str, torch.Tensor]
     n_retrains: int
-    seed: int
+    seeds: tuple[int, ...]
+    draw_loss: torch.Tensor | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -156,40 +162,124 @@ class RemovalResult:
         return self.increase(method) / self.base_loss
 
 
+def _seeds(config: TrainConfig, seeds) -> tuple[int, ...]:
+    seeds = (config.seed,) if seeds is None else tuple(validation.integer(s, "seeds entry") for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct training seeds; got {seeds}.")
+    return seeds
+
+
+def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tensor,
+                   seeds, loss_options: dict, root: Path | None = None) -> torch.Tensor:
+    """Query loss [Q] of ``config`` retrained on ``kept`` with each training seed, averaged."""
+    runs = [retrain_on(config.replace(seed=s), data, kept, root=root) for s in seeds]
+    return torch.stack([run_query_loss(r, queries, **loss_options) for r in runs]).mean(0)
+
+
+def random_removals(n: int, n_queries: int, draws: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``draws`` seeded random sets of ``k`` of ``n`` samples per query: [Q, draws, k], sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(n, generator=gen)[:k].sort().values
+                                     for _ in range(draws)]) for _ in range(n_queries)])
+
+
 def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
-                 scores: dict[str, torch.Tensor], k: int, *, loss_options: dict | None = None,
-                 progress: bool = True, root: Path | None = None) -> RemovalResult:
+                 scores: dict[str, torch.Tensor], k: int, *, seeds=None, random_draws: int = 0,
+                 random_seed: int = 0, loss_options: dict | None = None, progress: bool = True,
+                 root: Path | None = None) -> RemovalResult:
     """Retrain without each method's top-``k`` proponents of each query; measure the query loss.
 
     ``scores`` maps a method name to its score matrix [Q, N] (``AttributionResult.scores``) for
-    ``queries``; a "random" entry gives the reference (``k`` random samples per query). Retrains
-    use ``config`` unchanged, seed included; the loss is ``query_loss(**loss_options)``.
+    ``queries``. ``random_draws`` > 0 adds the "random" reference: that many seeded random sets
+    of ``k`` per query (then ``scores`` must not hold "random"). Every training set is trained
+    with each of ``seeds`` (default ``config.seed``, all else of ``config`` unchanged) and the
+    query losses (``query_loss(**loss_options)``) are averaged over the seeds.
     """
     loss_options = dict(loss_options or {})
     loss_options.setdefault("loss", config.loss)
+    seeds = _seeds(config, seeds)
     n = len(data)
     if not 1 <= k < n:
         raise ValueError(f"k={k} must lie in [1, {n - 1}] (the training set has {n} samples).")
+    random_draws = validation.integer(random_draws, "random_draws", 0)
+    if random_draws and "random" in scores:
+        raise ValueError("Pass either random_draws or a 'random' score matrix, not both.")
     for name, s in scores.items():
         if tuple(s.shape) != (len(queries), n):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
                              f"[{len(queries)} queries, {n} training samples].")
-    base = load_or_train(config, data, progress=False, root=root)
-    base_loss = run_query_loss(base, queries, **loss_options)
+    base_loss = seed_mean_loss(config, data, torch.arange(n), queries, seeds, loss_options, root)
     removed = {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
                for m, s in scores.items()}
-    losses = {m: torch.empty(len(queries), dtype=torch.float64) for m in scores}
+    sets = {m: r[:, None] for m, r in removed.items()}                    # [Q, draws, k]
+    if random_draws:
+        removed["random"] = sets["random"] = random_removals(n, len(queries), random_draws, k, random_seed)
+    losses = {m: torch.empty(r.shape[:2], dtype=torch.float64) for m, r in sets.items()}
     trained = set()
-    bar = tqdm(total=len(scores) * len(queries), desc="removal retrains", disable=not progress)
-    for m in scores:
+    bar = tqdm(total=sum(r.shape[0] * r.shape[1] for r in sets.values()), desc="removal retrains",
+               disable=not progress)
+    for m, r in sets.items():
         for q in range(len(queries)):
-            kept = kept_without(n, removed[m][q])
-            run = retrain_on(config, data, kept, root=root)
-            trained.add(tuple(removed[m][q].tolist()))
-            losses[m][q] = run_query_loss(run, queries[q:q + 1], **loss_options)[0]
-            bar.update()
+            for d in range(r.shape[1]):
+                losses[m][q, d] = seed_mean_loss(config, data, kept_without(n, r[q, d]),
+                                                 queries[q:q + 1], seeds, loss_options, root)[0]
+                trained.add(tuple(r[q, d].tolist()))
+                bar.update()
     bar.close()
-    return RemovalResult(k, base_loss, losses, removed, len(trained), config.seed)
+    draw_loss = losses["random"] if random_draws else None
+    return RemovalResult(k, base_loss, {m: v.mean(1) for m, v in losses.items()}, removed,
+                         len(trained) * len(seeds), seeds, draw_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# paired comparisons with bootstrap intervals
+
+
+@dataclasses.dataclass
+class PairedDifference:
+    """Per-query differences ``a - b`` [Q] with their mean and a percentile bootstrap interval."""
+
+    per_query: torch.Tensor
+    mean: float
+    low: float
+    high: float
+    level: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the whole interval lies on one side of 0."""
+        return self.low > 0 or self.high < 0
+
+    def pick(self, above: str, below: str, includes_zero: str) -> str:
+        """The wording that is true: ``above`` when the interval lies above 0, ``below`` when
+        it lies below 0, else ``includes_zero``."""
+        return above if self.low > 0 else below if self.high < 0 else includes_zero
+
+    def text(self, fmt: str = "+.3f", unit: str = "") -> str:
+        """``"+0.123 (95 % CI +0.045 to +0.201)"``."""
+        return (f"{self.mean:{fmt}}{unit} ({100 * self.level:.0f} % CI {self.low:{fmt}}{unit} to "
+                f"{self.high:{fmt}}{unit})")
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, *, n_boot: int = 10000,
+                      level: float = 0.95, seed: int = 0) -> PairedDifference:
+    """Mean of the per-query differences ``a - b`` with a seeded percentile bootstrap interval:
+    the queries are resampled with replacement ``n_boot`` times, the interval holds the central
+    ``level`` of the resampled means."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"a and b must be per-query values of the same length >= 2; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    n_boot = validation.integer(n_boot, "n_boot", 1)
+    diff = a - b
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (n_boot, len(diff)), generator=gen)
+    means = diff[idx].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return PairedDifference(diff, float(diff.mean()), low, high, level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,18 +300,19 @@ def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torc
 
 
 def subset_losses(config: TrainConfig, data: Dataset, masks: torch.Tensor, queries: torch.Tensor,
-                  *, loss_options: dict | None = None, progress: bool = True,
+                  *, seeds=None, loss_options: dict | None = None, progress: bool = True,
                   root: Path | None = None) -> torch.Tensor:
-    """Retrain ``config`` on each subset ``masks[j]`` and return the query losses [M, Q]."""
+    """Retrain ``config`` on each subset ``masks[j]`` with each training seed (default
+    ``config.seed``) and return the seed-mean query losses [M, Q]."""
     loss_options = dict(loss_options or {})
     loss_options.setdefault("loss", config.loss)
+    seeds = _seeds(config, seeds)
     if masks.ndim != 2 or masks.shape[1] != len(data) or masks.dtype != torch.bool:
         raise ValueError(f"masks must be a boolean [M, {len(data)}] tensor; got "
                          f"{masks.dtype} {tuple(masks.shape)}.")
     out = torch.empty(len(masks), len(queries), dtype=torch.float64)
     for j in tqdm(range(len(masks)), desc="subset retrains", disable=not progress):
-        run = retrain_on(config, data, masks[j], root=root)
-        out[j] = run_query_loss(run, queries, **loss_options)
+        out[j] = seed_mean_loss(config, data, masks[j], queries, seeds, loss_options, root)
     return out
 
 
@@ -327,6 +418,27 @@ def outlier_auc(values: torch.Tensor, is_outlier: torch.Tensor) -> float:
         raise ValueError("Need at least one outlier and one inlier.")
     diff = a[:, None] - b[None, :]
     return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def outlier_auc_interval(values: torch.Tensor, is_outlier: torch.Tensor, *, n_boot: int = 2000,
+                         level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A seeded percentile bootstrap interval for ``outlier_auc``: outliers and inliers are
+    resampled separately, with replacement, ``n_boot`` times."""
+    values, is_outlier = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(is_outlier)
+    a, b = values[is_outlier], values[~is_outlier]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Need at least two outliers and two inliers for an interval.")
+    gen = torch.Generator().manual_seed(seed)
+    aucs = []
+    for _ in range(validation.integer(n_boot, "n_boot", 1)):
+        ra = a[torch.randint(0, len(a), (len(a),), generator=gen)]
+        rb = b[torch.randint(0, len(b), (len(b),), generator=gen)]
+        diff = ra[:, None] - rb[None, :]
+        aucs.append(float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()))
+    tail = (1 - level) / 2
+    low, high = torch.quantile(torch.tensor(aucs, dtype=torch.float64),
+                               torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def outliers_in_top(values: torch.Tensor, is_outlier: torch.Tensor, k: int | None = None) -> int:

@@ -137,26 +137,25 @@ def _points(name, x, y) -> Dataset:
 OUTLIER_LABEL = 10
 
 
-def checkerboards(n: int, size: int = 8, jitter: float = 0.2, seed: int = 0) -> torch.Tensor:
-    """``n`` checkerboards [n, 1, size, size] in [-1, 1]: squares of 1, 2 or 3 pixels, a random
-    phase and seeded pixel noise; images no digit resembles."""
+def checkerboards(n: int, size: int = 8, block: int = 2, jitter: float = 0.2,
+                  seed: int = 0) -> torch.Tensor:
+    """``n`` checkerboards [n, 1, size, size] in [-1, 1]: one pattern (squares of ``block``
+    pixels) with seeded pixel noise of standard deviation ``jitter``, an image family no digit
+    resembles and small variations of it, so a model can learn to generate it."""
     gen = torch.Generator().manual_seed(seed)
     ij = torch.arange(size)
-    images = []
-    for _ in range(n):
-        block = int(torch.randint(1, 4, (1,), generator=gen))
-        dy, dx = torch.randint(0, 2 * block, (2,), generator=gen).tolist()
-        board = (((ij[:, None] + dy) // block + (ij[None, :] + dx) // block) % 2).float() * 2 - 1
-        images.append(board + jitter * torch.randn((size, size), generator=gen))
-    return torch.stack(images).clamp(-1, 1).unsqueeze(1)
+    board = ((ij[:, None] // block + ij[None, :] // block) % 2).float() * 2 - 1
+    images = board + jitter * torch.randn((n, size, size), generator=gen)
+    return images.clamp(-1, 1).unsqueeze(1)
 
 
-def digits_with_outliers(n_digits: int = 300, n_outliers: int = 9, seed: int = 0) -> Dataset:
+def digits_with_outliers(n_digits: int = 300, n_outliers: int = 15, seed: int = 0) -> Dataset:
     """Planted outliers (chapter 5): the first ``n_digits`` training digits with ``n_outliers``
     checkerboards mixed in at seeded random positions, labelled ``OUTLIER_LABEL`` (10).
 
-    A small-scale version of the paper's 200 MNIST zeros among 5,000 CIFAR-10 airplanes: a few
-    visibly out-of-distribution images of one kind, so a model can also learn to generate them.
+    A small-scale version of the paper's 200 MNIST zeros among 5,000 CIFAR-10 airplanes (4 %):
+    a few percent of visibly out-of-distribution images of one kind, so a model can also learn to
+    generate them.
     """
     base = digits("train")
     if not 1 <= n_digits <= len(base):

@@ -1,4 +1,4 @@
-"""Baselines (chapter 5) under rl.attribute's interface: D-TRAK-style output function, plain
+"""Baselines (chapter 5) under rl.attribute's interface: D-TRAK, plain
 gradient cosine, pixel nearest neighbours and random scores."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 
 import retrac_lib as rl
 from retrac_lib import baselines
-from retrac_lib.grads import per_sample_grads_loop
 
 OPTS = dict(timesteps=3, n_noise=2, progress=False)
 
@@ -45,34 +44,19 @@ def test_cosine_is_retrac_with_one_normalization_of_the_averaged_query(tiny_poin
     assert res.config.method == "cosine" and res.config.normalization == "cosine"
 
 
-def test_dtrak_uses_the_square_norm_output_function_on_both_sides(tiny_points_run):
-    """One checkpoint by hand: cos(grad f(x_i at its recorded t, eps), mean over draws of grad f(z))."""
-    run, c = tiny_points_run, 1
-    q = run.data.images[:2]
-    res = baselines.attribute_baseline(run, q, "dtrak", checkpoints=[c], **OPTS)
-    model = run.model_at(c)
-    t, eps = run.recorded(c)
-    g = per_sample_grads_loop(model, run.scheduler, run.data.images, t, eps, loss="square_norm")
-    g = g / g.norm(dim=1, keepdim=True)
-    grid = rl.timesteps.timestep_grid(3)
-    noise = rl.timesteps.query_noise_draws((2,), 3, 2, 0).flatten(0, 1)
-    tt = grid.repeat_interleave(2)
-    rows = []
-    for z in q:
-        m = per_sample_grads_loop(model, run.scheduler, z.expand(6, 2), tt, noise,
-                                  loss="square_norm").mean(0)
-        rows.append(m / m.norm())
-    expected = run.checkpoint_weights()[c] * torch.stack(rows).double() @ g.double().T
-    assert torch.allclose(res.scores, expected, rtol=1e-4, atol=1e-7)
-    assert res.config.method == "dtrak" and res.config.loss == "square_norm"
-    cosine = baselines.attribute_baseline(run, q, "cosine", checkpoints=[c], **OPTS)
-    assert not torch.allclose(res.scores, cosine.scores), "the output function must matter"
+def test_dtrak_baseline_is_rl_dtrak(tiny_points_run):
+    q = tiny_points_run.data.images[:2]
+    res = baselines.attribute_baseline(tiny_points_run, q, "dtrak", seed=3, timesteps=4, proj_dim=16)
+    ref = rl.dtrak.attribute_dtrak(tiny_points_run, q, seed=3, timesteps=4, proj_dim=16)
+    assert torch.equal(res.scores, ref.scores) and res.config.method == "dtrak"
+    with pytest.raises(TypeError, match="n_noise"):
+        baselines.attribute_baseline(tiny_points_run, q, "dtrak", n_noise=2)
 
 
 def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRAC_CACHE", str(tmp_path))
     q = tiny_points_run.data.images[:2]
-    first = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
+    first = baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
     assert len(list((tmp_path / "attributions").iterdir())) == 1
 
     def no_computing(*args, **kwargs):
@@ -80,11 +64,11 @@ def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, t
 
     with monkeypatch.context() as m:
         m.setattr(rl.attribution.scoring, "attribute", no_computing)
-        again = baselines.load_or_attribute_baseline(tiny_points_run, q, "dtrak", **OPTS)
-        assert torch.equal(first.scores, again.scores) and again.config.method == "dtrak"
+        again = baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
+        assert torch.equal(first.scores, again.scores) and again.config.method == "cosine"
         assert again.seconds == first.seconds  # the saved timing, not a new one
         with pytest.raises(AssertionError, match="from the cache"):  # other options: not cached
-            baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
+            baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **{**OPTS, "n_noise": 3})
     both = baselines.attribute_any(tiny_points_run, q, "retrac", **OPTS)
     assert both.config.method == "retrac"
 
@@ -94,6 +78,6 @@ def test_bad_method_or_clashing_options_are_refused(tiny_points_run):
     with pytest.raises(ValueError, match="method must be one of"):
         baselines.attribute_baseline(tiny_points_run, q, "trak")
     with pytest.raises(ValueError, match="fixes"):
-        baselines.attribute_baseline(tiny_points_run, q, "dtrak", loss="mse", **OPTS)
+        baselines.attribute_baseline(tiny_points_run, q, "cosine", normalization="per_timestep", **OPTS)
     with pytest.raises(ValueError, match="queries"):
         baselines.attribute_baseline(tiny_points_run, torch.zeros(2, 3), "pixel")

@@ -172,6 +172,9 @@ def test_digits_with_outliers_plants_visible_outliers():
     nearest_digit = torch.cdist(data.images[is_out].flatten(1), digits).min(1).values
     typical = torch.cdist(digits, digits).fill_diagonal_(float("inf")).min(1).values.median()
     assert (nearest_digit > 2 * typical).all(), "an outlier should be far from every digit"
+    outliers = data.images[is_out].flatten(1)
+    spread = torch.cdist(outliers, outliers).max()
+    assert spread < typical, "the outliers are one family: closer to each other than digits are"
 
 
 def test_self_influence_outlier_auc_and_top():
@@ -196,3 +199,77 @@ def test_run_self_influence_is_the_diagonal_of_attribution(tiny_points_run):
     full = rl.attribute(tiny_points_run, tiny_points_run.data.images, "retrac", checkpoints=[last],
                         timesteps=3, n_noise=2, progress=False)
     assert torch.allclose(si, full.scores.diagonal())
+
+
+def test_removal_test_averages_seeds_and_draws_random_sets(points_config, points, tmp_path, generator):
+    queries = rl.data.moons(n=8, seed=1).images[:2]
+    scores = {"a": torch.randn(2, 24, generator=generator)}
+    res = cf.removal_test(points_config, points, queries, scores, k=3, seeds=[0, 5], random_draws=2,
+                          random_seed=7, progress=False, root=tmp_path)
+    assert res.seeds == (0, 5) and res.removed["random"].shape == (2, 2, 3)
+    assert torch.equal(res.removed["random"], cf.random_removals(24, 2, 2, 3, seed=7))
+    assert res.n_retrains == 2 * (2 + 4)
+
+    def loss(kept, q):   # the slow way: train each seed, measure, average
+        runs = [rl.load_or_train(points_config.replace(seed=s), points.subset(kept), root=tmp_path)
+                for s in (0, 5)]
+        return sum(float(cf.run_query_loss(r, queries[q:q + 1])[0]) for r in runs) / 2
+
+    top = scores["a"][1].topk(3).indices.tolist()
+    assert res.loss["a"][1].item() == pytest.approx(loss([i for i in range(24) if i not in top], 1), rel=1e-9)
+    draws = [loss(cf.kept_without(24, res.removed["random"][0, d]).tolist(), 0) for d in range(2)]
+    assert res.draw_loss[0].tolist() == pytest.approx(draws, rel=1e-9)
+    assert res.loss["random"][0].item() == pytest.approx(sum(draws) / 2, rel=1e-9)
+    assert res.base_loss[0].item() == pytest.approx(loss(list(range(24)), 0), rel=1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        cf.removal_test(points_config, points, queries, {"random": scores["a"]}, k=3, random_draws=1,
+                        progress=False, root=tmp_path)
+    with pytest.raises(ValueError, match="distinct training seeds"):
+        cf.removal_test(points_config, points, queries, scores, k=3, seeds=[1, 1], progress=False,
+                        root=tmp_path)
+
+
+def test_subset_losses_average_the_seeds(points_config, points, tmp_path):
+    queries = rl.data.moons(n=8, seed=1).images[:2]
+    masks = cf.random_subsets(24, 2, seed=3)
+    both = cf.subset_losses(points_config, points, masks, queries, seeds=[0, 1], progress=False, root=tmp_path)
+    each = [cf.subset_losses(points_config.replace(seed=s), points, masks, queries, progress=False,
+                             root=tmp_path) for s in (0, 1)]
+    assert torch.allclose(both, (each[0] + each[1]) / 2)
+
+
+def test_paired_difference_interval():
+    same = cf.paired_difference(torch.tensor([3.0, 2.0, 5.0]), torch.tensor([1.0, 0.0, 3.0]))
+    assert (same.mean, same.low, same.high) == (2.0, 2.0, 2.0) and same.excludes_zero
+    assert same.pick("up", "down", "tie") == "up"
+    flipped = cf.paired_difference(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([3.0, 2.0, 5.0]))
+    assert flipped.pick("up", "down", "tie") == "down" and flipped.excludes_zero
+    mixed = cf.paired_difference(torch.tensor([1.0, -1.0, 2.0, -2.0]), torch.zeros(4))
+    assert mixed.pick("up", "down", "tie") == "tie" and not mixed.excludes_zero
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, generator=gen) + 0.1, torch.randn(400, generator=gen)
+    res = cf.paired_difference(a, b, n_boot=4000, seed=1)
+    half = 1.96 * float((a - b).std()) / 400 ** 0.5            # the normal-theory interval
+    assert res.mean == pytest.approx(float((a - b).mean()))
+    assert res.low == pytest.approx(res.mean - half, abs=0.25 * half)
+    assert res.high == pytest.approx(res.mean + half, abs=0.25 * half)
+    again = cf.paired_difference(a, b, n_boot=4000, seed=1)
+    assert (again.low, again.high) == (res.low, res.high)
+    assert "95 % CI" in res.text() and res.text(".1f", " %").count(" %") == 4
+    with pytest.raises(ValueError, match="same length"):
+        cf.paired_difference(a, b[:5])
+    with pytest.raises(ValueError, match="level"):
+        cf.paired_difference(a, b, level=1.5)
+
+
+def test_outlier_auc_interval_brackets_the_auc_and_collapses_when_separated():
+    is_out = torch.tensor([True, True, False, False, False])
+    assert cf.outlier_auc_interval(torch.tensor([5.0, 6.0, 1.0, 2.0, 3.0]), is_out) == (1.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    values, is_out = torch.randn(60, generator=gen), torch.arange(60) < 20
+    values[is_out] += 0.8
+    low, high = cf.outlier_auc_interval(values, is_out, seed=3)
+    assert low < cf.outlier_auc(values, is_out) < high and 0.5 < high - low + 0.5 < 1
+    assert (low, high) == cf.outlier_auc_interval(values, is_out, seed=3)
+    with pytest.raises(ValueError, match="two outliers"):
+        cf.outlier_auc_interval(values, torch.arange(60) < 1)

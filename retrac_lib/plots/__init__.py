@@ -11,14 +11,14 @@ import torch
 METHOD_COLORS = {
     "tracin": "#d95f02",   # orange: Diffusion-TracIn
     "retrac": "#1b9e77",   # green: Diffusion-ReTrac
-    "dtrak": "#7570b3",    # purple: D-TRAK-style output function
+    "dtrak": "#7570b3",    # purple: D-TRAK (Zheng et al., 2024)
     "cosine": "#e7298a",   # pink: plain gradient cosine
     "pixel": "#66a61e",    # olive: nearest neighbour in pixel space
     "random": "#999999",   # grey: random scores
     "data": "#4c72b0",     # blue: the training data itself
 }
 METHOD_LABELS = {
-    "tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "dtrak": "D-TRAK-style",
+    "tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "dtrak": "D-TRAK",
     "cosine": "gradient cosine", "pixel": "pixel neighbour", "random": "random",
 }
 

@@ -156,3 +156,31 @@ def points_proponents(data, queries: torch.Tensor, top: dict, query: int = 0, ti
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def paired_figure(panels: dict, title: str | None = None):
+    """Paired comparisons: one panel per entry of ``panels`` (a title -> {(method, against):
+    ``PairedDifference``}); per row the per-query differences as dots and their mean with its
+    bootstrap interval as a bar. Colour: the first method of the pair."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels),
+                                                      0.45 * max(len(p) for p in panels.values()) + 1.6),
+                             squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, (name, pairs) in zip(axes[0], panels.items()):
+        for row, ((m, ref), d) in enumerate(pairs.items()):
+            colour = METHOD_COLORS.get(m, "black")
+            v = d.per_query.numpy()
+            ax.scatter(v, row + rng.uniform(-0.15, 0.15, len(v)), s=14, color=colour, alpha=0.5,
+                       edgecolor="none")
+            ax.errorbar(d.mean, row, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="D",
+                        color=colour, markeredgecolor="black", markersize=7, capsize=4, zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(pairs)), [f"{_label(m)} − {_label(ref)}" for m, ref in pairs])
+        ax.invert_yaxis()
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
+    level = next(iter(next(iter(panels.values())).values())).level
+    fig.suptitle(title or f"Paired differences per query (dots) with their mean and "
+                          f"{100 * level:.0f} % bootstrap interval", fontsize=10)
+    fig.tight_layout()
+    return fig
