@@ -14,7 +14,6 @@ import csv
 import functools
 import json
 import re
-import tempfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -95,10 +94,11 @@ WRONG = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def assignment(path: Path) -> Path:
-    """The chapter's assignment, made once per test session."""
-    return assign.make_assignment(path, Path(tempfile.mkdtemp(prefix="assignments-")))
+@pytest.fixture(scope="session")
+def assignment(tmp_path_factory):
+    """``assignment(chapter)``: the chapter's assignment folder, made once per test session."""
+    out = tmp_path_factory.mktemp("assignments")
+    return functools.cache(lambda path: assign.make_assignment(path, out))
 
 
 def _read(path):
@@ -147,13 +147,14 @@ def _test_files(target: Path) -> dict[str, str]:
 # The assignments, statically (seconds).
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_every_exercise_is_a_question(path):
+def test_every_exercise_is_a_question(path, assignment):
     """Code answers are autograded with public and hidden tests; prose answers carry a rubric."""
     nb = _read(path)
     questions = _questions(nb)
     assert questions, f"{path.name}: no otter questions"
     labels = re.findall(r":label:\s*(ex-\S+)", "\n".join(
         c.source for c in nb.cells if c.cell_type == "markdown"))
+    assert len(labels) == len(set(labels)), f"{path.name}: an exercise label appears twice"
     in_questions = "\n".join(c.source for q in questions for c in q["prompt"] + q["solution"])
     assert all(f":label: {label}" in in_questions for label in labels), (
         f"{path.name}: an exercise outside every '# BEGIN QUESTION' block")
@@ -178,7 +179,7 @@ def test_every_exercise_is_a_question(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_student_version(path):
+def test_student_version(path, assignment):
     """Solutions, rubrics, tests and otter's configuration are gone; everything else is the
     chapter; each answer cell is the solution cell with its solution replaced by '...'."""
     instructor = _read(path)
@@ -220,6 +221,9 @@ def test_make_assignments_command_line(tmp_path, capsys):
     assert "no chapter '42'" in capsys.readouterr().err
     assert assign.main(["07", "--out", str(assign.ROOT / "notebooks")]) == 2
     assert "holds the chapters" in capsys.readouterr().err
+    grade_submissions = load_tool("grade_submissions")
+    assert grade_submissions.main([str(tmp_path / "nothing"), "submission.ipynb"]) == 2
+    assert "run tools/make_assignments.py first" in capsys.readouterr().err
 
 
 def test_a_chapter_without_config_is_refused(tmp_path):
@@ -274,8 +278,7 @@ def _fill(sources: list[str], answers: list[str]) -> list[str]:
     return out
 
 
-def grade(path: Path, tmp: Path) -> dict:
-    target = assignment(path)
+def grade(path: Path, tmp: Path, target: Path) -> dict:
     student = _read(target / "student" / path.name)
     solution = _read(target / "autograder" / path.name)
     start = _exercises_start(student)
@@ -301,8 +304,8 @@ def grade(path: Path, tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_grader(path, tmp_path):
-    report = grade(path, tmp_path)
+def test_grader(path, tmp_path, assignment):
+    report = grade(path, tmp_path, assignment(path))
     questions = {q["config"]["name"] for q in _questions(_read(path)) if not q["config"].get("manual")}
     assert set(report["solution"]) == questions
     for name, r in report["solution"].items():
@@ -317,7 +320,7 @@ def test_grader(path, tmp_path):
         assert expected in messages, f"no message {expected!r} for a wrong answer in:\n{messages}"
 
 
-def test_grade_submissions_with_otter_run(tmp_path):
+def test_grade_submissions_with_otter_run(tmp_path, assignment):
     """``tools/grade_submissions.py`` (``otter run``, no Docker) on one chapter: the solutions
     score full marks, the untouched student version zero without crashing the grader."""
     grade_submissions = load_tool("grade_submissions")
