@@ -40,9 +40,8 @@ WRONG = {
         ("t_c, eps_c = run.recorded(c)\n"
          "return rl.per_sample_grads(run.model_at(c), run.scheduler, run.data.images[indices],\n"
          "                           t_c[indices], eps_c[indices]).norm(dim=1)", "'l1'"),
-        ("l1_bias_weaker = not bool(diagnostics.decile_ratio(\n"
-         "    t_rec, diagnostics.recorded_norms(run, -1, loss='l1').norms) < trained.decile_ratio)",
-         "does not match the decile"),
+        ("not bool(diagnostics.decile_ratio(t_rec, diagnostics.recorded_norms(\n"
+         "    run, -1, loss='l1').norms) < trained.decile_ratio)", "does not match the decile"),
         ("return torch.stack([norms[timesteps * n_bins // T == b].double().sum()\n"
          "                    for b in range(n_bins)])", "average the norms of each bin"),
     ],
@@ -59,7 +58,7 @@ WRONG = {
         ("return G / G.norm(dim=0, keepdim=True)", "normalized the columns"),
         ('return rl.attribute(run, z[None], "retrac", checkpoints=[c], timesteps=grid, n_noise=K,\n'
          "                    progress=False).scores[0, :n]", "it calls attribute"),
-        ('same_ranking = {"cosine", "per_timestep"}', "not quite"),
+        ('{"cosine", "per_timestep"}', "not quite"),
     ],
     "04b_recipes": [
         ("top_a, top_b = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices\n"
@@ -80,7 +79,8 @@ WRONG = {
     "07_fast_attribution": [
         ("return (a @ a.transpose(1, 2) * (b @ b.transpose(1, 2))).sum((1, 2)).sqrt()",
          "not their squares"),
-        ('route_first_conv, route_1x1 = "factors", "materialize"', "route_first_conv"),
+        ('"factors"', "route_first_conv"),
+        ('"materialize"', "route_first_conv"),
     ],
     "08_your_own_model": [
         ("first = {}\n"
@@ -89,7 +89,7 @@ WRONG = {
          "    for i, t in zip(idx.tolist(), ts.tolist()):\n"
          "        first.setdefault(i, t)\n"
          "return torch.tensor([first[i] for i in range(len(run.data))])", "first visit"),
-        ("weight_factor = 0.25", "the weight counts visits"),
+        ("0.25", "the weight counts visits"),
     ],
 }
 
