@@ -1,17 +1,19 @@
-"""Self-checks for the exercises: compare your answer with the library's and say what is off.
+"""Checks for the exercises: compare an answer with a reference and say what is off.
 
-Every exercise cell in the book ends with one of these. A check prints one line when the answer
-is right and raises ``AssertionError`` with a diagnosis when it is not: wrong shape (transposed,
-summed over the batch, a dict instead of flat rows), wrong sign, off by a constant factor (the
-ratio is printed), the wrong loss, a clean instead of a noised input, rows in the wrong order.
+The code exercises call them as self-checks, and the autograder's public and hidden tests (written
+in each chapter's test cells, see the instructors' page) call them on inputs the student did not
+see. A check prints one line when the answer is right and raises ``AssertionError`` with a
+diagnosis when it is not: wrong shape (transposed, summed over the batch, a dict instead of flat
+rows), wrong sign, off by a constant factor (the ratio is printed), the wrong loss, a clean instead
+of a noised input, rows in the wrong order.
 
     from retrac_lib import checks
     checks.check_per_sample_grads(my_per_sample_grads)        # per-sample gradients
     checks.check_scores(my_scores, res.scores)                 # attribution scores, chapters 3-5
     checks.check_unit_rows(my_normalize)                       # ReTrac's normalization, chapter 4
+    checks.check_alphas_bar(my_alphas_bar, 1e-4, 0.02, 1000)   # the noise schedule, chapter 1
     checks.check_tensor("name", my_tensor, reference_tensor)   # anything else
-
-The instructors' page of the book explains how the student notebooks use them.
+    checks.refuse_calls(my_function, "attribute")              # "by hand" means without rl.attribute
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def _as_tensor(name: str, value, what: str = "your answer") -> torch.Tensor:
     try:
         tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        _fail(name, f"{what} is a {type(value).__name__}, not a tensor or array.")
+        hint = " Did you replace the `...` and return the result?" if value is None else ""
+        _fail(name, f"{what} is a {type(value).__name__}, not a tensor or array.{hint}")
     return tensor.detach().to("cpu", torch.float64)
 
 
@@ -115,6 +118,49 @@ def check_tensor(name: str, answer, expected, rtol: float = 1e-4, atol: float = 
           f"best-fitting factor {ratio:.4g}.")
 
 
+def _names_used(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_used(const)
+    return names
+
+
+def refuse_calls(fn, *names: str) -> None:
+    """Fail when function ``fn`` refers to any of ``names`` (a global or an attribute, in its own
+    body or a nested function's): an exercise that asks for a computation by hand must not call
+    the library function that does it."""
+    if not callable(fn) or not hasattr(fn, "__code__"):
+        _fail("refuse_calls", f"expected a function written in the notebook; got "
+              f"{type(fn).__name__}.")
+    used = sorted(_names_used(fn.__code__) & set(names))
+    if used:
+        _fail(fn.__name__, f"it calls {', '.join(used)}, which computes the answer; this exercise "
+              "asks you to compute it yourself from the pieces the exercise names.")
+
+
+def check_alphas_bar(fn, beta_start: float = 1e-4, beta_end: float = 0.02, T: int = 1000) -> None:
+    """Check ``fn(beta_start, beta_end, T)``, the cumulative products of ``1 - beta`` of a linear
+    schedule, against diffusers' ``DDPMScheduler(...).alphas_cumprod`` (chapter 1)."""
+    from diffusers import DDPMScheduler
+
+    name = "check_alphas_bar"
+    expected = DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end,
+                             beta_schedule="linear").alphas_cumprod
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    check_tensor(name, fn(beta_start, beta_end, T), expected, rtol=1e-5, alternatives={
+        "you took the cumulative product of beta; alpha_bar is the product of 1 - beta.":
+            torch.cumprod(betas, 0),
+        "you summed the betas (1 - cumsum(beta)); alpha_bar is a product, torch.cumprod(1 - beta).":
+            1 - torch.cumsum(betas, 0),
+        "the betas miss their last value: torch.linspace includes both ends, with T values.":
+            torch.cumprod(1 - torch.linspace(beta_start, beta_end, T + 1, dtype=torch.float64)[:-1], 0),
+        "you returned 1 - beta without the cumulative product.": 1 - betas,
+    })
+    _ok(name, f"matches DDPMScheduler's alphas_cumprod (beta {beta_start:g} to {beta_end:g}, "
+        f"T = {T}).")
+
+
 def tiny_batch(model: str = "unet", n: int = 4, seed: int = 0):
     """A small seeded model, scheduler and batch ``(x, t, noise)`` for checks and exercises."""
     from .data import digits, moons
@@ -144,15 +190,16 @@ def _grads_of(model, scheduler, x_in, t, target, loss, reduce=None):
     return torch.stack(rows)
 
 
-def check_per_sample_grads(fn, loss: str = "mse", model: str = "unet") -> None:
+def check_per_sample_grads(fn, loss: str = "mse", model: str = "unet", seed: int = 0) -> None:
     """Check a per-sample gradient function against ``rl.per_sample_grads``.
 
     ``fn(model, scheduler, x, t, noise)`` (called with ``loss=...`` when ``loss`` is not "mse")
     must return the [B, P] matrix whose row i is the gradient of sample i's DDPM loss
-    ``mean |eps_theta(x_t, t) - eps|^p`` at its own timestep and noise.
+    ``mean |eps_theta(x_t, t) - eps|^p`` at its own timestep and noise; ``model`` ("unet" or "mlp")
+    and ``seed`` choose the tiny seeded network and batch.
     """
     name = "check_per_sample_grads"
-    net, scheduler, x, t, noise = tiny_batch(model)
+    net, scheduler, x, t, noise = tiny_batch(model, seed=seed)
     expected = per_sample_grads(net, scheduler, x, t, noise, loss=loss)
     answer = fn(net, scheduler, x, t, noise) if loss == "mse" else fn(
         net, scheduler, x, t, noise, loss=loss)
