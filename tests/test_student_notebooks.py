@@ -47,7 +47,7 @@ WRONG = {
     ],
     "03_diffusion_tracin": [
         ("model = run.model_at(c)\n"
-         "noise = rl.attribution.query_noise_draws(z.shape, len(grid), K, seed=0)\n"
+         "noise = rl.timesteps.query_noise_draws(z.shape, len(grid), K, seed=0)\n"
          "v = torch.stack([rl.per_sample_grads(model, run.scheduler, z.expand(K, *z.shape),\n"
          "                 torch.full((K,), t), noise[j]).mean(0) for j, t in enumerate(grid)]).mean(0)\n"
          "t_rec, eps_rec = run.recorded(c)\n"

@@ -15,9 +15,6 @@ from .sides import (ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, query_v
                     timestep_gradients)
 from .sketch import TrainingSketch, sketch_training
 
-# The chapters' exercise cells call these here; new code imports them from ``rl.timesteps``.
-from ..timesteps import query_noise_draws, timestep_grid  # noqa: E402
-
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
