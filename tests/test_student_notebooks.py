@@ -46,13 +46,18 @@ WRONG = {
          "                    for b in range(n_bins)])", "average the norms of each bin"),
     ],
     "03_diffusion_tracin": [
-        ("model = run.model_at(c)\n"
-         "noise = rl.timesteps.query_noise_draws(z.shape, len(grid), K, seed=0)\n"
-         "v = torch.stack([rl.per_sample_grads(model, run.scheduler, z.expand(K, *z.shape),\n"
-         "                 torch.full((K,), t), noise[j]).mean(0) for j, t in enumerate(grid)]).mean(0)\n"
-         "t_rec, eps_rec = run.recorded(c)\n"
-         "g = rl.per_sample_grads(model, run.scheduler, run.data.images[:n], t_rec[:n], eps_rec[:n])\n"
-         "return g.double() @ v.double()", "off by a factor"),
+        ("weights = run.checkpoint_weights()\n"
+         "noise = rl.timesteps.query_noise_draws(zs.shape[1:], len(grid), K, seed=0)\n"
+         "scores = torch.zeros(len(zs), n, dtype=torch.float64)\n"
+         "for c in range(len(run.checkpoints)):\n"
+         "    model = run.model_at(c)\n"
+         "    t_rec, eps_rec = run.recorded(c)\n"
+         "    g = rl.per_sample_grads(model, run.scheduler, run.data.images[:n], t_rec[:n], eps_rec[:n])\n"
+         "    for q, z in enumerate(zs):\n"
+         "        m = torch.stack([rl.per_sample_grads(model, run.scheduler, z.expand(K, *z.shape),\n"
+         "                         torch.full((K,), t), noise[j]).mean(0) for j, t in enumerate(grid)])\n"
+         "        scores[q] += weights[c] * (g.double() @ m.sum(0).double())\n"
+         "return scores", "off by a factor"),
     ],
     "04_diffusion_retrac": [
         ("return G / G.norm(dim=0, keepdim=True)", "normalized the columns"),
