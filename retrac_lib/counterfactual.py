@@ -36,6 +36,7 @@ from .baselines import attribute_any
 from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
+from .metrics import text_table
 from .models import check_samples
 from .training import Run, load_or_train
 
@@ -475,9 +476,4 @@ def format_table(rows: dict[str, dict[str, str | float]], first: str = "method")
     """An aligned text table: ``rows`` maps a row name to {column: value} (floats to 3 places)."""
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     fmt = lambda v: f"{v:+.3f}" if isinstance(v, float) else str(v)
-    cells = [[name] + [fmt(r.get(c, "")) for c in columns] for name, r in rows.items()]
-    widths = [max(len(x) for x in col) for col in zip([first] + columns, *cells)]
-    line = lambda row: "  ".join([row[0].ljust(widths[0])] +
-                                 [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
-    return "\n".join([line([first] + columns), line(["-" * w for w in widths])] +
-                     [line(c) for c in cells])
+    return text_table([first, *columns], [[name] + [fmt(r.get(c, "")) for c in columns] for name, r in rows.items()])

@@ -23,7 +23,7 @@ __all__ = [
     "top_k", "appearance_counts", "distinct_proponents", "generally_influential",
     "pairwise_overlap", "proponent_timesteps", "dominant_timesteps", "sample_norms",
     "norm_percentile", "rank", "spearman", "norm_influence_correlation", "same_label_rate",
-    "self_rank", "summary", "MetricTable", "summary_table",
+    "self_rank", "summary", "MetricTable", "summary_table", "text_table",
 ]
 
 
@@ -368,15 +368,18 @@ class MetricTable:
                 return f"{int(v)}"
             return "n/a" if v != v else f"{v:.2f}"
 
-        cells = [[name] + [fmt(v) for v in values] for name, values in self.rows]
-        width = max(len(c[0]) for c in cells + [["metric"]])
-        widths = [max(len(col), *(len(c[j + 1]) for c in cells)) for j, col in enumerate(self.columns)]
+        return text_table(["metric", *self.columns], [[name] + [fmt(v) for v in values] for name, values in self.rows])
 
-        def line(first, rest):
-            return "  ".join([first.ljust(width)] + [r.rjust(w) for r, w in zip(rest, widths)])
 
-        out = [line("metric", self.columns), line("-" * width, ["-" * w for w in widths])]
-        return "\n".join(out + [line(c[0], c[1:]) for c in cells])
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned text table of strings: the first column left-aligned, the others right-aligned,
+    a line of dashes under the ``header``."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+
+    def line(row):
+        return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def summary_table(results, run, query_labels=None, k: int = 10, share: float = 0.5,
