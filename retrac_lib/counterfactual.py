@@ -92,16 +92,13 @@ def run_query_loss(run: Run, queries: torch.Tensor, checkpoint: int = -1, **opti
 
 
 def _kept_indices(kept, n: int) -> torch.Tensor:
-    kept = torch.as_tensor(kept)
-    if kept.dtype == torch.bool:
+    if isinstance(kept, torch.Tensor) and kept.dtype == torch.bool:   # a mask over the training set
         if kept.shape != (n,):
             raise ValueError(f"A kept mask must have shape [{n}]; got {tuple(kept.shape)}.")
         kept = kept.nonzero()
-    kept = kept.long().flatten()
+    kept = validation.indices(kept, n, "kept")
     if len(kept) == 0:
         raise ValueError("Nothing to train on: the kept set is empty.")
-    if kept.min() < 0 or kept.max() >= n:
-        raise IndexError(f"Kept indices must lie in [0, {n}); got [{int(kept.min())}, {int(kept.max())}].")
     kept = kept.sort().values
     if (kept[1:] == kept[:-1]).any():
         raise ValueError("Kept indices contain duplicates; each training sample can be kept once.")
@@ -111,7 +108,7 @@ def _kept_indices(kept, n: int) -> torch.Tensor:
 def kept_without(n: int, removed) -> torch.Tensor:
     """The indices 0..n-1 that are not in ``removed``, in increasing order."""
     mask = torch.ones(n, dtype=torch.bool)
-    mask[torch.as_tensor(removed, dtype=torch.long)] = False
+    mask[validation.indices(removed, n, "removed")] = False
     return mask.nonzero().flatten()
 
 

@@ -49,7 +49,7 @@ class Dataset:
 
     def subset(self, indices, name: str | None = None) -> "Dataset":
         """The samples at ``indices`` (in that order), re-indexed from 0."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = validation.indices(indices, len(self))
         return Dataset(name or f"{self.name}[subset]", self.images[idx], self.labels[idx])
 
     def fingerprint(self) -> str:

@@ -106,7 +106,7 @@ def sample_noise(sample_shape, indices, n_noise: int = 1, seed: int = 0) -> torc
     n_noise = validation.n_noise(n_noise)
     out = [torch.randn((n_noise, *sample_shape),
                        generator=torch.Generator().manual_seed(1_000_003 * seed + int(i)))
-           for i in torch.as_tensor(indices).reshape(-1).tolist()]
+           for i in validation.indices(indices, None).tolist()]
     return torch.stack(out) if out else torch.empty((0, n_noise, *sample_shape))
 
 
@@ -161,7 +161,7 @@ def sweep_run(run, indices, checkpoint=-1, timesteps=50, n_noise: int = 1, seed:
     explicit list; noise comes from ``sample_noise(..., seed)``; ``loss`` defaults to the
     run's training loss. Chapter 2, "One sample across the timestep grid".
     """
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    indices = validation.indices(indices, len(run.data))
     grid = _grid(run, timesteps)
     noise = sample_noise(run.data.sample_shape, indices, n_noise, seed)
     out = sweep(model_at(run, checkpoint), run.scheduler, run.data.images[indices], grid, noise,
@@ -208,7 +208,7 @@ def recorded_norms(run, checkpoint=-1, indices=None, loss: str | None = None,
     recorded_at = len(run.checkpoints) - 1 if c == INIT else c
     t, eps = run.recorded(recorded_at)
     idx = (torch.arange(len(run.data)) if indices is None
-           else torch.as_tensor(indices, dtype=torch.long).reshape(-1))
+           else validation.indices(indices, len(run.data)))
     loss = loss or run.config.loss
     model = model_at(run, c)
     x, t, eps = run.data.images[idx], t[idx], eps[idx]

@@ -11,13 +11,15 @@ collect them for one or several results of ``rl.attribute`` into the table chapt
   ``norm_influence_correlation``: are proponents the samples with large training-gradient norms?
 * Specificity: ``same_label_rate``, ``self_rank``: do proponents resemble the query?
 
-This module imports nothing else from ``retrac_lib``: results and runs are read by attribute.
+It imports only ``validation`` from ``retrac_lib``: results and runs are read by attribute.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+from . import validation
 
 __all__ = [
     "top_k", "appearance_counts", "distinct_proponents", "generally_influential",
@@ -276,12 +278,10 @@ def self_rank(scores, query_train_indices) -> torch.Tensor:
     Chapter 3, "Generated and training images as queries".
     """
     scores = _scores(scores)
-    idx = torch.as_tensor(query_train_indices, dtype=torch.long).flatten()
+    idx = validation.indices(query_train_indices, scores.shape[1], "query_train_indices")
     if len(idx) != scores.shape[0]:
         raise ValueError(f"{len(idx)} training indices for {scores.shape[0]} queries: pass the "
                          "training index of each query, in the order of the score rows.")
-    if len(idx) and (idx.min() < 0 or idx.max() >= scores.shape[1]):
-        raise ValueError(f"query_train_indices must lie in [0, {scores.shape[1]}).")
     own = scores.gather(1, idx[:, None])
     return 1 + (scores > own).sum(1)
 

@@ -2,7 +2,7 @@
 
 ``rl.attribute``, ``rl.per_sample_grads`` / ``grouped_grads``, ``sketch_training``, the
 diagnostics and the counterfactual functions all take some of the same arguments: a chunk size,
-a timestep grid, checkpoint indices, a number of noise draws, query images and noise, a device.
+a timestep grid, sample and checkpoint indices, a number of noise draws, query images and noise, a device.
 Each is checked here, once, so bad input gets the same clear error everywhere: a ``TypeError``
 when the argument has the wrong type (``n_noise=1.5``, a numpy array, integer images) and a
 ``ValueError`` when its value is out of range (``chunk_size=-1``, duplicate timesteps), each
@@ -140,6 +140,35 @@ def timesteps(value, num_train_timesteps: int) -> int | list[int]:
         raise ValueError(f"timesteps {repeated} appear more than once; each grid timestep is "
                          "averaged once, so list each only once.")
     return values
+
+
+def indices(value, n: int | None, name: str = "indices") -> torch.Tensor:
+    """Sample indices in [0, n) (``n=None``: any index >= 0) as a long tensor [k]; a single int
+    counts as one index.
+
+    Floats, boolean masks and indices outside [0, n) are refused, never cast or wrapped."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be integer sample indices, got {value!r}.")
+    try:
+        idx = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be integer sample indices (a list, range or integer "
+                        f"tensor), got {type(value).__name__} ({err}).") from err
+    if idx.numel() == 0:                    # [] is float32 to torch: no indices, not floats
+        return idx.reshape(0).long()
+    if idx.dtype == torch.bool:
+        raise TypeError(f"{name} is a boolean mask; pass the indices it selects, "
+                        f"mask.nonzero().flatten().")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise TypeError(f"{name} must be integers, got {idx.dtype} values; indices are never "
+                        "rounded, so convert them yourself if they are whole numbers.")
+    idx = idx.reshape(-1).long()
+    outside = idx[(idx < 0) | (idx >= n)] if n is not None else idx[idx < 0]
+    if len(outside):
+        size = f"[0, {n}): there are {n} samples" if n is not None else "the samples (>= 0)"
+        raise ValueError(f"{name} {outside[:5].tolist()} lie outside {size} (negative indices "
+                         "are not counted from the end here).")
+    return idx
 
 
 def checkpoints(value, n_checkpoints: int) -> tuple[int, ...]:

@@ -131,6 +131,37 @@ def test_checkpoints_are_never_coerced(checkpoints, error, message, tiny_run, di
         D.model_at(tiny_run, 1.7)
 
 
+@pytest.mark.parametrize("indices, error, message", [
+    (torch.tensor([0.7, 1.2]), TypeError, r"indices must be integers, got torch.float32 values"),
+    ([0.0, 1.0], TypeError, r"indices must be integers, got torch.float32 values"),
+    (torch.tensor([True, False]), TypeError, r"indices is a boolean mask; pass .*mask.nonzero"),
+    ([-1], ValueError, r"indices \[-1\] lie outside \[0, 40\).*not counted from the end"),
+    ([3, 40], ValueError, r"indices \[40\] lie outside \[0, 40\): there are 40 samples"),
+    ("3", TypeError, r"indices must be integer sample indices, got '3'"),
+])
+def test_training_indices_are_never_cast_or_wrapped(indices, error, message, tiny_run):
+    assert len(tiny_run.data) == 40
+    with pytest.raises(error, match=message):
+        D.recorded_norms(tiny_run, -1, indices=indices)
+    with pytest.raises(error, match=message):
+        D.sweep_run(tiny_run, indices, timesteps=3)
+    with pytest.raises(error, match=message):
+        tiny_run.data.subset(indices)
+    with pytest.raises(error, match=message.replace("indices", "removed", 1)):
+        cf.kept_without(40, indices)
+    scores = torch.zeros(len(torch.as_tensor(indices).reshape(-1)) if not isinstance(indices, str) else 1, 40)
+    with pytest.raises(error, match=message.replace("indices", "query_train_indices", 1)):
+        rl.metrics.self_rank(scores, indices)
+
+
+def test_training_indices_accept_ints_ranges_and_integer_tensors(tiny_run):
+    a = D.recorded_norms(tiny_run, -1, indices=[3, 5]).norms
+    assert torch.equal(D.recorded_norms(tiny_run, -1, indices=torch.tensor([3, 5])).norms, a)
+    assert torch.equal(D.recorded_norms(tiny_run, -1, indices=range(3, 6, 2)).norms, a)
+    assert torch.equal(D.recorded_norms(tiny_run, -1, indices=np.array([3, 5])).norms, a)
+    assert torch.equal(tiny_run.data.subset(7).images, tiny_run.data.images[[7]])
+
+
 @pytest.mark.parametrize("field, value, error, message", [
     ("clip_sample", "no", TypeError, r"clip_sample must be True or False, got 'no'"),
     ("epochs", 1.5, TypeError, r"TrainConfig.epochs must be an integer, got 1.5"),

@@ -104,8 +104,10 @@ def test_retrain_on_trains_on_exactly_the_kept_indices(points_config, points, tm
 def test_retrain_on_rejects_bad_kept_sets(points_config, points, tmp_path):
     with pytest.raises(ValueError, match="duplicates"):
         cf.retrain_on(points_config, points, [1, 1, 2], root=tmp_path)
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"kept \[24\] lie outside \[0, 24\)"):
         cf.retrain_on(points_config, points, [0, 24], root=tmp_path)
+    with pytest.raises(TypeError, match="kept must be integers"):
+        cf.retrain_on(points_config, points, torch.tensor([0.0, 3.0]), root=tmp_path)
     with pytest.raises(ValueError, match="empty"):
         cf.retrain_on(points_config, points, [], root=tmp_path)
 
