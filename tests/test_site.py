@@ -254,6 +254,16 @@ def test_page_loads_with_figures_links_and_launch_button(docname, site, browser,
         assert launch, f"{docname}: the launch button does not open {expected}"
 
 
+def test_chapters_show_no_otter_markers(site):
+    """Solutions are shown without otter-grader's marker lines; tests and configs not at all."""
+    for page in PAGES:
+        if page.startswith("notebooks/"):
+            html = (SITE / f"{page}.html").read_text()
+            for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN QUESTION", "BEGIN TESTS",
+                           "BEGIN TEST CONFIG"):
+                assert marker not in html, f"{page}: otter's {marker!r} shows on the page"
+
+
 def test_next_link_click_goes_to_the_second_page(site, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions

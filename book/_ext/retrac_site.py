@@ -7,6 +7,8 @@
 * The "Open in Colab" badge of every chapter is shown from ``_static/colab-badge.svg`` instead of
   Colab's server, so the site has no broken image offline; the badge's link is unchanged.
 * ``book/_static/retrac.css`` adjusts a few styles (dense tables, the logo's height).
+* The chapters' solution cells carry otter-grader's ``# BEGIN SOLUTION`` / ``# END SOLUTION``
+  lines (``tools/make_assignments.py`` needs them); the chapter pages show the solution without them.
 * MathJax is served from the site itself when the ``django-static-mathjax`` package (a plain copy
   of MathJax 3, pinned in requirements.txt) is installed: the formulas then render in a local build
   read offline and in the browser test, which has no internet. Without the package the theme's
@@ -81,7 +83,28 @@ def _add_static(app, config):
     config.html_static_path.append(str(Path(__file__).resolve().parents[1] / "_static"))
 
 
+OTTER_MARKERS = {"# BEGIN SOLUTION", "# END SOLUTION"}
+
+
+def _drop_otter_markers(app, doctree) -> None:
+    """Remove otter's solution-marker lines from the code blocks of a chapter (the instructors'
+    page shows them on purpose)."""
+    from docutils import nodes
+
+    if not app.env.docname.startswith("notebooks/"):
+        return
+    for block in doctree.findall(nodes.literal_block):
+        text = block.astext()
+        lines = text.split("\n")
+        kept = [line for line in lines if line.strip() not in OTTER_MARKERS]
+        if len(kept) != len(lines):
+            new = "\n".join(kept)
+            block.rawsource = new
+            block.children = [nodes.Text(new)]
+
+
 def setup(app):
+    app.connect("doctree-read", _drop_otter_markers)
     app.connect("config-inited", _add_static)
     app.connect("config-inited", _use_local_mathjax)
     app.add_css_file("retrac.css")
