@@ -92,12 +92,10 @@ def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak"
     """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel
     and random scores are cheap at the book's scale and recomputed)."""
     _check(method)
-    if method == "dtrak":
-        return attribute_dtrak(run, queries, seed=seed, **options)
     if method in _GRADIENT_OPTIONS:
         result = load_or_attribute(run, queries, "retrac", **_gradient_options(method, options))
         return _renamed(result, method)
-    return _non_gradient(run, queries, method, seed)
+    return attribute_baseline(run, queries, method, seed=seed, **options)
 
 
 def attribute_any(run, queries: torch.Tensor, method: str, *, cached: bool = True, seed: int = 0,

@@ -41,9 +41,10 @@ from .models import check_samples
 from .training import Run, load_or_train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference", "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds", "self_influence", "outlier_auc", "outlier_auc_interval",
-           "outliers_in_top", "run_self_influence", "chapter_table",
-           "format_table"]
+           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
+           "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds",
+           "self_influence", "outlier_auc", "outlier_auc_interval", "outliers_in_top",
+           "run_self_influence", "chapter_table", "format_table"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +275,15 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, *, n_boot: int = 10000,
     diff = a - b
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(diff), (n_boot, len(diff)), generator=gen)
-    means = diff[idx].mean(1)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = _central_interval(diff[idx].mean(1), level)
     return PairedDifference(diff, float(diff.mean()), low, high, level)
+
+
+def _central_interval(samples: torch.Tensor, level: float) -> tuple[float, float]:
+    """The percentiles that hold the central ``level`` of bootstrap ``samples``."""
+    tail = (1 - level) / 2
+    low, high = torch.quantile(samples.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +420,11 @@ def outlier_auc(values: torch.Tensor, is_outlier: torch.Tensor) -> float:
     a, b = values[is_outlier], values[~is_outlier]
     if not len(a) or not len(b):
         raise ValueError("Need at least one outlier and one inlier.")
-    diff = a[:, None] - b[None, :]
+    return _auc(a, b)
+
+
+def _auc(outliers: torch.Tensor, inliers: torch.Tensor) -> float:
+    diff = outliers[:, None] - inliers[None, :]
     return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
 
 
@@ -427,16 +437,10 @@ def outlier_auc_interval(values: torch.Tensor, is_outlier: torch.Tensor, *, n_bo
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Need at least two outliers and two inliers for an interval.")
     gen = torch.Generator().manual_seed(seed)
-    aucs = []
-    for _ in range(validation.integer(n_boot, "n_boot", 1)):
-        ra = a[torch.randint(0, len(a), (len(a),), generator=gen)]
-        rb = b[torch.randint(0, len(b), (len(b),), generator=gen)]
-        diff = ra[:, None] - rb[None, :]
-        aucs.append(float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()))
-    tail = (1 - level) / 2
-    low, high = torch.quantile(torch.tensor(aucs, dtype=torch.float64),
-                               torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return low, high
+    aucs = [_auc(a[torch.randint(0, len(a), (len(a),), generator=gen)],
+                 b[torch.randint(0, len(b), (len(b),), generator=gen)])
+            for _ in range(validation.integer(n_boot, "n_boot", 1))]
+    return _central_interval(torch.tensor(aucs, dtype=torch.float64), level)
 
 
 def outliers_in_top(values: torch.Tensor, is_outlier: torch.Tensor, k: int | None = None) -> int:
@@ -473,4 +477,5 @@ def format_table(rows: dict[str, dict[str, str | float]], first: str = "method")
     """An aligned text table: ``rows`` maps a row name to {column: value} (floats to 3 places)."""
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     fmt = lambda v: f"{v:+.3f}" if isinstance(v, float) else str(v)
-    return text_table([first, *columns], [[name] + [fmt(r.get(c, "")) for c in columns] for name, r in rows.items()])
+    return text_table([first, *columns],
+                      [[name] + [fmt(r.get(c, "")) for c in columns] for name, r in rows.items()])

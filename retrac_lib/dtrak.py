@@ -127,8 +127,7 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
     validation.integer(seed, "seed")
     check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
     grid = uniform_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
-    idx = tuple(c % len(run.checkpoints) for c in
-                (validation.integer(c, "checkpoints entry") for c in checkpoints))
+    idx = validation.checkpoints(checkpoints, len(run.checkpoints))
     scores = torch.zeros(len(queries), len(run.data), dtype=torch.float64)
     norms = torch.zeros(len(idx), len(run.data))
     for j, c in enumerate(tqdm(idx, desc="dtrak", disable=not progress)):

@@ -368,7 +368,8 @@ class MetricTable:
                 return f"{int(v)}"
             return "n/a" if v != v else f"{v:.2f}"
 
-        return text_table(["metric", *self.columns], [[name] + [fmt(v) for v in values] for name, values in self.rows])
+        return text_table(["metric", *self.columns],
+                          [[name] + [fmt(v) for v in values] for name, values in self.rows])
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

@@ -74,3 +74,8 @@ def test_attribute_dtrak_refuses_bad_input(tiny_points_run):
         dtrak.attribute_dtrak(tiny_points_run, q, damping=0)
     with pytest.raises(ValueError, match="proj_dim"):
         dtrak.attribute_dtrak(tiny_points_run, q, proj_dim=0)
+    n = len(tiny_points_run.checkpoints)
+    with pytest.raises(ValueError, match=rf"Checkpoints \[{n}\] do not exist"):   # never wrapped around
+        dtrak.attribute_dtrak(tiny_points_run, q, checkpoints=[n])
+    with pytest.raises(ValueError, match="more than once"):
+        dtrak.attribute_dtrak(tiny_points_run, q, checkpoints=[-1, n - 1])
