@@ -143,7 +143,9 @@ def test_query_loss_is_the_mean_loss_over_a_fixed_grid_and_noise(tiny_points_run
     model, sched = tiny_points_run.model_at(-1), tiny_points_run.scheduler
     z = tiny_points_run.data.images[:3]
     got = cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7)
-    assert torch.equal(got, cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7, chunk_size=4))
+    # other chunk sizes change the batch of the forward pass, which may round differently
+    chunked = cf.query_loss(model, sched, z, timesteps=5, n_noise=3, seed=7, chunk_size=4)
+    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=0)
     grid = rl.timesteps.timestep_grid(5)
     noise = rl.timesteps.query_noise_draws((2,), 5, 3, 7)
     with torch.no_grad():

@@ -63,6 +63,14 @@ def test_requirements_satisfy_the_declared_ranges():
         assert req.specifier.contains(version), f"requirements.txt pins {req.name}=={version}: outside {line!r}"
 
 
+def test_ci_tool_pins_are_the_development_pins():
+    dev = _pins(ROOT / "requirements.txt")
+    for name in ("reader-tools.txt", "book-tools.txt"):
+        pins = _pins(ROOT / ".ci" / name)
+        differ = {p: (v, dev.get(p)) for p, v in pins.items() if dev.get(p) != v}
+        assert not differ, f".ci/{name} pins differ from requirements.txt (there, here): {differ}"
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     """The wheel of the project's files (tracked or not ignored), as a fresh clone builds it: a

@@ -1,0 +1,97 @@
+"""The chapters need only what a reader's install has: what the Colab setup cell installs.
+
+The setup cell installs ``retrac-lib`` (with the extras it names) and so its dependencies; a
+chapter that imports anything else (myst-nb, jupyter-book, a test tool) fails in Colab. Chapters
+glue through ``retrac_lib.prose``, which works without myst-nb. ``.ci/reader-install`` runs every
+chapter in a venv that holds exactly this; these checks fail in seconds, before it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import tomllib
+from importlib import metadata
+
+import pytest
+from book_tools import NOTEBOOKS, ROOT
+from packaging.requirements import Requirement
+
+SETUP_PIP = re.compile(r'%pip install -q "([^"]+)"')
+
+
+def _name(dist: str) -> str:
+    return dist.lower().replace("_", "-")
+
+
+def _setup_requirement(nb: dict) -> Requirement:
+    found = [m.group(1) for c in nb["cells"] if c["cell_type"] == "code"
+             for m in SETUP_PIP.finditer("".join(c["source"]))]
+    assert len(found) == 1, f"expected one Colab setup '%pip install', found {found}"
+    return Requirement(found[0])
+
+
+def _closure(requirement: Requirement) -> set[str]:
+    """Distributions that installing ``requirement`` brings (as installed here)."""
+    seen, todo = set(), [(requirement.name, set(requirement.extras))]
+    while todo:
+        name, extras = todo.pop()
+        if _name(name) in seen:
+            continue
+        seen.add(_name(name))
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            env = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(e) for e in env):
+                todo.append((req.name, set(req.extras)))
+    return seen
+
+
+def _imports(nb: dict) -> set[str]:
+    """Top-level module names imported by the notebook's code cells."""
+    names = set()
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        code = "\n".join(  # a magic line becomes `pass`, keeping the block it sits in
+            line[:len(line) - len(line.lstrip())] + "pass"
+            if line.lstrip().startswith(("%", "!")) else line
+            for line in "".join(cell["source"]).splitlines())
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_imports_only_what_the_colab_setup_installs(path):
+    nb = json.loads(path.read_text())
+    requirement = _setup_requirement(nb)
+    assert _name(requirement.name) == "retrac-lib", requirement
+    installed = _closure(requirement)
+    providers = metadata.packages_distributions()
+    outside = sorted(
+        name for name in _imports(nb) - set(sys.stdlib_module_names) - {"retrac_lib"}
+        if not {_name(d) for d in providers.get(name, [])} & installed)
+    assert not outside, (f"{path.name} imports {outside}, which the Colab setup cell "
+                         f"({requirement}) does not install: use retrac_lib (e.g. "
+                         "retrac_lib.prose.glue for myst-nb's glue) or add a dependency.")
+
+
+def test_readme_lists_the_readers_install():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {_name(Requirement(d).name) for d in deps}
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"A reader's install holds `retrac-lib` and its dependencies: ([^(]+)\(",
+                      readme)
+    assert match, "README.md must say which packages a reader's install holds"
+    listed = {_name(n) for n in re.findall(r"`([^`]+)`", match.group(1))}
+    assert listed == declared, (f"README.md lists {sorted(listed)}; pyproject.toml's "
+                                f"dependencies are {sorted(declared)}")
