@@ -75,6 +75,12 @@ def loop_train_grads(model, scheduler, x, t, eps) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def plain_pass(model, scheduler, x, t, noise) -> None:
+    """One plain batched forward + backward pass of the mean loss (no per-sample rows), for scale."""
+    model.zero_grad(set_to_none=True)
+    diffusion_loss(model, scheduler, x, t, noise).mean().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -125,8 +131,7 @@ def engines(model, scheduler, run, grid, noise) -> list[dict]:
                                      vectors, 64), 256)
 
     def plain(b):
-        model.zero_grad(set_to_none=True)
-        diffusion_loss(model, scheduler, xq[:b], tq[:b], nq[:b]).mean().backward()
+        plain_pass(model, scheduler, xq[:b], tq[:b], nq[:b])
 
     add(f"{n_t} plain backward passes of batch {k} (no per-group rows)", "autograd",
         lambda: [plain(k) for _ in range(n_t)], n_t * k)

@@ -1,0 +1,42 @@
+"""benchmarks/gpu_check.sh: its dry run writes the table on the CPU; without a GPU it refuses."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def _run(*args, cache):
+    env = {**os.environ, "RETRAC_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+
+
+def test_dry_run_writes_one_row_per_method_and_engine(tmp_path):
+    out = tmp_path / "results" / "gpu_check.md"
+    proc = _run("--dry-run", "--out", str(out), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert f"torch {torch.__version__}, diffusers" in text and "# GPU check: cpu" in text
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["method", "engine", "contract s", "batch-1 loop s (extrap.)",
+                      "speed-up (goal >= 30x)", "x plain batched pass (goal <= 2x)", "peak MiB",
+                      "max rel. err vs CPU"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[:2] for r in rows] == [["tracin", "ghost"], ["tracin", "func"],
+                                     ["retrac", "ghost"], ["retrac", "func"]]
+    assert all(float(r[header.index("max rel. err vs CPU")]) < 1e-4 for r in rows)
+    assert "CUDA tests (" in text and "passed" in text
+    assert text in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_without_a_gpu_it_exits_with_a_clear_message(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    proc = _run("--out", str(out), cache=tmp_path / "cache")
+    assert proc.returncode == 3
+    assert "no CUDA GPU found: " in proc.stderr and not out.exists()
