@@ -46,7 +46,8 @@ summary=$(tail -n 1 <<< "$tests")
 [ "$rc" = 124 ] && summary="timed out after 150 s"
 [ "$rc" = 0 ] || status=1
 
-# 2. the contract on the device against the batch-1 loop, a plain pass and the CPU, at most 4.5 min (8 min in all)
+# 2. the contract on the device against the batch-1 loop, a plain pass and the CPU,
+#    at most 4.5 min (8 min in all)
 timeout 270 "$py" benchmarks/bench_device.py "${bench[@]}" --out "$out" > /dev/null
 rc=$?
 if [ "$rc" != 0 ]; then
