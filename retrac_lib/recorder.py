@@ -21,10 +21,11 @@ visit counts. A few lines added to a loop shaped like diffusers'
 ``rl.train`` records the book's runs with the same ``Recorder``. Records (copies of what each
 step got) stay in memory until ``close``: the log holds one noise tensor per sample visit
 (epochs x N x sample size floats) and each checkpoint a copy of the weights. A ``close`` that
-cannot write the folder keeps the recorder open, to ``close(folder=...)`` elsewhere. The training images must be what the model saw: a loop
-with random augmentation (flips, crops) trains on images the recorded set does not contain, and
-``step(..., images=...)`` refuses it. Under accelerate or DDP, record on one process the batch
-gathered over all processes (``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
+cannot write the folder keeps the recorder open, to ``close(folder=...)`` elsewhere. The
+training images must be what the model saw: a loop with random augmentation (flips, crops)
+trains on images the recorded set does not contain, and ``step(..., images=...)`` refuses it.
+Under accelerate or DDP, record on one process the batch gathered over all processes
+(``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
 """
 from __future__ import annotations
 

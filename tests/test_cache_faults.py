@@ -142,7 +142,7 @@ def test_a_result_is_never_saved_over_an_existing_path(tiny_run, queries, tmp_pa
     assert torch.equal(rl.AttributionResult.load(folder).scores, old.scores)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a result")
-    with pytest.raises(FileExistsError, match=re.escape(str(blocker)) + r" exists already \(a file"):
+    with pytest.raises(FileExistsError, match=re.escape(f"{blocker} exists already (a file")):
         res.save(blocker)
     assert blocker.read_text() == "not a result"
 
