@@ -228,11 +228,12 @@ def test_step_copies_the_batch_the_loop_reuses(fresh):
 
 def test_a_zero_lr_warns_once_and_a_non_finite_lr_is_refused(fresh):
     rec, model, _ = fresh
+    read_before = re.escape('Read lr = optimizer.param_groups[0]["lr"] before optimizer.step')
     for lr in (float("nan"), float("inf"), torch.tensor(float("nan"))):
-        read_before = re.escape('Read lr = optimizer.param_groups[0]["lr"] before optimizer.step')
         with pytest.raises(ValueError, match=r"lr must be the learning rate.*got (nan|inf)\. "
                                              + read_before):
             rec.step(*_batch([0, 1, 2]), lr)
+    assert rec.n_steps == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rec.step(*_batch([0, 1, 2]), 0.0)             # a warm-up starting at 0 is no mistake
