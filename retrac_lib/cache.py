@@ -164,12 +164,18 @@ def _share(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path):
+def atomic_folder(final: Path, *, exist_ok: bool = True):
     """Yield a temporary folder; on success move it to ``final`` in one rename.
 
+    ``exist_ok=True`` (the cache) keeps an entry that a concurrent writer of the same payload
+    finished first. ``exist_ok=False`` creates ``final`` exclusively: a path that exists (a
+    folder, or a file) is refused with ``FileExistsError`` before anything is written, and so is
+    the second of two writers racing for it, so no save ever reports success it did not have.
     Orphans of earlier killed saves in the same parent folder are removed first.
     """
     final = Path(final)
+    if not exist_ok:
+        _refuse_existing(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_orphans(final.parent)
     tmp = _make_tmp(final.parent, final.name)
@@ -182,10 +188,20 @@ def atomic_folder(final: Path):
         except OSError:
             if not final.exists():
                 raise
+            if not exist_ok:
+                _refuse_existing(final)
             # another process finished the same entry first: keep its copy
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_existing(final: Path) -> None:
+    if final.exists():
+        kind = "a folder" if final.is_dir() else "a file"
+        raise FileExistsError(f"{final} exists already ({kind}, which may hold other results) and "
+                              "is never overwritten: nothing was saved. Save to a new path, or "
+                              "delete it first.")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

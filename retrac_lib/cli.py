@@ -9,7 +9,8 @@ with_data=True)``). ``QUERIES`` holds one float32 tensor [Q, *sample] in [-1, 1]
 ``.pt`` tensor (read with ``weights_only=True``). ``SCORES`` is a new folder that
 ``rl.AttributionResult.load`` reads: ``scores.safetensors`` ([Q, N] scores, checkpoint weights,
 training-gradient norms) and ``config.json``. Under ``torchrun`` the processes share the work
-(``retrac_lib.distributed``) and rank 0 writes the result.
+(``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
+or lies in a folder that cannot be written to, is refused before anything is computed.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import attribution, distributed, recorder
+from . import attribution, cache, distributed, recorder
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
 
@@ -77,7 +78,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.out.exists():
-        parser.error(f"--out {args.out} exists already; choose a new folder.")
+        parser.error(f"--out {args.out} exists already; choose a new folder (a result is never "
+                     "overwritten).")
+    unwritable = cache.writable(args.out.parent)
+    if unwritable:
+        parser.error(f"--out {args.out}: its folder {args.out.parent} cannot be written to "
+                     f"({unwritable}); choose a --out in a writable folder.")
     run = recorder.load(args.run)
     queries = load_queries(args.queries, run.data.sample_shape)
     is_distributed = distributed.init()

@@ -18,17 +18,20 @@ visit counts. A few lines added to a loop shaped like diffusers'
     run = recorder.close()                                   # a Run; also written to the folder
     run = rl.recorder.load("my-run")                         # later, in any process
 
-``rl.train`` records the book's runs with the same ``Recorder``. Records stay in memory until
-``close``: the log holds one noise tensor per sample visit (epochs x N x sample size floats) and
-each checkpoint a copy of the weights. The training images must be what the model saw: a loop
-with random augmentation (flips, crops) trains on images the recorded set does not contain, and
-``step(..., images=...)`` refuses it. Under accelerate or DDP, record on one process the batch
-gathered over all processes (``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
+``rl.train`` records the book's runs with the same ``Recorder``. Records (copies of what each
+step got) stay in memory until ``close``: the log holds one noise tensor per sample visit
+(epochs x N x sample size floats) and each checkpoint a copy of the weights. A ``close`` that
+cannot write the folder keeps the recorder open, to ``close(folder=...)`` elsewhere. The
+training images must be what the model saw: a loop with random augmentation (flips, crops)
+trains on images the recorded set does not contain, and ``step(..., images=...)`` refuses it.
+Under accelerate or DDP, record on one process the batch gathered over all processes
+(``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
 """
 from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +43,12 @@ from .models import ModelSpec, check_samples
 from .training import Checkpoint, Run, TrainingDiverged, TrainingLog, load_run, save_run
 
 UNLABELLED = -1
+READ_LR_BEFORE = ('Read lr = optimizer.param_groups[0]["lr"] before optimizer.step() and '
+                  'lr_scheduler.step().')
+
+
+class ZeroLearningRateWarning(UserWarning):
+    """A step was recorded with learning rate 0, so checkpoints weighted by it count for nothing."""
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -72,7 +81,8 @@ class Recorder:
         loss: "mse" or "l1": the per-sample loss ``mean |eps_theta(x_t, t) - eps|^p`` the loop
             trains with (``F.mse_loss`` / ``F.l1_loss`` with their default mean reduction).
         folder: where ``close`` writes the run (safetensors and JSON; self-contained, with the
-            training images), or None to keep it in memory only.
+            training images), or None to keep it in memory only (``close(folder=...)`` can
+            still write it).
         config: ``rl.train`` passes its ``TrainConfig``; a user's run is described by a
             ``ModelSpec`` built from ``model``, ``noise_scheduler`` and ``loss``.
     """
@@ -96,6 +106,7 @@ class Recorder:
         self._seen = torch.zeros(len(self.data), dtype=torch.bool)
         self._visits_since = 0
         self.checkpoints: list[Checkpoint] = []
+        self._warned_zero_lr = False
         self.closed = False
 
     @property
@@ -105,10 +116,14 @@ class Recorder:
     def step(self, indices, timesteps, noise, lr, *, loss=None, images=None) -> None:
         """Record one optimizer step: the batch's training-set ``indices`` [B], ``timesteps``
         [B] and ``noise`` [B, *sample] as passed to ``add_noise``, and the learning rate ``lr``
-        the step used (read it before ``lr_scheduler.step()``).
+        the step used (read it before ``lr_scheduler.step()``). All three are copied, so the loop
+        may reuse or shuffle its buffers in place afterwards.
 
         ``loss`` (the batch loss, a float) is kept for plots; ``images`` (the clean batch), when
-        given, is checked against the training set at ``indices``.
+        given, is checked against the training set at ``indices``. A NaN or infinite ``lr`` is
+        refused. ``lr=0`` after a positive lr (not a warm-up that starts at 0) is recorded with a
+        ``ZeroLearningRateWarning``, once per recorder: a checkpoint weighted by it adds nothing
+        to any score, and such an lr was usually read after ``lr_scheduler.step()``.
         """
         self._check_open("step")
         if indices is None:
@@ -139,11 +154,19 @@ class Recorder:
             lr = lr.item()
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < float("inf"):
             raise ValueError(f"lr must be the learning rate of this step (a finite number >= 0, "
-                             f"0 during warm-up); got {lr!r}.")
+                             f"0 during warm-up); got {lr!r}. {READ_LR_BEFORE}")
         if images is not None:
             self._check_images(images, idx)
         if loss is not None and not torch.isfinite(torch.as_tensor(float(loss))):
             raise self._diverged(f"the batch loss is {float(loss)}", lr)
+        if lr == 0 and not self._warned_zero_lr and any(self._lrs):
+            self._warned_zero_lr = True
+            warnings.warn(
+                f"lr=0 at optimizer step {self.n_steps}, after positive lrs: checkpoints weighted "
+                f"by it add nothing to any score (a run whose checkpoints all have lr 0 scores "
+                f"every sample 0). The lr was probably read after lr_scheduler.step() (the next "
+                f"step's lr, 0 at the end of a schedule). {READ_LR_BEFORE}",
+                ZeroLearningRateWarning, stacklevel=2)
         self._indices.append(idx)
         self._timesteps.append(t)
         self._noise.append(noise.detach().cpu().clone())
@@ -185,21 +208,35 @@ class Recorder:
         self._visits_since = 0
         return ckpt
 
-    def close(self) -> Run:
-        """Finish recording; return the ``Run`` (written to ``folder`` when one was given)."""
+    def close(self, folder=None) -> Run:
+        """Finish recording; return the ``Run``, written to ``folder`` (default: the
+        constructor's; None for both keeps it in memory only).
+
+        When the run cannot be written (a read-only folder, or one that another run took since
+        the recorder was made), the ``OSError`` says so and the recorder stays open with all
+        its records: call ``close(folder=...)`` again with a new, writable folder.
+        """
         self._check_open("close")
         if not self.checkpoints:
             raise ValueError("No checkpoint was saved: call checkpoint(model) at least once "
                              "(attribution sums over checkpoints).")
-        self.closed = True
+        folder = self.folder if folder is None else Path(folder)
         log = TrainingLog(
             torch.cat(self._indices), torch.cat(self._timesteps), torch.cat(self._noise),
             torch.tensor(self._starts), torch.tensor(self._losses, dtype=torch.float64),
             torch.tensor(self._lrs, dtype=torch.float64))
         run = Run(self.config, self.data, self.scheduler, self.checkpoints, log, self._initial,
                   time.perf_counter() - self._start)
-        if self.folder is not None:
-            run.path = save_run(run, self.folder, with_data=True)
+        if folder is not None:
+            try:
+                run.path = save_run(run, folder, with_data=True)
+            except OSError as err:
+                raise type(err)(
+                    f"The recorded run could not be written to {folder} ({type(err).__name__}: "
+                    f"{err}). Nothing is lost: the recorder is still open, so call "
+                    f"recorder.close(folder=...) with a new, writable folder.") from err
+            self.folder = folder
+        self.closed = True
         return run
 
     def _diverged(self, what: str, lr) -> TrainingDiverged:
@@ -262,7 +299,7 @@ def _integer_vector(values, name: str) -> torch.Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim != 1:
         raise ValueError(f"{name} must be a 1-D tensor of integers, one per sample of the batch; "
                          f"got dtype {t.dtype} and shape {tuple(t.shape)}.")
-    return t.long()
+    return t.to(torch.long, copy=True)   # a copy: the caller may reuse or shuffle its buffer
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

@@ -222,10 +222,7 @@ def save_run(run: Run, folder: Path, with_data: bool = False, *, exist_ok: bool 
     An existing ``folder`` is an error, since it may hold another run; ``exist_ok=True`` (the
     cache, where a concurrent writer of the same configuration may finish first) keeps it.
     """
-    if Path(folder).exists() and not exist_ok:
-        raise FileExistsError(f"{folder} exists already and may hold another run: save to a new "
-                              "folder, or delete this one first.")
-    with cache.atomic_folder(folder) as tmp:
+    with cache.atomic_folder(folder, exist_ok=exist_ok) as tmp:
         cache.write_json(tmp / "config.json", _describe(run.config, run.data))
         if with_data:
             cache.save_tensors(tmp / "data.safetensors", {"images": run.data.images,

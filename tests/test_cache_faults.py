@@ -1,9 +1,11 @@
 """No finished computation is lost and no damaged state is trusted: diverged runs, unwritable
 or shared caches, damaged attribution entries, orphans of killed saves, and processes killed
 (SIGKILL) at random points of a training or an attribution."""
+import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -126,6 +128,36 @@ def test_errors_in_a_cache_the_user_cannot_write_say_what_they_can_do(tmp_path, 
     message = rl.cache.hint(tmp_path / "runs" / "abc")
     assert "cannot write to" in message and "ask its owner" in message and "RETRAC_CACHE" in message
     assert "Delete" not in message
+
+
+# A result is saved to a new path or not at all: never reported saved over an old one.
+
+def test_a_result_is_never_saved_over_an_existing_path(tiny_run, queries, tmp_path, monkeypatch):
+    res = rl.attribute(tiny_run, queries, "retrac", **ATTR)
+    old = dataclasses.replace(res, scores=torch.zeros_like(res.scores))
+    folder = old.save(tmp_path / "scores")
+    with pytest.raises(FileExistsError, match=re.escape(str(folder)) + r" exists already \(a folder"
+                       r".*nothing was saved. Save to a new path, or delete it first"):
+        res.save(folder)
+    assert torch.equal(rl.AttributionResult.load(folder).scores, old.scores)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a result")
+    with pytest.raises(FileExistsError, match=re.escape(f"{blocker} exists already (a file")):
+        res.save(blocker)
+    assert blocker.read_text() == "not a result"
+
+    save_tensors = rl.cache.save_tensors
+
+    def another_writer_finishes_first(path, tensors):
+        monkeypatch.setattr(rl.cache, "save_tensors", save_tensors)
+        old.save(tmp_path / "race")
+        save_tensors(path, tensors)
+
+    monkeypatch.setattr(rl.cache, "save_tensors", another_writer_finishes_first)
+    with pytest.raises(FileExistsError, match="race exists already"):
+        res.save(tmp_path / "race")             # the second writer fails, the first one's stays
+    assert torch.equal(rl.AttributionResult.load(tmp_path / "race").scores, old.scores)
+    assert _tmp_folders(tmp_path) == []
 
 
 # 8. Orphans of killed saves are removed by the next call, but never a live writer's folder.

@@ -151,6 +151,25 @@ def test_cli_refuses_an_existing_output_and_a_run_without_images(saved, tiny_run
     assert copy.config == tiny_run.config and torch.equal(copy.log.noise, tiny_run.log.noise)
 
 
+def test_cli_refuses_an_unusable_output_before_computing(saved, tmp_path, capsys, monkeypatch):
+    _, _, tmp = saved
+
+    def never(*args, **kwargs):
+        raise AssertionError("attribution ran although --out could not be written")
+
+    monkeypatch.setattr(rl.distributed, "attribute", never)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output's folder should be")  # unwritable, even by root
+    existing = tmp_path / "old-scores"
+    existing.mkdir()
+    for out, message in [(existing, f"--out {existing} exists already; choose a new folder"),
+                         (blocker / "scores", f"--out {blocker / 'scores'}: its folder {blocker} "
+                                              "cannot be written to")]:
+        with pytest.raises(SystemExit):
+            main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out", str(out)])
+        assert message in capsys.readouterr().err
+
+
 def test_query_shards_refuse_noise_drawn_per_query(tiny_run):
     # Per-query noise is drawn by a query's position in its batch: a shard would draw other noise.
     with pytest.raises(ValueError, match="shard='train'"):

@@ -7,7 +7,10 @@ keeps its own note of each sample's last timestep and noise and of every step's 
 recorded run must reproduce; its scores must equal the slow reference of ``test_attribution``.
 """
 import dataclasses
+import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +203,80 @@ def test_bad_checkpoints_and_use_after_close_are_refused(fresh):
     other = rl.models.ModelSpec.of(make_model(1, attention=True), DDPMScheduler(), "mse")
     with pytest.raises(ValueError, match="do not fit the run's model configuration"):
         dataclasses.replace(run, config=other).model_at(0)
+
+
+def test_step_copies_the_batch_the_loop_reuses(fresh):
+    # A loop that shuffles one numpy permutation in place and refills the same timestep and
+    # noise buffers every step: the recorder must keep what each step had, not the buffers.
+    rec, model, _ = fresh
+    rng, order = np.random.default_rng(0), np.arange(6)
+    t, noise = torch.empty(3, dtype=torch.long), torch.empty(3, 1, SIZE, SIZE)
+    expected = []
+    for _ in range(4):
+        rng.shuffle(order)
+        for b in (0, 3):
+            t.copy_(torch.randint(0, 1000, (3,)))
+            noise.copy_(torch.randn(3, 1, SIZE, SIZE))
+            rec.step(order[b:b + 3], t, noise, 1e-3)
+            expected.append((order[b:b + 3].tolist(), t.clone(), noise.clone()))
+        rec.checkpoint(model)
+    log = rec.close().log
+    for s, (idx, steps, eps) in enumerate(expected):
+        got_idx, got_t, got_noise = log.step(s)
+        assert got_idx.tolist() == idx and torch.equal(got_t, steps) and torch.equal(got_noise, eps)
+
+
+def test_a_zero_lr_warns_once_and_a_non_finite_lr_is_refused(fresh):
+    rec, model, _ = fresh
+    read_before = re.escape('Read lr = optimizer.param_groups[0]["lr"] before optimizer.step')
+    for lr in (float("nan"), float("inf"), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match=r"lr must be the learning rate.*got (nan|inf)\. "
+                                             + read_before):
+            rec.step(*_batch([0, 1, 2]), lr)
+    assert rec.n_steps == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.step(*_batch([0, 1, 2]), 0.0)             # a warm-up starting at 0 is no mistake
+    # the lr read after lr_scheduler.step() is the next step's: 0 after the last step of a
+    # linear decay, so the only checkpoint would weigh 0 and every score would be 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    lr_scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=2)
+    with pytest.warns(rl.recorder.ZeroLearningRateWarning,
+                      match=r"lr=0 at optimizer step 2, after positive lrs: checkpoints weighted "
+                            r"by it add nothing.*probably read after lr_scheduler.step") as caught:
+        for idx in ([0, 1, 2], [3, 4, 5]):
+            optimizer.step()
+            lr_scheduler.step()
+            rec.step(*_batch(idx), optimizer.param_groups[0]["lr"])
+    assert issubclass(rl.recorder.ZeroLearningRateWarning, UserWarning) and len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.0)   # warned once per recorder
+    assert rec.n_steps == 4 and rec.checkpoint(model).lr == 0
+
+
+def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
+    _, model, images = fresh
+    taken, blocker = tmp_path / "taken", tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run's folder should go")  # unwritable, even by root
+    rec = rl.Recorder(model, DDPMScheduler(), images, folder=taken)
+    rec.step(*_batch([0, 1, 2, 3, 4, 5]), 1e-3)
+    rec.checkpoint(model)
+    taken.mkdir()                                   # another run took the folder meanwhile
+    (taken / "other.txt").write_text("another run's file")
+    with pytest.raises(FileExistsError, match=re.escape(f"could not be written to {taken}") +
+                       r".*exists already.*the recorder is still open, so call "
+                       r"recorder.close\(folder=\.\.\.\) with a new, writable folder"):
+        rec.close()
+    with pytest.raises(OSError, match=re.escape(f"could not be written to {blocker / 'run'}") +
+                       r".*recorder.close\(folder=\.\.\.\)"):
+        rec.close(folder=blocker / "run")
+    assert not rec.closed and (taken / "other.txt").read_text() == "another run's file"
+    run = rec.close(folder=tmp_path / "saved")
+    assert rec.closed and run.path == rec.folder == tmp_path / "saved"
+    loaded = rl.recorder.load(run.path)
+    assert torch.equal(loaded.log.noise, run.log.noise) and loaded.log.n_steps == 1
 
 
 def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):

@@ -42,9 +42,16 @@ class AttributionResult:
         """[C, N] recorded timesteps of every training sample before each checkpoint used."""
         return torch.stack([run.recorded(c)[0] for c in self.config.checkpoints])
 
-    def save(self, folder: Path, key: dict | None = None) -> Path:
-        """Write the result atomically (safetensors + JSON); ``key`` describes what produced it."""
-        with cache.atomic_folder(Path(folder)) as tmp:
+    def save(self, folder: Path, key: dict | None = None, *, exist_ok: bool = False) -> Path:
+        """Write the result atomically (safetensors + JSON) to the new folder ``folder``; ``key``
+        describes what produced it.
+
+        An existing ``folder`` (a result, any folder or a file) is never overwritten: it raises
+        ``FileExistsError``, as does the second of two processes saving to the same path.
+        ``exist_ok=True`` (the cache, where a concurrent writer of the same entry may finish
+        first) keeps the existing folder instead.
+        """
+        with cache.atomic_folder(Path(folder), exist_ok=exist_ok) as tmp:
             cache.save_tensors(tmp / "scores.safetensors", {
                 "scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
                 "train_grad_norms": self.train_grad_norms})

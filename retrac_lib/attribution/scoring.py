@@ -97,7 +97,7 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     result = attribute(run, queries, method, query_noise=query_noise, projection=projection,
                        **options, **kwargs)
     if can_save:
-        cache.try_save(lambda: result.save(folder, key=payload), folder)
+        cache.try_save(lambda: result.save(folder, key=payload, exist_ok=True), folder)
     return result
 
 
