@@ -4,27 +4,31 @@ Every process (rank) scores one shard and the partial score matrices are summed:
 
 * ``shard="train"`` (default): rank r scores a contiguous slice of the training set
   (``attribute(..., train_slice=...)``); every rank computes the query side in full. Slices start
-  at multiples of ``chunk_size``, so each rank computes exactly the chunks one process would.
+  at multiples of ``chunk_size``, so each rank computes exactly the chunks one process would;
+  where that leaves a rank without samples (N <= (p - 1) x ``chunk_size``), slices split the
+  training set sample by sample instead (``train_shards``).
 * ``shard="queries"``: rank r attributes a contiguous slice of the queries against the whole
   training set (every rank computes all training gradients).
 
 A rank leaves the columns (or rows) outside its shard at zero and ``all_reduce`` sums them; adding
-zeros is exact, so training shards give one process's scores bit for bit (query shards change
-the shapes of the final matrix products, which may round differently). Per checkpoint one
-process computes ``Q x |T'| x K`` query draws and ``N`` training gradients; ``p`` processes
-sharding the training set compute ``Q x |T'| x K`` draws and ``N / p`` gradients each. gloo
-runs on CPUs, NCCL on GPUs (one GPU per rank: ``device="cuda:<LOCAL_RANK>"``).
+zeros is exact, so aligned training shards give one process's scores bit for bit (shards split
+sample by sample, and query shards, change the shapes of batched products, which may round
+differently: equal to float32 rounding). Per checkpoint one process computes ``Q x |T'| x K``
+query draws and ``N`` training gradients; ``p`` processes sharding the training set compute
+``Q x |T'| x K`` draws and ``N / p`` gradients each. gloo runs on CPUs, NCCL on GPUs (one GPU
+per rank: ``device="cuda:<LOCAL_RANK>"``).
 
     torchrun --standalone --nproc_per_node 2 -m retrac_lib attribute RUN QUERIES --out SCORES
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 
-from . import attribution
+from . import attribution, validation
 from .attribution import AttributionResult
 
 SHARDS = ("train", "queries")
@@ -63,6 +67,18 @@ def shard_ranges(n: int, world: int, align: int = 1) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def train_shards(n: int, world: int, chunk_size: int = 64) -> list[range]:
+    """Each rank's training slice: aligned to ``chunk_size`` when every rank then gets samples,
+    otherwise split sample by sample; warns when there are fewer samples than ranks."""
+    ranges = shard_ranges(n, world, validation.chunk_size(chunk_size))
+    if any(len(r) == 0 for r in ranges):
+        ranges = shard_ranges(n, world)
+    if n < world:
+        warnings.warn(f"{n} training samples for {world} processes: {world - n} process(es) "
+                      f"score nothing; run with at most {max(n, 1)} processes.", stacklevel=3)
+    return ranges
+
+
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str = "train",
               **options) -> AttributionResult:
     """``rl.attribute`` split over the processes of the initialized group (alone: one process).
@@ -82,7 +98,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str 
         return attribution.attribute(run, queries, method, **options)
     rank, world = dist.get_rank(), dist.get_world_size()
     if shard == "train":
-        part = shard_ranges(len(run.data), world, options.get("chunk_size", 64))[rank]
+        part = train_shards(len(run.data), world, options.get("chunk_size", 64))[rank]
         res = attribution.attribute(run, queries, method, train_slice=part, **options)
         scores, norms = res.scores, res.train_grad_norms
     else:

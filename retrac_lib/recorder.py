@@ -177,8 +177,9 @@ class Recorder:
         self._visits_since += len(idx)
 
     def checkpoint(self, model, *, lr: float | None = None, epoch: int | None = None) -> Checkpoint:
-        """Save ``model``'s weights now, weighted by ``lr`` (default: the last step's) times the
-        sample visits since the previous checkpoint. ``epoch`` defaults to visits // N."""
+        """Save ``model``'s weights now, weighted by ``lr * visits / N``: ``lr`` (default: the last
+        step's, near 0 at the end of a schedule that decays to 0) times the samples trained on
+        since the previous checkpoint. ``epoch`` defaults to visits // N."""
         self._check_open("checkpoint")
         if self._visits_since == 0:
             raise ValueError("No step was recorded since the last checkpoint: call step() after "

@@ -142,7 +142,8 @@ class Run:
         return self.log
 
     def checkpoint_weights(self) -> torch.Tensor:
-        """``lr * visits / N`` for every checkpoint."""
+        """``lr * visits / N`` for every checkpoint: its lr (by default the last step's) times
+        the samples trained on since the previous checkpoint (a partial batch counts its size)."""
         return torch.tensor([c.weight(len(self.data)) for c in self.checkpoints], dtype=torch.float64)
 
     @property

@@ -19,7 +19,7 @@ from test_recorder import diffusers_style_loop
 import retrac_lib as rl
 from retrac_lib import cli
 from retrac_lib.cli import load_queries
-from retrac_lib.distributed import shard_ranges
+from retrac_lib.distributed import shard_ranges, train_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(timesteps=3, n_noise=2, chunk_size=4)
@@ -82,6 +82,27 @@ def test_torchrun_with_two_processes_equals_one_process(saved, shard):
         assert torch.equal(got.scores, expected.scores)
     else:
         assert torch.allclose(got.scores, expected.scores, rtol=1e-6, atol=0)
+
+
+def test_torchrun_splits_a_training_set_smaller_than_the_chunks(saved):
+    """N = 10 with chunk_size 16: aligned slices would give rank 0 nothing, so ranks split the
+    samples 5 / 5; chunks then differ from one process's, equal to float32 rounding."""
+    run, queries, tmp = saved
+    assert shard_ranges(10, 2, align=16) == [range(0, 0), range(0, 10)]
+    assert train_shards(10, 2, 16) == [range(0, 5), range(5, 10)]
+    assert train_shards(10, 2, 4) == shard_ranges(10, 2, align=4)
+    with pytest.warns(UserWarning, match="3 training samples for 4 processes: 1 process"):
+        assert [len(r) for r in train_shards(3, 4)] == [0, 1, 1, 1]
+    out = tmp / "two-small"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "retrac_lib")
+    options = {**OPTIONS, "chunk_size": 16}
+    _cli([tmp / "run", tmp / "queries.safetensors", "--out", out, *CLI_OPTIONS[:-1], "16"],
+         launcher=torchrun)
+    expected = rl.attribute(run, queries, "retrac", progress=False, **options)
+    got = rl.AttributionResult.load(out)
+    assert torch.equal(got.train_grad_norms, expected.train_grad_norms)
+    assert torch.allclose(got.scores, expected.scores, rtol=1e-5, atol=0)
 
 
 def test_train_slices_cover_the_training_set_in_order(saved):

@@ -102,6 +102,18 @@ def recorded(request, tmp_path_factory):
     return run, notes, case, folder
 
 
+def test_checkpoint_weights_count_visits_not_steps_times_batch(recorded):
+    """N = 10 in batches of 4: an epoch is 3 steps but 4 + 4 + 2 = 10 visits, so each epoch's
+    checkpoint weighs lr * 10 / 10 = its last step's lr (lr * steps * batch / N would be 1.2 lr)."""
+    run, notes, _, _ = recorded
+    last_lrs = [notes["lrs"][3 * (e + 1) - 1] for e in range(EPOCHS)]
+    assert [c.visits for c in run.checkpoints] == [10] * EPOCHS
+    assert run.checkpoint_weights().tolist() == pytest.approx(last_lrs, rel=1e-12)
+    result = rl.attribute(run, run.data.images[:1], "tracin", timesteps=2, n_noise=1,
+                          progress=False)
+    assert result.checkpoint_weights.tolist() == pytest.approx(last_lrs, rel=1e-12)
+
+
 def test_the_recorded_run_is_what_the_loop_did(recorded):
     run, notes, case, _ = recorded
     steps = EPOCHS * -(-N // BATCH)

@@ -57,7 +57,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
             rounding); "auto" (default) uses "ghost" when the model's layers allow it.
         **options: the fields of ``AttributionConfig``, which the scores depend on:
             ``checkpoints`` (indices into ``run.checkpoints``, default all, each weighted by
-            ``lr * steps * batch / N``); ``timesteps`` (the query grid T': a number of evenly
+            ``lr * visits / N``: its lr, by default the last step's, times the samples trained
+            on since the previous checkpoint); ``timesteps`` (the query grid T': a number of evenly
             spaced timesteps in [1, T-1] or a list; default 100); ``n_noise`` (K draws per
             timestep, default 16); ``noise_seed``; ``noise_per_query`` (fresh seeded query noise
             for every query and checkpoint, as the paper's official code draws it);
