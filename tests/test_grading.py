@@ -53,6 +53,10 @@ def test_a_bad_notebook_is_reported_and_the_others_graded(assignment, tmp_path, 
     assert rows["alice"]["total"] == "2" and rows["alice"]["status"] == "graded"
     assert rows["bob"]["total"] == "0" and "not a readable notebook" in rows["bob"]["status"]
     assert "bob: not graded: not a readable notebook" in capsys.readouterr().err
+    _submit(tmp_path / "subs" / "alice.ipynb", loop=True)  # a resubmission that fails: no results
+    grade_submissions.main([str(assignment), good, "--timeout", "1"])
+    assert not (assignment / "results" / "alice.json").exists()
+    assert _grades(assignment)["alice"]["total"] == "0"
 
 
 def test_a_submission_that_loops_times_out(assignment, tmp_path):

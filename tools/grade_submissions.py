@@ -123,6 +123,7 @@ def main(argv=None) -> int:
         try:
             results = grade(autograder, submission, args.timeout)
         except GradingError as err:
+            (args.assignment / "results" / f"{student}.json").unlink(missing_ok=True)
             rows.append({**row, "total": 0, "possible": "", "status": f"not graded: {err}"})
             print(f"{student}: not graded: {err}", file=sys.stderr)
             continue
