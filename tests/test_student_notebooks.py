@@ -6,7 +6,8 @@ one; and the autograder grades in smoke mode, without Docker. Grading runs each 
 kernel up to its exercises, then runs the exercise cells of three versions on copies of that state
 and otter's own test files on each: the solutions get full marks, the untouched student version
 zero, and a deliberately wrong answer to each question zero or partial marks with the check's
-message. One chapter also goes through ``otter run`` end to end (``tools/grade_submissions.py``).
+message. One chapter also goes through ``otter run`` end to end (``tools/grade_submissions.py``;
+``tests/test_grading.py`` tests the rest of it with a stand-in for ``otter run``).
 """
 from __future__ import annotations
 
@@ -326,23 +327,34 @@ def test_grader(path, tmp_path, assignment):
 
 
 def test_grade_submissions_with_otter_run(tmp_path, assignment):
-    """``tools/grade_submissions.py`` (``otter run``, no Docker) on one chapter: the solutions
-    score full marks, the untouched student version zero without crashing the grader."""
+    """``tools/grade_submissions.py`` (``otter run``, no Docker) on one chapter, a folder per
+    student with the same file name: the solutions score full marks, the untouched student version
+    zero, a truncated notebook is reported without stopping the others; regenerating the
+    assignment keeps the grades and results."""
     grade_submissions = load_tool("grade_submissions")
     path = next(p for p in NOTEBOOKS if p.stem == "07_fast_attribution")
     target = assignment(path)
-    solved, blank = tmp_path / "solved.ipynb", tmp_path / "blank.ipynb"
-    solved.write_bytes((target / "autograder" / path.name).read_bytes())
-    blank.write_bytes((target / "student" / path.name).read_bytes())
-    assert grade_submissions.main([str(target), str(solved), str(blank)]) == 0
+    solved, blank, cut = (tmp_path / s / path.name for s in ("alice", "bob", "carol"))
+    for copy, source in [(solved, target / "autograder"), (blank, target / "student")]:
+        copy.parent.mkdir()
+        copy.write_bytes((source / path.name).read_bytes())
+    cut.parent.mkdir()
+    cut.write_bytes(blank.read_bytes()[:500])
+    assert grade_submissions.main([str(target), str(solved), str(blank), str(cut)]) == 0
     with open(target / "grades.csv") as f:
-        rows = {row["file"]: row for row in csv.DictReader(f)}
-    assert set(rows["solved.ipynb"]) == {"file", "ex-07-linear-norms", "ex-07-routes", "total",
-                                         "possible"}
-    assert float(rows["solved.ipynb"]["total"]) == float(rows["solved.ipynb"]["possible"]) > 0
-    assert float(rows["blank.ipynb"]["total"]) == 0
-    results = json.loads((target / "results" / "blank.json").read_text())
+        rows = {row["student"]: row for row in csv.DictReader(f)}
+    assert set(rows["alice"]) == {"student", "file", "ex-07-linear-norms", "ex-07-routes", "total",
+                                  "possible", "status"}
+    assert float(rows["alice"]["total"]) == float(rows["alice"]["possible"]) > 0
+    assert float(rows["bob"]["total"]) == 0 == float(rows["carol"]["total"])
+    assert rows["carol"]["status"].startswith("not graded: not a readable notebook")
+    results = json.loads((target / "results" / "bob.json").read_text())
     assert "Did you replace the `...`" in json.dumps(results)
+    grades = (target / "grades.csv").read_text()
+    assign.make_assignment(path, target.parent)
+    assert (target / "grades.csv").read_text() == grades
+    assert (target / "results" / "alice.json").exists()
+    assert (target / "autograder" / "autograder.zip").exists()
 
 
 # The checks (retrac_lib.checks) that exercises and tests call.

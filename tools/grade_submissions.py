@@ -1,12 +1,22 @@
 """Grade submitted notebooks with a chapter's autograder (``otter run``, no Docker) into one CSV.
 
-    RETRAC_SMOKE=1 python tools/grade_submissions.py assignments/03_diffusion_tracin submissions/*.ipynb
+    RETRAC_SMOKE=1 python tools/grade_submissions.py assignments/03_diffusion_tracin \\
+        submissions/*.ipynb
 
-``otter run`` executes each submission and runs the public and the hidden tests. This script writes
+``otter run`` executes each submission in its own process, with a time limit (``--timeout``), and
+runs the public and the hidden tests. A submission that cannot be graded (not a notebook, timed
+out, otter failed) gets a zero and the reason, on stderr and in the CSV; the others are graded.
 
-    <assignment>/grades.csv              a row per submission: file, a column per autograded
-                                         question, total, possible (for an LMS gradebook import)
-    <assignment>/results/<file>.json     otter's results (Gradescope's format), with the message
+The student is the submission's folder relative to ``--root`` (default: the folder that holds all
+the submissions given), or its file name when it lies directly in ``--root``: both
+``submissions/s1234567.ipynb`` and ``submissions/s1234567/03.ipynb`` are student ``s1234567``.
+This script merges into
+
+    <assignment>/grades.csv              a row per student: student, file, a column per
+                                         autograded question, total, possible, status (for an
+                                         LMS gradebook import); a new grade replaces the
+                                         student's row, other students' rows stay
+    <assignment>/results/<student>.json  otter's results (Gradescope's format), with the message
                                          of every failed test
 
 Prose questions are graded by hand (their rubrics are in the chapter's drop-downs). With
@@ -18,51 +28,113 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+FIRST, LAST = ["student", "file"], ["total", "possible", "status"]
 
-def grade(autograder: Path, submission: Path) -> dict:
+
+class GradingError(RuntimeError):
+    """A submission that could not be graded; the message says why."""
+
+
+def otter_command(autograder: Path, submission: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "otter", "run", "--no-logo", "-a", str(autograder), "-o", out,
+            str(submission)]
+
+
+def grade(autograder: Path, submission: Path, timeout: float) -> dict:
     """Otter's results for one submission (``results.json``, Gradescope's format)."""
+    try:
+        json.loads(submission.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GradingError(f"not a readable notebook ({err})") from err
     with tempfile.TemporaryDirectory() as out:
-        run = subprocess.run([sys.executable, "-m", "otter", "run", "--no-logo", "-a",
-                              str(autograder), "-o", out, str(submission)],
-                             capture_output=True, text=True)
+        # Its own session, so that the kernel otter starts is killed with it on a timeout.
+        run = subprocess.Popen(otter_command(autograder, submission, out), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+        try:
+            _, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+            raise GradingError(f"timed out after {timeout:g} s") from None
         results = Path(out) / "results.json"
         if run.returncode or not results.exists():
-            raise RuntimeError(f"otter run failed on {submission}:\n{run.stderr[-2000:]}")
+            raise GradingError(f"otter run failed: {stderr.strip()[-500:]}")
         return json.loads(results.read_text())
+
+
+def student_id(submission: Path, root: Path) -> str:
+    """The first folder of the submission's path relative to ``root``, or its file name's stem."""
+    parts = submission.resolve().relative_to(root.resolve()).parts
+    return parts[0] if len(parts) > 1 else submission.stem
+
+
+def write_grades(path: Path, rows: list[dict]) -> None:
+    """Merge ``rows`` into the CSV at ``path`` by student, atomically (a temporary file renamed)."""
+    old = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    merged = {row["student"]: row for row in old + rows}
+    questions = list(dict.fromkeys(k for row in old + rows for k in row
+                                   if k not in FIRST + LAST))
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".csv", newline="",
+                                     delete=False) as f:
+        writer = csv.DictWriter(f, FIRST + questions + LAST, restval="")
+        writer.writeheader()
+        writer.writerows(sorted(merged.values(), key=lambda row: row["student"]))
+    os.replace(f.name, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("assignment", type=Path,
-                        help="a folder written by tools/make_assignments.py, e.g. assignments/03_...")
+                        help="a folder written by tools/make_assignments.py, "
+                             "e.g. assignments/03_...")
     parser.add_argument("submissions", nargs="+", type=Path, help="submitted notebooks")
+    parser.add_argument("--root", type=Path,
+                        help="the folder whose subfolders (or notebooks) are the students "
+                             "(default: the folder that holds all the submissions)")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds one submission may run (default: 600)")
     args = parser.parse_args(argv)
     autograder = args.assignment / "autograder" / "autograder.zip"
     if not autograder.exists():
         print(f"error: no {autograder}; run tools/make_assignments.py first.", file=sys.stderr)
         return 2
+    root = args.root or Path(os.path.commonpath([p.resolve().parent for p in args.submissions]))
+    ids = [student_id(p, root) for p in args.submissions]
+    twice = sorted({s for s in ids if ids.count(s) > 1})
+    if twice:
+        print(f"error: more than one submission for {', '.join(twice)}; give --root, the folder "
+              "that holds a folder (or a notebook) per student.", file=sys.stderr)
+        return 2
     (args.assignment / "results").mkdir(exist_ok=True)
-    rows, questions = [], []
-    for submission in args.submissions:
-        results = grade(autograder, submission)
-        (args.assignment / "results" / f"{submission.stem}.json").write_text(
-            json.dumps(results, indent=1))
+    rows = []
+    for student, submission in zip(ids, args.submissions):
+        row = {"student": student, "file": str(submission.resolve().relative_to(root.resolve()))}
+        try:
+            results = grade(autograder, submission, args.timeout)
+        except GradingError as err:
+            (args.assignment / "results" / f"{student}.json").unlink(missing_ok=True)
+            rows.append({**row, "total": 0, "possible": "", "status": f"not graded: {err}"})
+            print(f"{student}: not graded: {err}", file=sys.stderr)
+            continue
+        (args.assignment / "results" / f"{student}.json").write_text(json.dumps(results, indent=1))
         scored = [t for t in results["tests"] if "score" in t]
-        questions = questions or [t["name"] for t in scored]
-        row = {"file": submission.name, **{t["name"]: t["score"] for t in scored}}
-        row["total"] = sum(t["score"] for t in scored)
-        row["possible"] = sum(t["max_score"] for t in scored)
+        row.update({t["name"]: t["score"] for t in scored}, status="graded",
+                   total=sum(t["score"] for t in scored),
+                   possible=sum(t["max_score"] for t in scored))
         rows.append(row)
-        print(f"{submission.name}: {row['total']:g} / {row['possible']:g}")
-    with open(args.assignment / "grades.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["file", *questions, "total", "possible"])
-        writer.writeheader()
-        writer.writerows(rows)
+        print(f"{student}: {row['total']:g} / {row['possible']:g}")
+    write_grades(args.assignment / "grades.csv", rows)
     print(f"wrote {args.assignment / 'grades.csv'}")
     return 0
 

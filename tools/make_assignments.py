@@ -11,6 +11,7 @@ not show, and test cells tagged ``remove-cell``). For every chapter given, ``ott
 and this script finishes the student version where otter does not: the Colab badge (it opens the
 instructor's notebook, solutions included) becomes a note on what to do, and answer cells lose the
 tags that hide them in the book. Generated files are never edited by hand; regenerate them.
+Regenerating replaces only ``student/`` and ``autograder/``: grades and results stay.
 
 Usage::
 
@@ -110,7 +111,8 @@ def make_assignment(path: Path, out: Path, quiet: bool = True) -> Path:
                           f"{len(configs)} (see the instructors' page, 'Writing a new exercise').")
     configs[0].source += "\nrequirements: requirements.txt"
     target = Path(out).resolve() / path.stem
-    shutil.rmtree(target, ignore_errors=True)
+    for generated in ("student", "autograder"):  # grades.csv and results/ stay
+        shutil.rmtree(target / generated, ignore_errors=True)
     from otter.assign import main as otter_assign
 
     with tempfile.TemporaryDirectory() as tmp:
