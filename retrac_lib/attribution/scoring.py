@@ -80,9 +80,9 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
                       **kwargs) -> AttributionResult:
     """``attribute`` with a cache: the saved result for exactly this run, queries and options.
 
-    The key (``results.cache_key``) covers the run's configuration and data, the query values,
-    the resolved ``AttributionConfig`` and the query noise values, so nothing is reused when any
-    of them changed. ``kwargs`` are ``attribute``'s.
+    The key (``results.cache_key``) covers the run's configuration and data (and a recorded run's
+    weights and log), the query values, the resolved ``AttributionConfig`` and the query noise
+    values, so nothing is reused when any of them changed. ``kwargs`` are ``attribute``'s.
     """
     if kwargs.get("train_slice") is not None:
         raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
