@@ -10,7 +10,8 @@ with_data=True)``). ``QUERIES`` holds one float32 tensor [Q, *sample] in [-1, 1]
 ``rl.AttributionResult.load`` reads: ``scores.safetensors`` ([Q, N] scores, checkpoint weights,
 training-gradient norms) and ``config.json``. Under ``torchrun`` the processes share the work
 (``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
-or lies in a folder that cannot be written to, is refused before anything is computed.
+or lies in a folder that cannot be written to, is refused before anything is computed, as are
+queries on another scale than the training images (``--allow-out-of-range`` scores them anyway).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import attribution, cache, distributed, recorder
+from . import attribution, cache, distributed, recorder, validation
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
 
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> with a GPU, else cpu")
     p.add_argument("--shard", choices=distributed.SHARDS, default="train",
                    help="what the processes split under torchrun")
+    p.add_argument("--allow-out-of-range", action="store_true",
+                   help="score queries on another scale than the training images, with a warning")
     args = parser.parse_args(argv)
 
     if args.out.exists():
@@ -86,13 +89,20 @@ def main(argv=None) -> int:
                      f"({unwritable}); choose a --out in a writable folder.")
     run = recorder.load(args.run)
     queries = load_queries(args.queries, run.data.sample_shape)
+    if not args.allow_out_of_range:
+        try:
+            validation.data_range(queries, run.data.images, "queries",
+                                  opt_out="--allow-out-of-range")
+        except ValueError as err:
+            parser.error(str(err))
     is_distributed = distributed.init()
     rank = torch.distributed.get_rank() if is_distributed else 0
     result = distributed.attribute(
         run, queries, args.method, shard=args.shard, checkpoints=args.checkpoints,
         timesteps=args.timesteps, n_noise=args.n_noise, noise_seed=args.noise_seed,
         train_side=args.train_side, normalization=args.normalization, chunk_size=args.chunk_size,
-        device=args.device or distributed.default_device(), progress=rank == 0)
+        device=args.device or distributed.default_device(), progress=rank == 0,
+        allow_out_of_range=args.allow_out_of_range)
     if rank == 0:
         result.save(args.out, key={"run": str(args.run), "queries": str(args.queries)})
         print(f"{args.method} scores {tuple(result.scores.shape)} in {result.seconds:.1f} s "

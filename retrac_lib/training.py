@@ -151,6 +151,16 @@ class Run:
         """Batch loss of every optimizer step."""
         return self.require_log().losses
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what training produced: the initial and checkpoint weights, the checkpoints'
+        steps, learning rates and visits, and the training log."""
+        states = [self.initial_params] + [c.params for c in self.checkpoints]
+        weights = [params[k] for params in states for k in sorted(params)]
+        log = list(self.require_log().to_tensors().values())
+        meta = [[c.index, c.step, c.epoch, c.lr, c.visits] for c in self.checkpoints]
+        return cache.key_for({"tensors": cache.tensor_fingerprint(*weights, *log),
+                              "checkpoints": meta})
+
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
     if config.lr_schedule == "constant":

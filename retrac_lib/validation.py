@@ -14,6 +14,7 @@ A leaf module: it imports nothing from ``retrac_lib``.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -108,6 +109,40 @@ def finite(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values; pass finite numbers.")
     return x
+
+
+RANGE_TOLERANCE = 0.05  # of the data's range: diffusers' samplers clip to it, so these pass
+
+
+class OutOfRangeWarning(UserWarning):
+    """Queries lie outside the training data's range and were scored anyway, as asked."""
+
+
+def data_range(x: torch.Tensor, data: torch.Tensor, name: str = "queries", allow: bool = False,
+               opt_out: str = "allow_out_of_range=True") -> None:
+    """Refuse ``x`` on another scale than the training ``data``: values beyond the data's
+    [min, max] by more than ``RANGE_TOLERANCE`` of its range (pixels in 0..255 on a [-1, 1]
+    run), or images none of whose values lie in the lower half of it ([0, 1] images on a
+    [-1, 1] run). Generated samples that diffusers clips to [-1, 1] pass; NaN and inf are left
+    to the callers that name the sample. ``allow`` (the caller's ``opt_out``) warns instead."""
+    x, data = x.detach(), data.detach()
+    x = x[torch.isfinite(x)]
+    if not x.numel() or not data.numel():
+        return
+    lo, hi, q_lo, q_hi = (float(v) for v in (data.min(), data.max(), x.min(), x.max()))
+    tol = RANGE_TOLERANCE * (hi - lo)
+    beyond = q_lo < lo - tol or q_hi > hi + tol
+    raised = data.ndim > 2 and q_lo > (lo + hi) / 2 - tol   # images: data.ndim counts the batch
+    if not (beyond or raised):
+        return
+    found = (f"{name} lie in [{q_lo:.3g}, {q_hi:.3g}] but the run was trained on data in "
+             f"[{lo:.3g}, {hi:.3g}]")
+    fix = (f"scale {name} like the training data (on a [-1, 1] run, {name} * 2 - 1 for [0, 1] "
+           f"images, {name} / 127.5 - 1 for 0..255 pixels)")
+    if not allow:
+        raise ValueError(f"{found}: {fix}, or pass {opt_out} to score them as they are.")
+    warnings.warn(f"{found}; scoring them as they are ({opt_out}). To compare like with like, "
+                  f"{fix}.", OutOfRangeWarning, stacklevel=5)
 
 
 def timesteps(value, num_train_timesteps: int) -> int | list[int]:

@@ -2,6 +2,7 @@
 coerced value, or crashed deep inside torch; now it gets a clear error naming the argument."""
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from retrac_lib import counterfactual as cf
 from retrac_lib import diagnostics as D
 from retrac_lib.attribution import sketch_training
 from retrac_lib.losses import add_noise
+from retrac_lib.validation import OutOfRangeWarning
 
 OPTS = dict(timesteps=3, n_noise=2, progress=False)
 
@@ -252,3 +254,41 @@ def test_meta_device_is_refused_and_never_moves_the_scheduler(tiny_run, digit_qu
     assert run.scheduler.alphas_cumprod.device.type == "cpu"
     ok = rl.attribute(run, digit_queries, **OPTS)
     assert torch.isfinite(ok.scores).all()
+
+
+# 12. Queries on another scale than the training images ([0, 1], 0..255) were scored silently.
+
+def test_queries_on_another_scale_are_refused_before_computing(
+        tiny_run, tiny_points_run, digit_queries, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("scores were computed for queries on another scale")
+
+    cached = lambda *a, **kw: rl.load_or_attribute(*a, root=tmp_path, **kw)  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(rl.attribution.scoring, "_score", never)
+        for scaled, hint in [((digit_queries + 1) * 127.5, "/ 127.5 - 1"),
+                             ((digit_queries + 1) / 2, r"\* 2 - 1")]:
+            for call in (rl.attribute, cached):
+                with pytest.raises(ValueError, match=r"queries lie in \[.* trained on data in "
+                                   rf"\[-1, 1\].*{hint}.*allow_out_of_range=True"):
+                    call(tiny_run, scaled, "tracin", **OPTS)
+        with pytest.raises(ValueError, match="queries lie in"):
+            rl.attribute(tiny_points_run, tiny_points_run.data.images[:2] * 10, **OPTS)
+    # the opt-out warns, gives the same numbers and leaves the cache key alone
+    pixels = (digit_queries + 1) * 127.5
+    with pytest.warns(OutOfRangeWarning, match="scoring them as they are"):
+        forced = cached(tiny_run, pixels, "tracin", allow_out_of_range=True, **OPTS)
+    with pytest.warns(OutOfRangeWarning):
+        assert torch.equal(rl.attribute(tiny_run, pixels, "tracin", allow_out_of_range=True,
+                                        **OPTS).scores, forced.scores)
+    plain = cached(tiny_run, digit_queries, "tracin", **OPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = cached(tiny_run, digit_queries, "tracin", allow_out_of_range=True, **OPTS)
+        assert torch.equal(again.scores, plain.scores)
+        # samples at the data's bounds, as diffusers' clipped sampler returns them, and one point
+        edges = torch.full_like(digit_queries, 1.0)
+        edges[:, :, 0] = -1.0
+        rl.attribute(tiny_run, edges, "tracin", **OPTS)
+        rl.attribute(tiny_points_run, tiny_points_run.data.images[:1], **OPTS)
+    assert len(list((tmp_path / "attributions").iterdir())) == 2

@@ -191,6 +191,26 @@ def test_cli_refuses_an_unusable_output_before_computing(saved, tmp_path, capsys
         assert message in capsys.readouterr().err
 
 
+def test_cli_refuses_queries_on_another_scale_unless_allowed(saved, tmp_path, capsys,
+                                                             monkeypatch):
+    run, queries, tmp = saved
+    unit = tmp_path / "unit.safetensors"
+    save_file({"queries": (queries + 1) / 2}, str(unit))
+    with monkeypatch.context() as m:
+        m.setattr(rl.distributed, "attribute", lambda *a, **kw: pytest.fail("computed"))
+        with pytest.raises(SystemExit):
+            main([str(tmp / "run"), str(unit), "--out", str(tmp_path / "scores")])
+    err = capsys.readouterr().err
+    assert "queries lie in" in err and "* 2 - 1" in err and "--allow-out-of-range" in err
+    with pytest.warns(rl.validation.OutOfRangeWarning):
+        main([str(tmp / "run"), str(unit), "--out", str(tmp_path / "scores"),
+              "--allow-out-of-range", *CLI_OPTIONS])
+    with pytest.warns(rl.validation.OutOfRangeWarning):
+        expected = rl.attribute(run, (queries + 1) / 2, "retrac", progress=False,
+                                allow_out_of_range=True, **OPTIONS)
+    assert torch.equal(rl.AttributionResult.load(tmp_path / "scores").scores, expected.scores)
+
+
 def test_query_shards_refuse_noise_drawn_per_query(tiny_run):
     # Per-query noise is drawn by a query's position in its batch: a shard would draw other noise.
     with pytest.raises(ValueError, match="shard='train'"):

@@ -48,13 +48,13 @@ def make_model(channels, attention):
 
 
 def diffusers_style_loop(images, folder, *, channels, attention, scheduler_cls, beta_schedule,
-                         loss_name, seed=0):
+                         loss_name, seed=0, lr=1e-3):
     torch.manual_seed(seed)
     model = make_model(channels, attention)
     noise_scheduler = scheduler_cls(num_train_timesteps=1000, beta_schedule=beta_schedule)
     loader = DataLoader(rl.recorder.IndexedDataset(Images(images)), batch_size=BATCH,
                         shuffle=True, generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2,
                                  num_training_steps=len(loader) * EPOCHS)
     criterion = F.mse_loss if loss_name == "mse" else F.l1_loss
@@ -153,6 +153,20 @@ def test_scores_equal_the_slow_reference_and_survive_a_reload(recorded, method):
     assert loaded.config == run.config and torch.equal(loaded.data.images, run.data.images)
     again = rl.attribute(loaded, queries, method, timesteps=grid, query_noise=noise, progress=False)
     assert torch.equal(again.scores, res.scores)
+
+
+def test_cached_scores_are_keyed_by_the_recorded_weights_and_log(recorded, tmp_path):
+    """Two loops on the same model and data that differ in seed or lr get their own scores."""
+    run, _, case, folder = recorded
+    queries = run.data.images[:2]
+    kw = dict(timesteps=[10, 500], n_noise=2, progress=False)
+    for other in (dict(lr=3e-3), dict(seed=1)):
+        second, _ = diffusers_style_loop(run.data.images, None, **case, **other)
+        assert second.config == run.config
+        for r in (run, second):
+            cached = rl.load_or_attribute(r, queries, "retrac", root=tmp_path, **kw)
+            assert torch.equal(cached.scores, rl.attribute(r, queries, "retrac", **kw).scores)
+    assert rl.recorder.load(folder).fingerprint() == run.fingerprint()  # a reload finds its entry
 
 
 # ---------------------------------------------------------------------------------------------

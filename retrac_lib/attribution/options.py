@@ -48,13 +48,14 @@ class AttributionConfig:
     def from_dict(cls, d: dict) -> "AttributionConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-    def resolve(self, run, queries, query_noise=None, projection=None
+    def resolve(self, run, queries, query_noise=None, projection=None, allow_out_of_range=False
                 ) -> tuple["AttributionConfig", torch.Tensor, torch.Tensor]:
         """Validate these options for ``run`` and ``queries``; return the resolved config, the
         timestep grid [T'] and the shared query noise [T', K, *sample].
 
         ``projection`` (None, an int ``k`` or a ``TrainingSketch``) sets ``projection`` and, for
-        a sketch, ``projection_seed``.
+        a sketch, ``projection_seed``. Queries on another scale than the training data are
+        refused (``validation.data_range``), or with ``allow_out_of_range`` scored with a warning.
         """
         run.require_log()
         if self.method not in METHODS:
@@ -73,6 +74,8 @@ class AttributionConfig:
         validation.float_samples(queries, "queries", dtype)
         if len(queries) == 0:
             raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with Q >= 1.")
+        validation.data_range(queries, run.data.images, "queries",
+                              validation.flag(allow_out_of_range, "allow_out_of_range"))
         n_noise = validation.n_noise(self.n_noise)
         validation.integer(self.noise_seed, "noise_seed")
         if self.noise_per_query and query_noise is not None:

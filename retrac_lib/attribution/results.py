@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .. import cache, metrics
-from ..config import cache_dir
+from ..config import TrainConfig, cache_dir
 from ..training import run_key
 from .options import AttributionConfig
 
@@ -71,10 +71,18 @@ class AttributionResult:
 
 def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: AttributionConfig) -> dict:
     """What a cached score matrix depends on: the run's configuration and data, the query and
-    query-noise values and the resolved config."""
-    return {"kind": "attribution", "run": run_key(run.config, run.data),
-            "queries": cache.tensor_fingerprint(queries),
-            "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
+    query-noise values and the resolved config.
+
+    A ``TrainConfig`` (``rl.load_or_train``) determines the run's weights and log; any other run
+    (``rl.Recorder``: a user's loop, whose seed and learning rate no config records) is also keyed
+    by ``run.fingerprint()``, the digest of its weights and log.
+    """
+    key = {"kind": "attribution", "run": run_key(run.config, run.data),
+           "queries": cache.tensor_fingerprint(queries),
+           "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
+    if not isinstance(run.config, TrainConfig):
+        key["trained"] = run.fingerprint()
+    return key
 
 
 def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionResult | None]:

@@ -26,13 +26,14 @@ from .sides import clamp_norm, query_vectors, resolve_engine, training_dots
 from .sketch import TrainingSketch, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
-_HOW = ("chunk_size", "device", "progress", "engine")  # how to compute, not what: not in the key
+# how to compute, not what: not in the key
+_HOW = ("chunk_size", "device", "progress", "engine", "allow_out_of_range")
 
 
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
               query_noise: torch.Tensor | None = None, projection=None, chunk_size: int = 64,
               device=None, progress: bool = True, train_slice=None, engine: str = "auto",
-              **options) -> AttributionResult:
+              allow_out_of_range: bool = False, **options) -> AttributionResult:
     """Influence of every training sample of ``run`` on every query: ``result.scores`` [Q, N].
 
     Args:
@@ -55,6 +56,10 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
             chapters teach); "ghost" takes dot products and norms from layer factors without
             forming rows (``retrac_lib.ghost``, chapter 7; faster, same scores to float32
             rounding); "auto" (default) uses "ghost" when the model's layers allow it.
+        allow_out_of_range: score queries on another scale than the training images (beyond
+            their range, such as 0..255 pixels on a [-1, 1] run) with an ``OutOfRangeWarning``
+            instead of the ``ValueError`` (``validation.data_range``); the scores and their
+            cache key do not depend on it.
         **options: the fields of ``AttributionConfig``, which the scores depend on:
             ``checkpoints`` (indices into ``run.checkpoints``, default all, each weighted by
             ``lr * visits / N``: its lr, by default the last step's, times the samples trained
@@ -67,36 +72,33 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
             TracIn); ``loss`` ("mse" or "l1", default the run's); ``projection_seed``.
     """
     start = time.perf_counter()
-    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
     train_slice = _train_slice(train_slice, len(run.data), projection)
-    config, grid, noise = _resolve(run, queries, method, query_noise, projection, options)
-    result = _score(run, queries, config, grid, noise, projection, chunk_size, device, progress,
-                    train_slice, engine)
-    result.seconds = time.perf_counter() - start
-    return result
+    resolved = _resolve(run, queries, method, query_noise, projection, options, allow_out_of_range)
+    return _timed_score(start, run, queries, resolved, projection, chunk_size, device, progress,
+                        train_slice, engine)
 
 
 def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: Path | None = None,
                       *, query_noise: torch.Tensor | None = None, projection=None,
-                      **kwargs) -> AttributionResult:
+                      allow_out_of_range: bool = False, **kwargs) -> AttributionResult:
     """``attribute`` with a cache: the saved result for exactly this run, queries and options.
 
-    The key (``results.cache_key``) covers the run's configuration and data, the query values,
-    the resolved ``AttributionConfig`` and the query noise values, so nothing is reused when any
-    of them changed. ``kwargs`` are ``attribute``'s.
+    The key (``results.cache_key``) covers the run's configuration and data (and a recorded run's
+    weights and log), the query values, the resolved ``AttributionConfig`` and the query noise
+    values, so nothing is reused when any of them changed. ``kwargs`` are ``attribute``'s.
     """
     if kwargs.get("train_slice") is not None:
         raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
+    start = time.perf_counter()
     options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
     _refuse_unknown(kwargs, _HOW + ("train_slice",))
-    config, _, noise = _resolve(run, queries, method, query_noise, projection, options)
-    payload = cache_key(run, queries, noise, config)
+    resolved = _resolve(run, queries, method, query_noise, projection, options, allow_out_of_range)
+    payload = cache_key(run, queries, resolved[2], resolved[0])
     folder, result = cached(payload, root)
     if result is not None:
         return result
     can_save = cache.prepare(folder)
-    result = attribute(run, queries, method, query_noise=query_noise, projection=projection,
-                       **options, **kwargs)
+    result = _timed_score(start, run, queries, resolved, projection, **kwargs)
     if can_save:
         cache.try_save(lambda: result.save(folder, key=payload, exist_ok=True), folder)
     return result
@@ -109,9 +111,21 @@ def _refuse_unknown(given: dict, allowed) -> None:
                         f"{', '.join(_HOW)}, train_slice and the options {', '.join(_OPTIONS)}.")
 
 
-def _resolve(run, queries, method, query_noise, projection, options: dict):
+def _resolve(run, queries, method, query_noise, projection, options: dict, allow_out_of_range):
     _refuse_unknown(options, _OPTIONS)
-    return AttributionConfig(method=method, **options).resolve(run, queries, query_noise, projection)
+    return AttributionConfig(method=method, **options).resolve(run, queries, query_noise,
+                                                               projection, allow_out_of_range)
+
+
+def _timed_score(start, run, queries, resolved, projection, chunk_size=64, device=None,
+                 progress=True, train_slice=None, engine="auto") -> AttributionResult:
+    """``_score`` for ``_resolve``'s output, timed from ``start``; the arguments of how to compute
+    are checked here."""
+    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
+    result = _score(run, queries, *resolved, projection, chunk_size, device, progress,
+                    train_slice, engine)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _score(run, queries, config: AttributionConfig, grid, noise, projection, chunk_size, device,
