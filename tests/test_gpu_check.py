@@ -1,12 +1,12 @@
 """benchmarks/gpu_check.sh: its dry run writes the table on the CPU; without a GPU it refuses."""
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from book_tools import ROOT   # a script of the repository: this test stays in the checkout
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 def _run(*args, cache):
