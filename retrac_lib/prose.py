@@ -2,8 +2,14 @@
 
 A chapter never types a result by hand: a cell computes it, ``glue`` stores its text under a
 name, and the markdown shows it with ``{glue:text}`name```. Where a sentence depends on the
-outcome, ``pick`` and ``compare`` choose its wording from the numbers. In Colab (no myst-nb,
-or no book build) ``glue`` stores nothing, so the cells that glue also print the values.
+outcome, ``pick`` and ``compare`` choose its wording from the numbers; each alternative is
+written once, there. The calls live in a section's "what this section states" cell, which the
+book removes and Colab collapses (a ``#@title`` cell; see ``tools/sync_notebooks.py``), so the
+cells a reader reads hold the recipe and its printed output only. In Colab (no myst-nb) ``glue``
+stores nothing; the reader cells print the values.
+
+    #@title What this section states
+    prose.glue_all("ch1", first_loss=f"{first:.3f}", final_loss=f"{final:.3f}")
 """
 from __future__ import annotations
 
@@ -32,6 +38,13 @@ def glue(name: str, text) -> str:
     if get_ipython() is not None:   # stored as repr(text): {glue:text} reads it back verbatim
         nb_glue(name, text, display=False)
     return text
+
+
+def glue_all(chapter: str, **texts: str) -> dict[str, str]:
+    """``glue`` every ``name=text`` as ``{chapter}_{name}``; return the glued names and texts."""
+    if not texts:
+        raise ValueError("glue_all needs at least one name=text, e.g. glue_all('ch1', n=f'{n}').")
+    return {f"{chapter}_{name}": glue(f"{chapter}_{name}", text) for name, text in texts.items()}
 
 
 def pick(condition: bool, if_true: str, if_false: str) -> str:

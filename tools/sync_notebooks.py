@@ -9,6 +9,11 @@ The repository URL and branch live in one place, ``_config.yml`` (``repository.u
 * cell 2 of every notebook: the guarded setup cell that installs ``retrac_lib`` from the
   repository when the notebook runs in Colab (inserted when missing), tagged ``remove-cell`` so
   the rendered book, which does not need it, leaves it out;
+* every code cell whose first line is a Colab form title (``#@title What this section states``):
+  the tag ``remove-cell`` (the book shows only the sentences that cell glues) and Colab's
+  ``cellView: form`` (Colab shows the title, not the code). Glue, pick, claim and timing lines
+  belong in such cells and nowhere else; ``reader_cell_problems`` lists those it finds in the
+  cells a reader sees, and every code line over ``MAX_LINE`` characters;
 * ``_toc.yml``: the "Chapters" part lists ``notebooks/*.ipynb`` in file-name order, numbered 1, 2,
   ... (so "chapter 3" in the prose is the third notebook), between the ``# BEGIN NOTEBOOKS`` and
   ``# END NOTEBOOKS`` lines. A number with a letter (``04b_recipes.ipynb``) makes a section of the
@@ -20,13 +25,15 @@ Usage::
     python tools/sync_notebooks.py            # rewrite what is out of date
     python tools/sync_notebooks.py --check    # only report; exit 1 if anything is out of date
 
-It never touches outputs or any other cell; ``tests/test_book.py`` runs ``--check``.
+It never touches outputs or any other cell; ``tests/test_book.py`` runs ``--check`` and
+``tests/test_reader_cells.py`` runs ``reader_cell_problems`` on every chapter.
 """
 from __future__ import annotations
 
 import argparse
-import re
+import ast
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +48,12 @@ SETUP_CELL_ID = "colab-setup"
 TOC_BEGIN = "# BEGIN NOTEBOOKS"
 TOC_END = "# END NOTEBOOKS"
 SECTION = re.compile(r"^[0-9]+[a-z]_")   # "04b_recipes": a section of the chapter before it
+FORM_TITLE = "#@title "
+FORM_TAGS = ["remove-cell"]
+MAX_LINE = 88
+# What only the book's bookkeeping uses: glue and its wording, claims, timing.
+PLUMBING_MODULES = {"time", "retrac_lib.prose", "retrac_lib.claims", "myst_nb"}
+PLUMBING_NAMES = {"prose", "claims", "glue", "glue_all", "perf_counter", "process_time"}
 
 
 class SyncError(ValueError):
@@ -102,8 +115,64 @@ def _is_setup_cell(cell) -> bool:
         cell.source.startswith(SETUP_MARKER) or "google.colab" in cell.source)
 
 
+def is_form_cell(cell) -> bool:
+    """A cell the book removes and Colab collapses: its first line is ``#@title ...``."""
+    return cell.cell_type == "code" and cell.source.startswith(FORM_TITLE)
+
+
+def _code_lines(source: str) -> str:
+    """``source`` with IPython magics and shell lines blanked, so ``ast`` can parse it."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.split("\n"))
+
+
+def plumbing_lines(source: str) -> list[int]:
+    """Line numbers (from 1) of ``source`` that glue, pick, claim or time."""
+    lines = set()
+    for node in ast.walk(ast.parse(_code_lines(source))):
+        if isinstance(node, ast.Import):
+            hit = any(a.name in PLUMBING_MODULES for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            hit = (node.module in PLUMBING_MODULES
+                   or any(f"{node.module}.{a.name}" in PLUMBING_MODULES or a.name in PLUMBING_NAMES
+                          for a in node.names))
+        elif isinstance(node, ast.Name):
+            hit = node.id in PLUMBING_NAMES
+        elif isinstance(node, ast.Attribute):
+            hit = node.attr in PLUMBING_NAMES
+        else:
+            hit = False
+        if hit:
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+def reader_cell_problems(nb, name: str) -> list[str]:
+    """What keeps ``nb``'s code from reading as the recipe: plumbing in a cell the reader sees
+    (anything but a ``#@title`` cell or an otter-grader test cell) and code lines over
+    ``MAX_LINE`` characters."""
+    problems = []
+    for number, cell in enumerate(nb.cells, start=1):
+        if cell.cell_type != "code":
+            continue
+        for i, line in enumerate(cell.source.split("\n"), start=1):
+            if len(line) > MAX_LINE:
+                problems.append(f"{name}, cell {number}, line {i}: {len(line)} characters "
+                                f"(at most {MAX_LINE}): {line.strip()[:60]}...")
+        hidden = is_form_cell(cell) or "remove-cell" in cell.metadata.get("tags", [])
+        if hidden:
+            continue
+        for i in plumbing_lines(cell.source):
+            problems.append(f"{name}, cell {number}, line {i}: glue, claim or timing in a cell "
+                            f"the reader sees; move it to the section's '{FORM_TITLE}What this "
+                            "section states' cell: "
+                            f"{cell.source.split(chr(10))[i - 1].strip()[:60]}")
+    return problems
+
+
 def sync_notebook(nb, relpath: str, cfg: dict):
-    """A copy of ``nb`` with the badge (cell 1) and the setup cell (cell 2) written."""
+    """A copy of ``nb`` with the badge (cell 1), the setup cell (cell 2) and the form cells'
+    metadata written."""
     nb = copy.deepcopy(nb)
     if not nb.cells or nb.cells[0].cell_type != "markdown":
         raise SyncError(f"{relpath}: cell 1 must be a markdown cell with the chapter title.")
@@ -120,6 +189,11 @@ def sync_notebook(nb, relpath: str, cfg: dict):
         else:
             cell.pop("id", None)
         nb.cells.insert(1, cell)
+    for cell in nb.cells:
+        if is_form_cell(cell):
+            tags = cell.metadata.get("tags", [])
+            cell.metadata["tags"] = tags + [t for t in FORM_TAGS if t not in tags]
+            cell.metadata["cellView"] = "form"
     return nb
 
 
