@@ -2,9 +2,12 @@
 
 A folder is written under a temporary name and renamed into place only when complete; a manifest
 records the SHA-256 of every file, so a partial, corrupted or foreign entry is refused, never
-reused silently. Temporary folders left by a killed save are removed by the next call (once their
-writer is gone); files and folders get the permissions the umask allows, so a cache can be shared;
-a cache that cannot be written to costs the caching, never the computed result (``CacheWarning``).
+reused silently. Temporary folders left by a killed save are removed by the next call, once their
+writer is gone, and only those: a temporary folder carries a marker file naming its writer, and a
+folder without one (a user's own ``.tmp-*``) or owned by another user is never touched. Files and
+folders are never writable by others: owner-writable (the umask may restrict them further), or with
+``RETRAC_CACHE_SHARED=1`` group-writable too, for a cache a course shares. A cache that cannot be
+written to costs the caching, never the computed result (``CacheWarning``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -27,6 +31,10 @@ from safetensors.torch import load_file, save_file
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+TMP_MARKER = ".retrac-tmp.json"  # inside every temporary folder this library writes
+SHARED_ENV = "RETRAC_CACHE_SHARED"
+ENTRY_NAME = re.compile(r"^[0-9a-f]{20}$")  # a cache entry: runs/<key> or attributions/<key>
+CACHE_KINDS = ("runs", "attributions")
 ORPHAN_AGE = 3600  # seconds after which another machine's unfinished temporary folder is an orphan
 
 
@@ -38,10 +46,29 @@ class CacheWarning(UserWarning):
     """A result was computed but could not be cached (the cache folder is not writable)."""
 
 
-def hint(folder: Path) -> str:
-    """What a user can do about a bad entry: delete it, or, in a cache they cannot write to
-    (shared read-only), ask its owner or use a cache of their own."""
+def recomputable(folder: Path) -> bool:
+    """True for an entry of the cache (``<root>/runs/<key>``, ``<root>/attributions/<key>``),
+    which the library recomputes when it is deleted; False for any other folder."""
     folder = Path(folder)
+    return folder.parent.name in CACHE_KINDS and bool(ENTRY_NAME.match(folder.name))
+
+
+def _kind(folder: Path, of: str = "entry") -> str:
+    """How messages name ``folder`` (or, ``of="file"``, a file in it)."""
+    if recomputable(folder):
+        return f"Cache {of}"
+    return "File" if of == "file" else "Saved folder"
+
+
+def hint(folder: Path) -> str:
+    """What a user can do about a bad folder: delete a cache entry (it is recomputed), or, in a
+    cache they cannot write to, ask its owner or use a cache of their own. Any other folder (a
+    recorded run, saved scores) cannot be recomputed: restore or rewrite it."""
+    folder = Path(folder)
+    if not recomputable(folder):
+        return (f"{folder} is not a cache entry the library can recompute: restore it from where "
+                "it came from, or write it again (rl.Recorder(..., folder=...), rl.save_run, "
+                "AttributionResult.save).")
     if os.access(folder.parent, os.W_OK):
         return f"Delete {folder} to recompute it."
     return (f"It lies in a cache folder you cannot write to ({folder.parent}): ask its owner to "
@@ -70,25 +97,67 @@ def _umask() -> int:
     return mask
 
 
+def modes() -> tuple[int, int]:
+    """(folder mode, file mode) of everything this library writes: never writable by others;
+    group-writable only with ``RETRAC_CACHE_SHARED=1``; the umask may restrict further."""
+    shared = os.environ.get(SHARED_ENV, "0")
+    if shared not in ("0", "1"):
+        raise ValueError(f"{SHARED_ENV} must be 1 (a cache shared by a group) or 0, got "
+                         f"{shared!r}.")
+    folder, file = (0o775, 0o664) if shared == "1" else (0o755, 0o644)
+    mask = _umask()
+    return folder & ~mask, file & ~mask
+
+
+def make_folders(folder: Path) -> None:
+    """``mkdir -p folder``, giving every folder it creates the mode of ``modes``."""
+    folder, missing = Path(folder), []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        os.chmod(path, modes()[0])
+
+
 def _make_tmp(parent: Path, name: str) -> Path:
-    """A new folder ``.tmp-<name>-<host>-<pid>-<random>`` (mode 0777 minus the umask) whose name
-    says which process writes it, so ``clean_orphans`` can tell a live writer from a dead one."""
+    """A new folder ``.tmp-<name>-<host>-<pid>-<random>``, only its owner's, holding the marker
+    ``TMP_MARKER`` that tells ``clean_orphans`` it is this library's and which process writes it."""
     while True:
         tmp = parent / f"{TMP_PREFIX}{name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            os.mkdir(tmp)
-            return tmp
+            os.mkdir(tmp, 0o700)
         except FileExistsError:
             continue
-
-
-def _writer_gone(name: str, now: float, mtime: float) -> bool:
-    """True when the temporary folder ``name``'s writer has died (same machine) or when it was
-    last touched more than ``ORPHAN_AGE`` seconds ago (another machine, or an unknown writer)."""
-    head, pid, _ = (name[len(TMP_PREFIX):].rsplit("-", 2) + ["", ""])[:3]
-    if pid.isdigit() and head.endswith(f"-{socket.gethostname()}"):
         try:
-            os.kill(int(pid), 0)
+            (tmp / TMP_MARKER).write_text(json.dumps(
+                {"writer": "retrac_lib", "host": socket.gethostname(), "pid": os.getpid()}))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
+
+
+def _writer_gone(path: Path, now: float) -> bool:
+    """True when ``path`` is this library's temporary folder, owned by this user, and its writer
+    has died (same machine) or it was last touched more than ``ORPHAN_AGE`` seconds ago (another
+    machine). A folder without the marker, or another user's, is never an orphan."""
+    try:
+        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+            return False
+        marker = json.loads((path / TMP_MARKER).read_text())
+        mtime = path.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("writer") != "retrac_lib":
+        return False
+    pid = marker.get("pid")
+    if marker.get("host") == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except OSError:
@@ -99,10 +168,9 @@ def _writer_gone(name: str, now: float, mtime: float) -> bool:
 
 
 def clean_orphans(parent: Path) -> list[Path]:
-    """Remove the temporary folders that killed saves left in ``parent``; return them.
-
-    Only folders whose writer is gone are removed (``_writer_gone``); failures to remove (a
-    read-only shared cache) are ignored.
+    """Remove the temporary folders that killed saves of this library left in ``parent``; return
+    them. Only folders whose writer is gone are removed (``_writer_gone``); failures to remove
+    (a read-only shared cache) are ignored.
     """
     removed, now = [], time.time()
     try:
@@ -111,7 +179,7 @@ def clean_orphans(parent: Path) -> list[Path]:
         return removed
     for path in candidates:
         try:
-            if path.is_dir() and _writer_gone(path.name, now, path.stat().st_mtime):
+            if path.is_dir() and _writer_gone(path, now):
                 shutil.rmtree(path)
                 removed.append(path)
         except OSError:
@@ -125,8 +193,8 @@ def writable(folder: Path) -> str | None:
     Tried for real (a folder is made and removed), since permission bits alone do not tell.
     """
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        os.rmdir(_make_tmp(Path(folder), "probe"))
+        make_folders(folder)
+        shutil.rmtree(_make_tmp(Path(folder), "probe"))
     except OSError as err:
         return f"{type(err).__name__}: {err}"
     return None
@@ -155,12 +223,12 @@ def try_save(save, folder: Path) -> bool:
         return False
 
 
-def _share(folder: Path) -> None:
-    """Give ``folder`` and its files the permissions the umask allows (safetensors writes 0600)."""
-    mask = _umask()
+def _restrict(folder: Path) -> None:
+    """Give ``folder`` and its files the modes of ``modes`` (safetensors writes 0600)."""
+    folder_mode, file_mode = modes()
     for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~mask)
-    os.chmod(folder, 0o777 & ~mask)
+        os.chmod(path, file_mode)
+    os.chmod(folder, folder_mode)
 
 
 @contextlib.contextmanager
@@ -176,13 +244,13 @@ def atomic_folder(final: Path, *, exist_ok: bool = True):
     final = Path(final)
     if not exist_ok:
         _refuse_existing(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(final.parent)
     clean_orphans(final.parent)
     tmp = _make_tmp(final.parent, final.name)
     try:
         yield tmp
         write_manifest(tmp)
-        _share(tmp)
+        _restrict(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -191,6 +259,9 @@ def atomic_folder(final: Path, *, exist_ok: bool = True):
             if not exist_ok:
                 _refuse_existing(final)
             # another process finished the same entry first: keep its copy
+        else:
+            with contextlib.suppress(OSError):   # not in the manifest; only marks a tmp folder
+                (final / TMP_MARKER).unlink()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,8 +292,8 @@ def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise CacheError(f"Cache file {path} cannot be read ({type(err).__name__}: {err}). "
-                         f"{hint(Path(path).parent)}") from err
+        raise CacheError(f"{_kind(Path(path).parent, 'file')} {path} cannot be read "
+                         f"({type(err).__name__}: {err}). {hint(Path(path).parent)}") from err
 
 
 def _sha256(path: Path) -> str:
@@ -234,22 +305,24 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p.name for p in Path(folder).iterdir() if p.name != MANIFEST)
+    files = sorted(p.name for p in Path(folder).iterdir() if p.name not in (MANIFEST, TMP_MARKER))
     write_json(Path(folder) / MANIFEST, {f: _sha256(Path(folder) / f) for f in files})
 
 
 def verify_folder(folder: Path) -> None:
     """Raise ``CacheError`` unless every file in the manifest is present and unchanged."""
     folder = Path(folder)
+    kind = _kind(folder)
     if not (folder / MANIFEST).is_file():
-        raise CacheError(f"Cache entry {folder} has no manifest (a partial or foreign folder). "
+        raise CacheError(f"{kind} {folder} has no manifest (a partial or foreign folder). "
                          f"{hint(folder)}")
     manifest = read_json(folder / MANIFEST)
     if not isinstance(manifest, dict):
-        raise CacheError(f"Cache entry {folder} has a damaged manifest. {hint(folder)}")
+        raise CacheError(f"{kind} {folder} has a damaged manifest. {hint(folder)}")
     for name, digest in manifest.items():
         path = folder / name
         if not path.is_file():
-            raise CacheError(f"Cache entry {folder} is missing {name}. {hint(folder)}")
+            raise CacheError(f"{kind} {folder} is missing {name}. {hint(folder)}")
         if _sha256(path) != digest:
-            raise CacheError(f"Cache file {path} is corrupted (checksum differs). {hint(folder)}")
+            raise CacheError(f"{_kind(folder, 'file')} {path} is corrupted (checksum differs). "
+                             f"{hint(folder)}")

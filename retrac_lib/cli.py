@@ -12,10 +12,16 @@ training-gradient norms) and ``config.json``. Under ``torchrun`` the processes s
 (``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
 or lies in a folder that cannot be written to, is refused before anything is computed, as are
 queries on another scale than the training images (``--allow-out-of-range`` scores them anyway).
+Should ``SCORES`` still be taken while the scores are computed (another process), they are saved
+next to it and the command says where and exits 1; under ``torchrun`` the processes first check
+that they hold the same run, queries and options.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import attribution, cache, distributed, recorder, validation
+from .cache import CacheError
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
 
@@ -34,18 +41,13 @@ def load_queries(path, sample_shape) -> torch.Tensor:
         raise ValueError(f"{path}: query files must end in {', '.join(QUERY_SUFFIXES)}.")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such query file.")
-    if path.suffix == ".safetensors":
-        tensors = load_file(str(path))
-        if len(tensors) != 1 and "queries" not in tensors:
-            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the query tensor "
-                             "'queries' or store it alone.")
-        queries = tensors.get("queries", next(iter(tensors.values())))
-    elif path.suffix == ".npy":
-        queries = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        queries = torch.load(path, weights_only=True)
-        if not isinstance(queries, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(queries).__name__}; save one tensor [Q, *sample].")
+    try:
+        queries = _read_tensor(path)
+    except Exception as err:   # each reader raises its own kinds for an empty or foreign file
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise
+        raise ValueError(f"{path} cannot be read as a {path.suffix} file ({type(err).__name__}: "
+                         f"{err}). Save one float32 tensor [Q, *sample] there.") from err
     expected = f"[Q, {', '.join(map(str, sample_shape))}]"
     if queries.dtype != torch.float32:
         raise ValueError(f"{path}: queries have dtype {queries.dtype}; save float32 images scaled "
@@ -56,6 +58,43 @@ def load_queries(path, sample_shape) -> torch.Tensor:
     if len(queries) == 0 or not torch.isfinite(queries).all():
         raise ValueError(f"{path}: queries must be at least one image, with finite values.")
     return queries
+
+
+def _read_tensor(path: Path):
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if not tensors:
+            raise ValueError(f"{path} holds no tensors; save the queries as a tensor there.")
+        if len(tensors) != 1 and "queries" not in tensors:
+            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the query tensor "
+                             "'queries' or store it alone.")
+        return tensors.get("queries", next(iter(tensors.values())))
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    queries = torch.load(path, weights_only=True)
+    if not isinstance(queries, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(queries).__name__}; save one tensor [Q, *sample].")
+    return queries
+
+
+def save_or_rescue(result, out: Path, key: dict) -> Path:
+    """Save ``result`` to ``out``; when that fails (another process took ``out`` while this one
+    computed, or its folder stopped being writable), save it next to ``out``, in the working
+    folder or in the temporary folder instead, warn where, and return where it went."""
+    try:
+        return result.save(out, key=key)
+    except OSError as first:
+        name = f"{out.name}.rescued-{os.getpid()}"
+        for folder in (out.parent, Path.cwd(), Path(tempfile.gettempdir())):
+            try:
+                saved = result.save(folder / name, key=key)
+            except OSError:
+                continue
+            print(f"warning: could not save to --out {out} ({first}); the scores were saved to "
+                  f"{saved} instead.", file=sys.stderr)
+            return saved
+        raise OSError(f"Could not save the scores to --out {out} ({first}), nor to {name} next "
+                      "to it, in the working folder or in the temporary folder.") from first
 
 
 def main(argv=None) -> int:
@@ -87,14 +126,17 @@ def main(argv=None) -> int:
     if unwritable:
         parser.error(f"--out {args.out}: its folder {args.out.parent} cannot be written to "
                      f"({unwritable}); choose a --out in a writable folder.")
-    run = recorder.load(args.run)
-    queries = load_queries(args.queries, run.data.sample_shape)
-    if not args.allow_out_of_range:
-        try:
+    try:
+        run = recorder.load(args.run)
+    except (OSError, ValueError, CacheError) as err:
+        parser.error(f"RUN: {err}")
+    try:
+        queries = load_queries(args.queries, run.data.sample_shape)
+        if not args.allow_out_of_range:
             validation.data_range(queries, run.data.images, "queries",
                                   opt_out="--allow-out-of-range")
-        except ValueError as err:
-            parser.error(str(err))
+    except (OSError, ValueError) as err:
+        parser.error(f"QUERIES: {err}")
     is_distributed = distributed.init()
     rank = torch.distributed.get_rank() if is_distributed else 0
     result = distributed.attribute(
@@ -103,10 +145,13 @@ def main(argv=None) -> int:
         train_side=args.train_side, normalization=args.normalization, chunk_size=args.chunk_size,
         device=args.device or distributed.default_device(), progress=rank == 0,
         allow_out_of_range=args.allow_out_of_range)
+    status = 0
     if rank == 0:
-        result.save(args.out, key={"run": str(args.run), "queries": str(args.queries)})
+        saved = save_or_rescue(result, args.out,
+                               {"run": str(args.run), "queries": str(args.queries)})
+        status = 0 if saved == args.out else 1
         print(f"{args.method} scores {tuple(result.scores.shape)} in {result.seconds:.1f} s "
-              f"-> {args.out}")
+              f"-> {saved}")
     if is_distributed:
         torch.distributed.destroy_process_group()
-    return 0
+    return status

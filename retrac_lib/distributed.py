@@ -28,7 +28,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import attribution, validation
+from . import attribution, cache, validation
 from .attribution import AttributionResult
 
 SHARDS = ("train", "queries")
@@ -79,6 +79,36 @@ def train_shards(n: int, world: int, chunk_size: int = 64) -> list[range]:
     return ranges
 
 
+PER_RANK_OPTIONS = ("device", "progress")   # may differ between ranks by design
+
+
+def _describe(value) -> str:
+    """A value as ranks compare it: tensors by digest (a repr elides most of their values)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} digest {cache.tensor_fingerprint(value)[:12]}"
+    return repr(value)
+
+
+def require_same_inputs(run, queries: torch.Tensor, **options) -> None:
+    """Refuse, on every rank and before computing, processes that hold different runs, queries
+    or options (``PER_RANK_OPTIONS`` excepted): their digests are gathered and compared."""
+    mine = {"run": f"digest {run.fingerprint()[:12]}",
+            "queries": f"{len(queries)} queries, digest "
+                       f"{cache.tensor_fingerprint(torch.as_tensor(queries))[:12]}",
+            "options": repr(sorted((k, _describe(v)) for k, v in options.items()
+                                   if k not in PER_RANK_OPTIONS))}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        differ = [k for k in mine if theirs[k] != everyone[0][k]]
+        if differ:
+            details = "; ".join(f"{k}: rank 0 {everyone[0][k]}, rank {rank} {theirs[k]}"
+                                for k in differ)
+            raise ValueError(f"The {len(everyone)} processes were given different inputs "
+                             f"({details}). Every process must read the same run, queries and "
+                             "options; nothing was computed.")
+
+
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str = "train",
               **options) -> AttributionResult:
     """``rl.attribute`` split over the processes of the initialized group (alone: one process).
@@ -96,6 +126,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str 
                          "shard='train'.")
     if not dist.is_initialized():
         return attribution.attribute(run, queries, method, **options)
+    require_same_inputs(run, queries, method=method, shard=shard, **options)
     rank, world = dist.get_rank(), dist.get_world_size()
     if shard == "train":
         part = train_shards(len(run.data), world, options.get("chunk_size", 64))[rank]

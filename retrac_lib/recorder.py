@@ -265,6 +265,7 @@ def load(folder) -> Run:
     """A run written by ``Recorder(..., folder=...)`` (or ``rl.save_run(run, folder,
     with_data=True)``), verified against its manifest."""
     folder = Path(folder)
+    _require_run_folder(folder)
     cache.verify_folder(folder)
     if not (folder / "data.safetensors").exists():
         raise ValueError(f"{folder} holds no training images (data.safetensors): it is a cached run "
@@ -279,6 +280,27 @@ def load(folder) -> Run:
     tensors = cache.load_tensors(folder / "data.safetensors")
     data = Dataset(described["data"]["name"], tensors["images"], tensors["labels"])
     return load_run(folder, spec, data)
+
+
+RUN_FILES = ("config.json", "weights.safetensors", "log.safetensors")
+WRITERS = "rl.Recorder(..., folder=...) or rl.save_run(run, folder, with_data=True)"
+
+
+def _require_run_folder(folder: Path) -> None:
+    """Say plainly what ``folder`` is when it is not a saved run at all."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such run folder. Pass the folder that "
+                                f"{WRITERS} wrote.")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a run folder. Pass the folder that "
+                         f"{WRITERS} wrote.")
+    if (folder / "scores.safetensors").exists():
+        raise ValueError(f"{folder} holds attribution scores (AttributionResult.save, or the "
+                         "command line's --out), not a run: pass the run folder the scores were "
+                         "computed from.")
+    if not any((folder / name).exists() for name in RUN_FILES):
+        raise ValueError(f"{folder} is not a run folder: it holds none of {', '.join(RUN_FILES)}."
+                         f" Pass the folder that {WRITERS} wrote.")
 
 
 def _dataset(data, labels) -> Dataset:

@@ -221,6 +221,16 @@ def run_key(config: TrainConfig, data: Dataset) -> str:
                           "diffusers": diffusers.__version__})
 
 
+def run_identity(run: Run) -> dict:
+    """What identifies ``run``'s weights and log in a key: its configuration and data, and for a
+    run no ``TrainConfig`` determines (``rl.Recorder``: a user's loop, whose seed and learning
+    rate no config records) also ``run.fingerprint()``, the digest of its weights and log."""
+    identity = {"run": run_key(run.config, run.data)}
+    if not isinstance(run.config, TrainConfig):
+        identity["trained"] = run.fingerprint()
+    return identity
+
+
 def _describe(config: TrainConfig, data: Dataset) -> dict:
     return {"config": config.to_dict(), "data": {"name": data.name, "n": len(data),
                                                  "fingerprint": data.fingerprint()}}
@@ -261,10 +271,11 @@ def load_run(folder: Path, config: TrainConfig, data: Dataset) -> Run:
         changed = sorted(k for k in wanted["config"] if saved["config"].get(k) != wanted["config"][k])
         if saved["data"]["fingerprint"] != wanted["data"]["fingerprint"]:
             changed.append("data")
+        todo = ("Pass the matching config, or delete the folder to retrain."
+                if cache.recomputable(folder) else "Pass the config and data it was trained with.")
         raise cache.CacheError(
             f"The run in {folder} was trained with a different configuration (differs in: "
-            f"{', '.join(changed)}). Pass the matching config, or delete the folder to retrain."
-        )
+            f"{', '.join(changed)}). {todo}")
     weights = cache.load_tensors(folder / "weights.safetensors")
     meta = cache.read_json(folder / "meta.json")
     checkpoints = [

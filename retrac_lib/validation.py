@@ -13,7 +13,9 @@ A leaf module: it imports nothing from ``retrac_lib``.
 """
 from __future__ import annotations
 
+import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -42,6 +44,31 @@ def chunk_size(value, name: str = "chunk_size") -> int:
 def n_noise(value, name: str = "n_noise") -> int:
     """A positive number of noise draws per timestep."""
     return integer(value, name, 1, why="It counts the noise draws averaged per timestep.")
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def grid_memory(n_timesteps: int, n_noise: int, sample_shape, n_queries: int = 1,
+                available: int | None = None) -> int:
+    """The bytes of a query grid's float32 noise [Q, T', K, *sample]; refuse a grid that needs
+    more than half of ``available`` (default: this machine's memory), naming its sizes."""
+    need = 4 * n_queries * n_timesteps * n_noise * math.prod(sample_shape)
+    available = memory_bytes() if available is None else available
+    if available and need > available // 2:
+        per = f"{n_queries} queries x " if n_queries > 1 else ""
+        raise ValueError(
+            f"The query grid of {per}{n_timesteps} timesteps x {n_noise} noise draws needs "
+            f"{need / 2**30:.1f} GiB for its noise alone ({per}{n_timesteps} x {n_noise} x "
+            f"{'x'.join(map(str, sample_shape))} float32), more than half of this machine's "
+            f"{available / 2**30:.1f} GiB. Use fewer timesteps or a smaller n_noise (the book "
+            "uses 100 x 16 at most).")
+    return need
 
 
 def real(value, name: str, positive: bool = False) -> float:

@@ -292,3 +292,14 @@ def test_queries_on_another_scale_are_refused_before_computing(
         rl.attribute(tiny_run, edges, "tracin", **OPTS)
         rl.attribute(tiny_points_run, tiny_points_run.data.images[:1], **OPTS)
     assert len(list((tmp_path / "attributions").iterdir())) == 2
+
+
+def test_a_query_grid_too_large_for_memory_is_named_before_allocating(tiny_run):
+    queries = tiny_run.data.images[:1]
+    with pytest.raises(ValueError, match=r"query grid of 100 timesteps x 200000 noise draws needs "
+                                         r"4\.8 GiB .*100 x 200000 x 1x8x8 float32.*fewer "
+                                         r"timesteps or a smaller n_noise"):
+        rl.attribute(tiny_run, queries, "retrac", timesteps=100, n_noise=200_000)
+    assert rl.validation.grid_memory(100, 200_000, (1, 8, 8), available=2**40) == 4 * 100 * 200_000 * 64
+    with pytest.raises(ValueError, match="3 queries x 10 timesteps"):
+        rl.validation.grid_memory(10, 4, (1, 8, 8), n_queries=3, available=1000)

@@ -125,9 +125,31 @@ def test_damaged_attribution_cache_names_the_folder(damage, message, tiny_run, q
 
 def test_errors_in_a_cache_the_user_cannot_write_say_what_they_can_do(tmp_path, monkeypatch):
     monkeypatch.setattr(rl.cache.os, "access", lambda path, mode: False)
-    message = rl.cache.hint(tmp_path / "runs" / "abc")
+    message = rl.cache.hint(tmp_path / "runs" / ("ab" * 10))
     assert "cannot write to" in message and "ask its owner" in message and "RETRAC_CACHE" in message
     assert "Delete" not in message
+
+
+@pytest.mark.parametrize("folder", ["my-run", "runs/not-a-key", "attributions/" + "ab" * 11,
+                                    "scores/" + "ab" * 10])
+def test_delete_is_advised_only_for_entries_the_library_recomputes(folder, tmp_path):
+    message = rl.cache.hint(tmp_path / folder)
+    assert "not a cache entry the library can recompute" in message and "Delete" not in message
+    (tmp_path / "runs").mkdir()
+    assert rl.cache.hint(tmp_path / "runs" / ("ab" * 10)).startswith("Delete ")
+
+
+def test_a_damaged_recorded_run_is_not_to_be_deleted(tiny_run, tmp_path):
+    folder = rl.save_run(tiny_run, tmp_path / "my-run", with_data=True)
+    (folder / "log.safetensors").write_bytes(b"changed")
+    with pytest.raises(CacheError, match="is corrupted") as err:
+        rl.recorder.load(folder)
+    message = str(err.value)
+    assert message.startswith(f"File {folder / 'log.safetensors'} is corrupted")
+    assert "not a cache entry the library can recompute" in message and "Delete" not in message
+    with pytest.raises(CacheError, match="Pass the config and data it was trained with"):
+        rl.load_run(rl.save_run(tiny_run, tmp_path / "other"), tiny_run.config.replace(lr=1.0),
+                    tiny_run.data)
 
 
 # A result is saved to a new path or not at all: never reported saved over an old one.
@@ -168,41 +190,76 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _fake_tmp(parent: Path, name: str, marker: dict | None) -> Path:
+    """A temporary folder as a killed save leaves it (``marker``: its TMP_MARKER, or none)."""
+    (parent / name).mkdir()
+    (parent / name / "weights.safetensors").write_bytes(b"partial")
+    if marker is not None:
+        (parent / name / rl.cache.TMP_MARKER).write_text(json.dumps(marker))
+    return parent / name
+
+
 def test_orphan_temporary_folders_are_cleaned_up(tiny_config, tiny_digits, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     host = socket.gethostname()
-    names = {
-        "dead": f".tmp-abc-{host}-{_dead_pid()}-0001",          # its writer was killed
-        "live": f".tmp-abc-{host}-{os.getpid()}-0002",          # this process is still writing
-        "old": ".tmp-abc-x1y2z3",                                # unknown writer, 2 hours old
-        "fresh": f".tmp-abc-otherhost-{_dead_pid()}-0003",       # another machine, just now
+    ours = {"writer": "retrac_lib", "host": host}
+    folders = {
+        "dead": {**ours, "pid": _dead_pid()},           # its writer was killed
+        "live": {**ours, "pid": os.getpid()},           # this process is still writing
+        "old": {**ours, "host": "otherhost", "pid": 1},  # another machine, 2 hours old
+        "fresh": {**ours, "host": "otherhost", "pid": 1},  # another machine, just now
+        "users-own": None,                              # a user's .tmp-* folder, no marker
+        "foreign": {"writer": "something-else", "host": host, "pid": _dead_pid()},
     }
-    for name in names.values():
-        (runs / name).mkdir()
-        (runs / name / "weights.safetensors").write_bytes(b"partial")
+    for name, marker in folders.items():
+        _fake_tmp(runs, f".tmp-{name}", marker)
     two_hours_ago = time.time() - 7200
-    os.utime(runs / names["old"], (two_hours_ago, two_hours_ago))
+    for name in ("old", "users-own", "foreign"):
+        os.utime(runs / f".tmp-{name}", (two_hours_ago, two_hours_ago))
 
     rl.load_or_train(tiny_config, tiny_digits, progress=False, root=tmp_path)
-    assert _tmp_folders(runs) == sorted([names["live"], names["fresh"]])
+    assert _tmp_folders(runs) == [".tmp-foreign", ".tmp-fresh", ".tmp-live", ".tmp-users-own"]
 
 
-# 9. Cache files and folders follow the umask, so a course can share one cache.
+def test_another_users_temporary_folder_is_never_removed(tmp_path, monkeypatch):
+    _fake_tmp(tmp_path, ".tmp-theirs", {"writer": "retrac_lib", "host": socket.gethostname(),
+                                        "pid": _dead_pid()})
+    monkeypatch.setattr(rl.cache.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    assert rl.cache.clean_orphans(tmp_path) == [] and _tmp_folders(tmp_path) == [".tmp-theirs"]
+    monkeypatch.undo()
+    assert rl.cache.clean_orphans(tmp_path) == [tmp_path / ".tmp-theirs"]
 
-@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
-def test_cache_entries_respect_the_umask(umask, folder_mode, file_mode, tiny_run, queries, tmp_path):
+
+# 9. Cache files and folders are never writable by others: owner-writable, the umask restricting
+# further; group-writable with RETRAC_CACHE_SHARED=1, for a course's shared cache.
+
+@pytest.mark.parametrize("umask, shared, folder_mode, file_mode", [
+    (0o022, None, 0o755, 0o644), (0o077, None, 0o700, 0o600), (0o000, None, 0o755, 0o644),
+    (0o002, "1", 0o775, 0o664), (0o000, "1", 0o775, 0o664), (0o027, "1", 0o750, 0o640)])
+def test_cache_entries_are_never_writable_by_others(umask, shared, folder_mode, file_mode,
+                                                     tiny_run, queries, tmp_path, monkeypatch):
+    if shared:
+        monkeypatch.setenv(rl.cache.SHARED_ENV, shared)
     old = os.umask(umask)
     try:
         rl.save_run(tiny_run, tmp_path / "run")
-        rl.load_or_attribute(tiny_run, queries, "tracin", root=tmp_path, **ATTR)
+        rl.load_or_attribute(tiny_run, queries, "tracin", root=tmp_path / "cache", **ATTR)
     finally:
         os.umask(old)
-    (attr,) = (tmp_path / "attributions").iterdir()
+    (attr,) = (tmp_path / "cache" / "attributions").iterdir()
+    for folder in (tmp_path / "run", attr, attr.parent, attr.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode, folder
     for folder in (tmp_path / "run", attr):
-        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
         assert set(modes.values()) == {file_mode}, modes
+        assert rl.cache.TMP_MARKER not in modes
+
+
+def test_the_shared_cache_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(rl.cache.SHARED_ENV, "yes")
+    with pytest.raises(ValueError, match="RETRAC_CACHE_SHARED must be 1 .* or 0, got 'yes'"):
+        rl.cache.modes()
 
 
 # Kills at random points (SIGKILL: no cleanup code runs), then the next call recovers.

@@ -216,3 +216,101 @@ def test_query_shards_refuse_noise_drawn_per_query(tiny_run):
     with pytest.raises(ValueError, match="shard='train'"):
         rl.distributed.attribute(tiny_run, tiny_run.data.images[:2], "tracin", shard="queries",
                                  noise_per_query=True, timesteps=2, n_noise=1, progress=False)
+
+
+def test_cli_says_what_a_run_argument_is_when_it_is_not_a_run(saved, tmp_path, capsys):
+    _, queries, tmp = saved
+    plain = tmp_path / "holiday-photos"
+    plain.mkdir()
+    (plain / "a.txt").write_text("not a run")
+    scores = rl.attribute(saved[0], queries, "tracin", progress=False, **OPTIONS).save(
+        tmp_path / "scores")
+    afile = tmp_path / "run.txt"
+    afile.write_text("x")
+    cases = [(tmp_path / "missing", "no such run folder"),
+             (plain, "is not a run folder: it holds none of config.json"),
+             (scores, "holds attribution scores (AttributionResult.save, or the command line's "
+                      "--out), not a run"),
+             (afile, "is a file, not a run folder")]
+    for run_arg, message in cases:
+        with pytest.raises(SystemExit):
+            main([str(run_arg), str(tmp / "queries.safetensors"), "--out",
+                  str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert f"RUN: {run_arg}" in err and message in err, err
+        assert "Delete" not in err and "cache" not in err.lower()
+    assert plain.exists() and (plain / "a.txt").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.safetensors", b"", r"empty.safetensors cannot be read as a .safetensors file"),
+    ("empty.npy", b"", r"empty.npy cannot be read as a .npy file"),
+    ("garbage.pt", b"not a pickle", r"garbage.pt cannot be read as a .pt file"),
+    ("none.safetensors", {}, r"none.safetensors holds no tensors"),
+])
+def test_unreadable_query_files_are_named(name, content, message, saved, tmp_path):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        save_file(content, str(path))
+    with pytest.raises(ValueError, match=message):
+        load_queries(path, saved[0].data.sample_shape)
+
+
+def test_cli_keeps_the_scores_when_out_is_taken_while_computing(saved, tmp_path, capsys,
+                                                                 monkeypatch):
+    run, queries, tmp = saved
+    out = tmp_path / "scores"
+    compute = rl.distributed.attribute
+
+    def another_process_takes_out(*args, **kwargs):
+        result = compute(*args, **kwargs)
+        out.mkdir()                       # as a second job with the same --out would
+        (out / "theirs.txt").write_text("another job's file")
+        return result
+
+    monkeypatch.setattr(rl.distributed, "attribute", another_process_takes_out)
+    status = main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out", str(out),
+                   *CLI_OPTIONS])
+    rescued = tmp_path / f"scores.rescued-{os.getpid()}"
+    assert status == 1 and f"the scores were saved to {rescued} instead" in capsys.readouterr().err
+    expected = rl.attribute(run, queries, "retrac", progress=False, **OPTIONS)
+    assert torch.equal(rl.AttributionResult.load(rescued).scores, expected.scores)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+
+
+RANKS_DIFFER = """
+import sys, torch, retrac_lib as rl
+from safetensors.torch import load_file
+rl.distributed.init()
+rank = torch.distributed.get_rank()
+run = rl.recorder.load(sys.argv[1])
+queries = load_file(sys.argv[2])["queries"]
+for case, q in [("values", queries * (0.5 if rank else 1.0)),
+                ("count", queries[: 3 - rank])]:
+    try:
+        rl.distributed.attribute(run, q, "retrac", progress=False, timesteps=3, n_noise=2)
+    except ValueError as err:
+        print(f"rank {rank} {case}: {err}", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_ranks_with_different_queries_are_refused_before_computing(saved, tmp_path):
+    _, _, tmp = saved
+    script = tmp_path / "differ.py"
+    script.write_text(RANKS_DIFFER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script), str(tmp / "run"),
+                           str(tmp / "queries.safetensors")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":")[0] for line in lines] == [
+        "rank 0 count", "rank 0 values", "rank 1 count", "rank 1 values"], done.stdout
+    for line in lines:
+        assert "The 2 processes were given different inputs (queries: rank 0 3 queries" in line
+        assert "nothing was computed" in line
+    assert all("rank 1 2 queries" in line for line in lines if " count:" in line)

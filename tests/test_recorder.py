@@ -167,6 +167,10 @@ def test_cached_scores_are_keyed_by_the_recorded_weights_and_log(recorded, tmp_p
             cached = rl.load_or_attribute(r, queries, "retrac", root=tmp_path, **kw)
             assert torch.equal(cached.scores, rl.attribute(r, queries, "retrac", **kw).scores)
     assert rl.recorder.load(folder).fingerprint() == run.fingerprint()  # a reload finds its entry
+    sketch = rl.attribution.sketch_training(run, 64, timesteps=[10, 500], progress=False)
+    with pytest.raises(ValueError, match="does not fit the call.*'run'"):
+        rl.attribute(second, queries, "retrac", projection=sketch, **kw)
+    rl.attribute(rl.recorder.load(folder), queries, "retrac", projection=sketch, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

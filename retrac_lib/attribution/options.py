@@ -82,6 +82,9 @@ class AttributionConfig:
             raise ValueError("noise_per_query=True draws fresh noise for every query; pass either it "
                              "or query_noise, not both.")
         grid = parse_timesteps(self.timesteps, run.scheduler.config.num_train_timesteps)
+        if query_noise is None:
+            validation.grid_memory(len(grid), n_noise, run.data.sample_shape,
+                                   len(queries) if self.noise_per_query else 1)
         noise = (query_noise_draws(run.data.sample_shape, len(grid), n_noise, self.noise_seed)
                  if query_noise is None else
                  validation.query_noise(query_noise, len(grid), run.data.sample_shape, dtype))

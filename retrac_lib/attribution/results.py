@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from .. import cache, metrics
-from ..config import TrainConfig, cache_dir
-from ..training import run_key
+from ..config import cache_dir
+from ..training import run_identity
 from .options import AttributionConfig
 
 
@@ -73,16 +73,12 @@ def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: Attributi
     """What a cached score matrix depends on: the run's configuration and data, the query and
     query-noise values and the resolved config.
 
-    A ``TrainConfig`` (``rl.load_or_train``) determines the run's weights and log; any other run
-    (``rl.Recorder``: a user's loop, whose seed and learning rate no config records) is also keyed
-    by ``run.fingerprint()``, the digest of its weights and log.
+    The run enters through ``run_identity`` (recorded runs also by the digest of their weights
+    and log).
     """
-    key = {"kind": "attribution", "run": run_key(run.config, run.data),
-           "queries": cache.tensor_fingerprint(queries),
-           "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
-    if not isinstance(run.config, TrainConfig):
-        key["trained"] = run.fingerprint()
-    return key
+    return {"kind": "attribution", **run_identity(run),
+            "queries": cache.tensor_fingerprint(queries),
+            "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
 
 
 def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionResult | None]:

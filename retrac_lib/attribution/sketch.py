@@ -16,7 +16,7 @@ from .. import models, validation
 from ..losses import check_loss
 from ..projection import CountSketch
 from ..timesteps import parse_timesteps
-from ..training import run_key
+from ..training import run_identity
 from .sides import TRAIN_SIDES, training_gradient_chunks
 
 
@@ -40,7 +40,7 @@ class TrainingSketch:
     k: int
     seed: int
     n_params: int
-    run: str
+    run: str   # the run it was built from (``_identity``)
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +52,7 @@ class TrainingSketch:
     def check_matches(self, run, config) -> None:
         """Refuse to score with a sketch of another run or other training-side options
         (``config``: a resolved ``AttributionConfig``)."""
-        wanted = dict(run=run_key(run.config, run.data), train_side=config.train_side,
+        wanted = dict(run=_identity(run), train_side=config.train_side,
                       loss=config.loss, noise_seed=config.noise_seed)
         if config.train_side == "timestep_average":
             wanted["timesteps"] = config.timesteps
@@ -65,6 +65,11 @@ class TrainingSketch:
                 + (f"; checkpoints {missing} were not sketched" if missing else "")
                 + ". Build it with sketch_training for this run and these options."
             )
+
+
+def _identity(run) -> str:
+    """The run a sketch belongs to: its key, and for a recorded run its weights' digest."""
+    return ":".join(run_identity(run).values())
 
 
 def projection_size(projection, seed) -> tuple[int, int]:
@@ -112,4 +117,4 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
             bar.update()
     bar.close()
     return TrainingSketch(sketches, norms, checkpoints, tuple(grid.tolist()), train_side, loss,
-                          noise_seed, k, seed, n_params, run_key(run.config, run.data))
+                          noise_seed, k, seed, n_params, _identity(run))
