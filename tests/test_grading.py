@@ -15,6 +15,8 @@ grade_submissions = load_tool("grade_submissions")
 # Stands in for `otter run <notebook>`: scores the notebook's "score", or loops when "loop" is set.
 FAKE_OTTER = """import json, sys, time
 nb = json.load(open(sys.argv[2]))
+for path, text in nb.get("tamper", {}).items():   # student code writing the instructor's files
+    open(path, "w").write(text)
 while nb.get("loop"):
     time.sleep(1)
 tests = [{"name": "q1", "score": nb["score"], "max_score": 2}]
@@ -94,3 +96,20 @@ def test_same_file_names_in_student_folders(assignment, tmp_path):
     assert _grades(assignment)["bob"]["total"] == "0"
     assert grade_submissions.main([str(assignment), alice, _submit(subs / "alice" / "x.ipynb"),
                                    "--root", str(subs)]) == 2
+
+
+def test_a_submission_cannot_rewrite_the_gradebook_or_the_results(assignment, tmp_path):
+    subs = tmp_path / "subs"
+    alice = _submit(subs / "alice.ipynb", score=2)
+    grade_submissions.main([str(assignment), alice])
+    forged = {str(assignment / "grades.csv"): "student,file,q1,total,possible,status\n"
+                                              "alice,alice.ipynb,0,0,2,graded\n"
+                                              "mallory,m.ipynb,2,2,2,graded\n",
+              str(assignment / "results" / "mallory.json"): '{"tests": []}'}
+    mallory = _submit(subs / "mallory.ipynb", score=0, tamper=forged)
+    bob = _submit(subs / "bob.ipynb", score=1)
+    assert grade_submissions.main([str(assignment), mallory, bob]) == 0
+    rows = _grades(assignment)
+    assert {s: rows[s]["total"] for s in rows} == {"alice": "2", "bob": "1", "mallory": "0"}
+    mallory_results = json.loads((assignment / "results" / "mallory.json").read_text())
+    assert mallory_results["tests"][0]["score"] == 0

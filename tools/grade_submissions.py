@@ -76,12 +76,18 @@ def student_id(submission: Path, root: Path) -> str:
     return parts[0] if len(parts) > 1 else submission.stem
 
 
-def write_grades(path: Path, rows: list[dict]) -> None:
-    """Merge ``rows`` into the CSV at ``path`` by student, atomically (a temporary file renamed)."""
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
+def read_grades(path: Path) -> list[dict]:
+    """The rows of the CSV at ``path`` (none when it does not exist yet)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_grades(path: Path, old: list[dict], rows: list[dict]) -> None:
+    """Merge ``rows`` into ``old`` by student and write the CSV at ``path`` atomically (a
+    temporary file renamed). ``old`` is read before any submission runs, so what a submission
+    writes to ``path`` while it is graded is replaced."""
     merged = {row["student"]: row for row in old + rows}
     questions = list(dict.fromkeys(k for row in old + rows for k in row
                                    if k not in FIRST + LAST))
@@ -116,26 +122,31 @@ def main(argv=None) -> int:
         print(f"error: more than one submission for {', '.join(twice)}; give --root, the folder "
               "that holds a folder (or a notebook) per student.", file=sys.stderr)
         return 2
-    (args.assignment / "results").mkdir(exist_ok=True)
-    rows = []
+    gradebook, details = args.assignment / "grades.csv", args.assignment / "results"
+    details.mkdir(exist_ok=True)
+    old, rows, found = read_grades(gradebook), [], {}   # read before any student code runs
     for student, submission in zip(ids, args.submissions):
         row = {"student": student, "file": str(submission.resolve().relative_to(root.resolve()))}
         try:
-            results = grade(autograder, submission, args.timeout)
+            found[student] = results = grade(autograder, submission, args.timeout)
         except GradingError as err:
-            (args.assignment / "results" / f"{student}.json").unlink(missing_ok=True)
+            found[student] = None
             rows.append({**row, "total": 0, "possible": "", "status": f"not graded: {err}"})
             print(f"{student}: not graded: {err}", file=sys.stderr)
             continue
-        (args.assignment / "results" / f"{student}.json").write_text(json.dumps(results, indent=1))
         scored = [t for t in results["tests"] if "score" in t]
         row.update({t["name"]: t["score"] for t in scored}, status="graded",
                    total=sum(t["score"] for t in scored),
                    possible=sum(t["max_score"] for t in scored))
         rows.append(row)
         print(f"{student}: {row['total']:g} / {row['possible']:g}")
-    write_grades(args.assignment / "grades.csv", rows)
-    print(f"wrote {args.assignment / 'grades.csv'}")
+    for student, results in found.items():   # after all submissions ran: none can rewrite them
+        if results is None:
+            (details / f"{student}.json").unlink(missing_ok=True)
+        else:
+            (details / f"{student}.json").write_text(json.dumps(results, indent=1))
+    write_grades(gradebook, old, rows)
+    print(f"wrote {gradebook}")
     return 0
 
 
