@@ -275,3 +275,35 @@ def test_next_link_click_goes_to_the_second_page(site, browser):
     link.click()
     WebDriverWait(browser, 30).until(expected_conditions.url_contains(f"{PAGES[1]}.html"))
     assert browser.find_element(By.CSS_SELECTOR, "article h1").text.strip()
+
+
+CHAPTERS = [p for p in PAGES if p.startswith("notebooks/")]
+
+
+def test_chapters_show_no_book_plumbing(site):
+    """The "what this section states" cells (glue, claims, timing) are removed from the page."""
+    for page in CHAPTERS:
+        html = (SITE / f"{page}.html").read_text()
+        for plumbing in ("#@title", "prose.glue", "claims.check", "perf_counter", "{glue:"):
+            assert plumbing not in html, f"{page}: {plumbing!r} shows on the page"
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_code_fits_the_column_and_glued_sentences_read_as_text(page, site, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{site}/{page}.html")
+    wide = browser.execute_script(
+        "return [...document.querySelectorAll('div.cell_input pre, div.cell_output pre')]"
+        ".filter(p => p.scrollWidth > p.clientWidth + 1)"
+        ".map(p => p.textContent.split('\\n').sort((a, b) => b.length - a.length)[0])")
+    assert not wide, f"{page}: code or output scrolls sideways at {WINDOW[0]} px: {wide[:3]}"
+    weights = browser.execute_script(
+        "return [...document.querySelectorAll('span.pasted-text')].map(s => [s.textContent,"
+        " getComputedStyle(s).fontWeight, getComputedStyle(s.parentElement).fontWeight])")
+    assert weights, f"{page}: no glued values on the page"
+    browser.find_element(By.CSS_SELECTOR, "article h1")
+    for text, weight, around in weights:
+        sentence = " " in text and len(text) > 30
+        assert (weight == around) if sentence else int(weight) >= 600, (
+            f"{page}: glued {text[:40]!r} has weight {weight} (its paragraph {around})")

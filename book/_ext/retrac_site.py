@@ -6,7 +6,11 @@
   copies differ only in a filename of ``None`` against ``""``).
 * The "Open in Colab" badge of every chapter is shown from ``_static/colab-badge.svg`` instead of
   Colab's server, so the site has no broken image offline; the badge's link is unchanged.
-* ``book/_static/retrac.css`` adjusts a few styles (dense tables, the logo's height).
+* ``book/_static/retrac.css`` adjusts a few styles (dense tables, the logo's height, a code font
+  that fits 88-character lines, wrapped outputs).
+* myst-nb shows every glued text in bold, which suits a number but turns a glued sentence (a
+  ``prose.pick`` of the chapters) into a bold paragraph; glued texts with a space and more than
+  ``SENTENCE`` characters get the class ``pasted-sentence`` and the weight of the text around.
 * The chapters' solution cells carry otter-grader's ``# BEGIN SOLUTION`` / ``# END SOLUTION``
   lines (``tools/make_assignments.py`` needs them); the chapter pages show the solution without them.
 * MathJax is served from the site itself when the ``django-static-mathjax`` package (a plain copy
@@ -17,6 +21,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -62,6 +67,23 @@ def _local_colab_badge(app, pagename, templatename, context, doctree):
     if body and COLAB_BADGE in body:
         context["body"] = body.replace(
             f'src="{COLAB_BADGE}"', f'src="{context["pathto"]("_static/colab-badge.svg", 1)}"')
+
+
+SENTENCE = 30
+PASTED = re.compile(r'<span class="pasted-text">([^<]*)</span>')
+
+
+def _sentence(match: re.Match) -> str:
+    text = match.group(1)
+    if " " in text and len(text) > SENTENCE:
+        return f'<span class="pasted-text pasted-sentence">{text}</span>'
+    return match.group(0)
+
+
+def _glued_sentences_in_text_weight(app, pagename, templatename, context, doctree):
+    body = context.get("body")
+    if body and "pasted-text" in body:
+        context["body"] = PASTED.sub(_sentence, body)
 
 
 def _dedupe_scripts(app, pagename, templatename, context, doctree):
@@ -110,5 +132,6 @@ def setup(app):
     app.add_css_file("retrac.css")
     app.connect("html-page-context", _dedupe_scripts, priority=900)
     app.connect("html-page-context", _local_colab_badge)
+    app.connect("html-page-context", _glued_sentences_in_text_weight)
     app.connect("build-finished", _copy_mathjax)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
