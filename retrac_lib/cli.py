@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import attribution, cache, distributed, recorder, validation
+from . import config as rl_config
 from .cache import CacheError
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
@@ -193,10 +195,10 @@ def study_command(parser, args) -> int:
         parser.error("--device cuda: no CUDA GPU is available here; use --device cpu.")
     selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
     out = args.out or study.RESULTS
-    estimates, parts = {}, {}
+    estimates, parts, probes = {}, {}, {}
     print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
     for r in ladder:
-        probe = study.measure_cost(r, device=args.device)
+        probe = probes[r.name] = study.measure_cost(r, device=args.device)
         estimate = study.estimate_seconds(r, probe)
         estimates[r.name], parts[r.name] = estimate["total"], estimate
         print("  " + study.describe_cost(r, probe, estimate)
@@ -205,6 +207,13 @@ def study_command(parser, args) -> int:
     verb = "would run" if args.estimate_only else "runs"
     print(f"budget {args.budget_minutes:g} min: {verb} "
           f"{', '.join(r.name for r in chosen) or 'nothing'}")
+    cache_root = rl_config.cache_dir()
+    free = shutil.disk_usage(_existing_parent(cache_root)).free
+    need = sum(study.estimate_cache_bytes(r, probes[r.name]) for r in chosen)
+    if need > free:
+        print(f"warning: the chosen rungs may need up to {need / 2 ** 30:.1f} GiB of cache in "
+              f"{cache_root}, which has {free / 2 ** 30:.1f} GiB free; set RETRAC_CACHE to a "
+              "larger disk.")
     if not args.estimate_only:
         for r in chosen:
             result = study.run_rung(r, device=args.device)
@@ -215,3 +224,10 @@ def study_command(parser, args) -> int:
         print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "
               f"over the budget)")
     return 0
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path

