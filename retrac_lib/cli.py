@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where attribution runs (training stays on the CPU)")
     s.add_argument("--out", type=Path, default=None,
-                   help="folder for the result files (default study/results/v1)")
+                   help="folder for the result files (default: study/results/v1 in the "
+                        "working folder, the repository root)")
     s.add_argument("--estimate-only", action="store_true",
                    help="print the probes and estimates, run nothing")
     args = parser.parse_args(argv)

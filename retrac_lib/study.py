@@ -487,35 +487,48 @@ class Probe:
     n_params: int = 0
 
 
-def measure_cost(rung: Rung, device=None, batches: int = 4) -> Probe:
-    """A short probe on the code paths the rung runs: ``rl.train`` for 2 epochs on ``batches``
-    batches of its data (with the recorder and checkpoints, not cached), ``rl.per_sample_grads``
-    on one batch and ``counterfactual.query_loss`` of 2 queries with its loss options."""
+def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2) -> Probe:
+    """A short probe on the code paths the rung runs, after a warm-up, the fastest of
+    ``repeats`` timings each: ``rl.train`` for 2 epochs on ``batches`` batches of its data (with
+    the recorder and checkpoints, not cached), ``rl.per_sample_grads`` on one batch and
+    ``counterfactual.query_loss`` of 2 queries with its loss options. The fastest timing is the
+    machine's uncontended cost: on a loaded machine the rung runs slower than estimated."""
     device = validation.device(device or "cpu")
     batches = validation.integer(batches, "batches", 1)
+    repeats = validation.integer(repeats, "repeats", 1)
     data, _, queries = rung_data(rung)
     cfg = rung.config
     sub = data.subset(range(min(len(data), batches * cfg.batch_size)))
-    run = train(cfg.replace(epochs=2, checkpoint_every=1), sub, progress=False)
-    train_s = run.train_seconds / (2 * len(sub))
+    train(cfg.replace(epochs=1), sub.subset(range(min(len(sub), cfg.batch_size))),
+          progress=False)                                                   # warm-up
+    runs = [train(cfg.replace(epochs=2, checkpoint_every=1), sub, progress=False)
+            for _ in range(repeats)]
+    train_s = min(r.train_seconds for r in runs) / (2 * len(sub))
+    run = runs[0]
     model = run.model_at(-1).to(device)
     t, eps = (v[:cfg.batch_size] for v in run.recorded(-1))
-    x = sub.images[:cfg.batch_size]
-    args = [v.to(device) for v in (x, t, eps)]
-    per_sample_grads(model, run.scheduler, *args, cfg.loss, chunk_size=len(x))   # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    per_sample_grads(model, run.scheduler, *args, cfg.loss, chunk_size=len(x))
-    _sync(device)
-    grad_s = (time.perf_counter() - t0) / len(x)
-    q = queries.images[:2]
-    t0 = time.perf_counter()
-    cf.query_loss(model, run.scheduler, q.to(device), **rung.loss_options)
-    _sync(device)
+    args = [v.to(device) for v in (sub.images[:cfg.batch_size], t, eps)]
+    grad_s = _fastest(lambda: per_sample_grads(model, run.scheduler, *args, cfg.loss,
+                                               chunk_size=len(t)), device, repeats) / len(t)
+    q = queries.images[:2].to(device)
     draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
-    forward_s = (time.perf_counter() - t0) / (len(q) * draws)
+    forward_s = _fastest(lambda: cf.query_loss(model, run.scheduler, q, **rung.loss_options),
+                         device, repeats) / (len(q) * draws)
     return Probe(train_s, grad_s, forward_s, str(device),
                  sum(p.numel() for p in model.parameters()))
+
+
+def _fastest(fn, device, repeats: int) -> float:
+    """The fastest of ``repeats`` timings of ``fn()``, after one untimed call."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _sync(device) -> None:
