@@ -434,11 +434,18 @@ def write_result(result: dict, folder=RESULTS) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o666 & ~_umask())   # a file for the repository, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_result(path, rung: Rung | None = None) -> dict:
