@@ -11,10 +11,14 @@
   normalization: ``cos(g_c(x_i), mean_t m_c(z, t))`` summed over checkpoints. This is exactly
   ``rl.attribute(method="retrac", normalization="cosine")``, which it calls.
 * ``"pixel"``: nearest neighbours in pixel (or point) space, ``-|z - x_i|_2``.
+* ``"feature"``: nearest neighbours in the feature space of a small seeded CNN digit classifier
+  (``rl.features``; MNIST-shaped runs only), cosine similarity of its penultimate layer.
 * ``"random"``: seeded standard-normal scores, the floor every method must beat.
 
 "cosine" takes every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
-``pixel`` and ``random`` accept and ignore them (``random`` uses ``seed``).
+``pixel``, ``feature`` and ``random`` accept and ignore them (``random`` uses ``seed``;
+``feature`` takes ``classifier``, a ``features.ClassifierConfig``, default the smoke-aware
+``features.classifier_config()``).
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ from .attribution import AttributionConfig, AttributionResult, attribute, load_o
 from .dtrak import attribute_dtrak
 from .models import check_samples
 
-BASELINES = ("dtrak", "cosine", "pixel", "random")
+BASELINES = ("dtrak", "cosine", "pixel", "feature", "random")
+# Neighbour baselines score every training sample by its similarity to the query, so a training
+# image is trivially its own best match (``counterfactual.self_influence`` treats them apart).
+NEIGHBOURS = ("pixel", "feature")
 # How each gradient baseline maps onto rl.attribute's options.
 _GRADIENT_OPTIONS = {
     "cosine": dict(normalization="cosine"),
@@ -52,12 +59,18 @@ def _renamed(result: AttributionResult, method: str) -> AttributionResult:
     return result
 
 
-def _non_gradient(run, queries: torch.Tensor, method: str, seed: int) -> AttributionResult:
+def _non_gradient(run, queries: torch.Tensor, method: str, seed: int,
+                  classifier=None) -> AttributionResult:
     start = time.perf_counter()
     check_samples(run.model_at(-1), queries, "queries")
     train = run.data.images.flatten(1).double()
     if method == "pixel":
         scores = -torch.cdist(queries.flatten(1).double(), train)
+    elif method == "feature":
+        from . import features   # a CNN of its own, loaded only for this baseline
+
+        model = features.load_or_train_classifier(classifier)
+        scores = features.feature_scores(queries, run.data.images, model)
     else:
         gen = torch.Generator().manual_seed(seed)
         scores = torch.randn((len(queries), len(train)), generator=gen, dtype=torch.float64)
@@ -71,10 +84,10 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
     """Baseline scores [Q, N] for every query and training sample of ``run``.
 
     Args:
-        method: "dtrak", "cosine", "pixel" or "random" (see the module docstring).
+        method: "dtrak", "cosine", "pixel", "feature" or "random" (module docstring).
         seed: the seed of "random" and "dtrak".
         options: passed to ``rl.dtrak.attribute_dtrak`` by "dtrak", to ``rl.attribute`` by
-            "cosine"; ignored by "pixel" and "random".
+            "cosine"; ignored by "pixel", "feature" (but ``classifier``) and "random".
 
     ``result.config.method`` names the baseline.
     """
@@ -84,13 +97,13 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
     if method in _GRADIENT_OPTIONS:
         return _renamed(attribute(run, queries, "retrac", **_gradient_options(method, options)),
                         method)
-    return _non_gradient(run, queries, method, seed)
+    return _non_gradient(run, queries, method, seed, options.get("classifier"))
 
 
 def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *,
                                seed: int = 0, **options) -> AttributionResult:
-    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel
-    and random scores are cheap at the book's scale and recomputed)."""
+    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel,
+    feature and random scores are cheap at the book's scale and recomputed)."""
     _check(method)
     if method in _GRADIENT_OPTIONS:
         result = load_or_attribute(run, queries, "retrac", **_gradient_options(method, options))

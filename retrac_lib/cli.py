@@ -15,11 +15,20 @@ queries on another scale than the training images (``--allow-out-of-range`` scor
 Should ``SCORES`` still be taken while the scores are computed (another process), they are saved
 next to it and the command says where and exits 1; under ``torchrun`` the processes first check
 that they hold the same run, queries and options.
+
+    python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
+                               [--out study/results/v1] [--estimate-only]
+
+runs the scale ladder of ``retrac_lib.study``: it measures each rung's unit costs with a short
+probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
+cheapest first, writes ``<rung>.json`` per finished rung to ``--out`` and says which did not run
+and how long each would take. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import attribution, cache, distributed, recorder, validation
+from . import config as rl_config
 from .cache import CacheError
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
@@ -117,7 +127,20 @@ def main(argv=None) -> int:
                    help="what the processes split under torchrun")
     p.add_argument("--allow-out-of-range", action="store_true",
                    help="score queries on another scale than the training images, with a warning")
+    s = commands.add_parser("study", help="run the scale ladder (retrac_lib.study) in a budget")
+    s.add_argument("rungs", nargs="*", metavar="RUNG", help="rungs to run (default: all)")
+    s.add_argument("--budget-minutes", type=float, default=60.0,
+                   help="run the cheapest rungs whose estimates fit in this many minutes")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where attribution runs (training stays on the CPU)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="folder for the result files (default: study/results/v1 in the "
+                        "working folder, the repository root)")
+    s.add_argument("--estimate-only", action="store_true",
+                   help="print the probes and estimates, run nothing")
     args = parser.parse_args(argv)
+    if args.command == "study":
+        return study_command(parser, args)
 
     if args.out.exists():
         parser.error(f"--out {args.out} exists already; choose a new folder (a result is never "
@@ -155,3 +178,57 @@ def main(argv=None) -> int:
     if is_distributed:
         torch.distributed.destroy_process_group()
     return status
+
+
+def study_command(parser, args) -> int:
+    """``python -m retrac_lib study``: probe, estimate and plan every rung, then run the plan."""
+    from . import study   # the top layer, imported only for this command
+
+    ladder = study.ladder()
+    names = [r.name for r in ladder]
+    unknown = [n for n in args.rungs if n not in names]
+    if unknown:
+        parser.error(f"unknown rung {', '.join(map(repr, unknown))}; the ladder has "
+                     f"{', '.join(names)}.")
+    if not args.budget_minutes >= 0:
+        parser.error(f"--budget-minutes must be >= 0, got {args.budget_minutes}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
+    out = args.out or study.RESULTS
+    estimates, parts, probes = {}, {}, {}
+    print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
+    for r in ladder:
+        probe = probes[r.name] = study.measure_cost(r, device=args.device)
+        estimate = study.estimate_seconds(r, probe)
+        estimates[r.name], parts[r.name] = estimate["total"], estimate
+        print("  " + study.describe_cost(r, probe, estimate)
+              + ("" if r in selected else "  [not selected]"))
+    chosen, skipped = study.plan(selected, args.budget_minutes, estimates)
+    verb = "would run" if args.estimate_only else "runs"
+    print(f"budget {args.budget_minutes:g} min: {verb} "
+          f"{', '.join(r.name for r in chosen) or 'nothing'}")
+    cache_root = rl_config.cache_dir()
+    free = shutil.disk_usage(_existing_parent(cache_root)).free
+    need = sum(study.estimate_cache_bytes(r, probes[r.name]) for r in chosen)
+    if need > free:
+        print(f"warning: the chosen rungs may need up to {need / 2 ** 30:.1f} GiB of cache in "
+              f"{cache_root}, which has {free / 2 ** 30:.1f} GiB free; set RETRAC_CACHE to a "
+              "larger disk.")
+    if not args.estimate_only:
+        for r in chosen:
+            result = study.run_rung(r, device=args.device)
+            result["estimate_seconds"] = {k: round(v, 1) for k, v in parts[r.name].items()}
+            path = study.write_result(result, out)
+            print(f"{r.label}: written to {path}")
+    for r in skipped:
+        print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "
+              f"over the budget)")
+    return 0
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path

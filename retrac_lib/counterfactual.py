@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import validation
 from .timesteps import parse_timesteps, query_noise_draws
-from .baselines import attribute_any
+from .baselines import NEIGHBOURS, attribute_any
 from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
@@ -391,15 +391,15 @@ def self_influence(scores: torch.Tensor, method: str = "") -> torch.Tensor:
     """Self-influence [N] from a score matrix [N, N] whose queries are the training samples.
 
     For attribution scores it is the diagonal, the influence of each sample on itself. Pixel
-    scores have a trivial diagonal (distance 0), so for ``method="pixel"`` it is the distance to
-    the nearest *other* training sample: the pixel-space analogue, large for a sample nothing
-    else explains.
+    and feature scores (``baselines.NEIGHBOURS``) have a trivial diagonal (each image is its own
+    nearest neighbour), so for them it is the dissimilarity to the nearest *other* training
+    sample: the neighbour analogue, large for a sample nothing else explains.
     """
     scores = torch.as_tensor(scores, dtype=torch.float64)
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"Self-influence needs an [N, N] matrix (queries = training samples); "
                          f"got {tuple(scores.shape)}.")
-    if method == "pixel":
+    if method in NEIGHBOURS:
         others = scores.clone().fill_diagonal_(-float("inf"))
         return -others.max(dim=1).values
     return scores.diagonal().clone()

@@ -14,12 +14,14 @@ METHOD_COLORS = {
     "dtrak": "#7570b3",    # purple: D-TRAK (Zheng et al., 2024)
     "cosine": "#e7298a",   # pink: plain gradient cosine
     "pixel": "#66a61e",    # olive: nearest neighbour in pixel space
+    "feature": "#a6761d",  # brown: nearest neighbour in a CNN classifier's feature space
     "random": "#999999",   # grey: random scores
     "data": "#4c72b0",     # blue: the training data itself
 }
 METHOD_LABELS = {
     "tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "dtrak": "D-TRAK",
-    "cosine": "gradient cosine", "pixel": "pixel neighbour", "random": "random",
+    "cosine": "gradient cosine", "pixel": "pixel neighbour",
+    "feature": "feature neighbour", "random": "random",
 }
 
 

