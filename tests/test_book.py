@@ -108,7 +108,9 @@ def test_chapter_follows_the_conventions(path):
             assert marked and "# END SOLUTION" in cell.source and "solution" in tags, (
                 f"{path.name}, cell {i + 1}: a code answer needs the tag 'solution' and the lines "
                 "'# BEGIN SOLUTION' ... '# END SOLUTION'")
-            assert "hide-input" in tags, f"{path.name}, cell {i + 1}: tag the answer 'hide-input'"
+            assert {"hide-input", "hide-output"} <= set(tags), (
+                f"{path.name}, cell {i + 1}: tag the answer 'hide-input' and 'hide-output' (its "
+                "printed result would give the answer away)")
 
 
 def test_citations_resolve():
