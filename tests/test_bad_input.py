@@ -294,11 +294,12 @@ def test_queries_on_another_scale_are_refused_before_computing(
     assert len(list((tmp_path / "attributions").iterdir())) == 2
 
 
-def test_a_query_grid_too_large_for_memory_is_named_before_allocating(tiny_run):
+def test_a_query_grid_too_large_for_memory_is_named_before_allocating(tiny_run, monkeypatch):
     queries = tiny_run.data.images[:1]
+    monkeypatch.setattr(rl.validation, "memory_bytes", lambda: 8 * 2**30)   # an 8 GiB machine
     with pytest.raises(ValueError, match=r"query grid of 100 timesteps x 200000 noise draws needs "
-                                         r"4\.8 GiB .*100 x 200000 x 1x8x8 float32.*fewer "
-                                         r"timesteps or a smaller n_noise"):
+                                         r"4\.8 GiB .*100 x 200000 x 1x8x8 float32.*half of this "
+                                         r"machine's 8\.0 GiB.*fewer timesteps or a smaller n_noise"):
         rl.attribute(tiny_run, queries, "retrac", timesteps=100, n_noise=200_000)
     assert rl.validation.grid_memory(100, 200_000, (1, 8, 8), available=2**40) == 4 * 100 * 200_000 * 64
     with pytest.raises(ValueError, match="3 queries x 10 timesteps"):
