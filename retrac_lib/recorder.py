@@ -101,7 +101,8 @@ class Recorder:
         replay_tolerance: the relative difference allowed between the first step's logged loss
             and its replay from the initial weights (default ``REPLAY_TOLERANCE``, 1e-3: float32
             and TF32 rounding stay well below it); a loop that computes in reduced precision
-            (fp16/bf16 autocast) may need 1e-2; None skips the check.
+            (fp16/bf16 autocast) may need 1e-2; None skips the check, as does dropout in the
+            model (its logged loss is random).
     """
 
     def __init__(self, model, noise_scheduler, data, *, loss: str = "mse", folder=None,
@@ -119,9 +120,9 @@ class Recorder:
         self._initial = _snapshot(model)
         if replay_tolerance is not None:
             replay_tolerance = validation.real(replay_tolerance, "replay_tolerance", positive=True)
-        # dropout makes the logged loss random, so a replay cannot match it
+        # dropout makes the logged loss random (the loop trains in train mode), so no replay
         stochastic = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
-                         and m.training for m in model.modules())
+                         for m in model.modules())
         self._replay_tolerance = None if stochastic else replay_tolerance
         self.replayed: tuple[float, float] | None = None   # (logged, replayed) first-step loss
         self._layout = {k: (v.shape, v.dtype) for k, v in self._initial.items()}

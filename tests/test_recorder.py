@@ -383,8 +383,8 @@ def test_the_first_step_replays_from_the_recorders_initial_weights(fresh):
     noisy = rl.Recorder(dropout, DDPMScheduler(), images)   # a random loss: nothing to replay
     noisy.step(idx, t, noise, 1e-3, loss=123.0)
     assert noisy.replayed is None and noisy.n_steps == 1
-    with pytest.raises(ValueError, match="loss 123 is not what"):
-        rl.Recorder(dropout.eval(), DDPMScheduler(), images).step(idx, t, noise, 1e-3, loss=123.0)
+    with pytest.raises(ValueError, match="loss 123 is not what"):   # the same without dropout
+        rl.Recorder(model, DDPMScheduler(), images).step(idx, t, noise, 1e-3, loss=123.0)
     with pytest.raises(ValueError, match="replay_tolerance must be positive"):
         rl.Recorder(model, DDPMScheduler(), images, replay_tolerance=0)
 
