@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 # Part of every key: bump it whenever stored files or the numbers behind them (training loop,
 # optimizer, model definitions, gradient or scoring code) change, so old entries are not reused.
+# A new stored field that old entries load without, the numbers unchanged, needs no bump
+# (AttributionResult.query_noise: None on load, filled in from the key by load_or_attribute).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"

@@ -1,15 +1,27 @@
 """The command line: attribute a saved run against a file of query images, for cluster jobs.
 
     python -m retrac_lib attribute RUN QUERIES --out SCORES [--method retrac] [--timesteps 100] ...
+    python -m retrac_lib attribute RUN QUERIES --out SCORES --timesteps 10,500,990 --dry-run
     torchrun --standalone --nproc_per_node 4 -m retrac_lib attribute RUN QUERIES --out SCORES
+
+The options are ``rl.attribute``'s: ``--method``, ``--timesteps`` (a count of evenly spaced
+timesteps or a comma-separated list), ``--n-noise``, ``--noise-seed``, ``--noise-per-query`` or
+``--query-noise FILE`` (a tensor file like ``QUERIES``, [K, *sample] or [T', K, *sample]),
+``--loss`` (default the run's), ``--checkpoints``, ``--train-side``, ``--normalization``,
+``--projection K`` and ``--projection-seed``, ``--engine``, ``--chunk-size`` and ``--device``.
+Each is checked against the run before anything is computed, and a bad value is an error that
+names its option. ``--dry-run`` prints what the call would cost (gradient evaluations on the
+query and training side, seconds measured on one chunk of each and extrapolated, peak memory)
+and exits 0 without computing or writing the scores (``rl.attribution.estimate``; for one
+process: under ``torchrun`` the training side splits between the processes).
 
 ``RUN`` is a folder written by ``rl.Recorder(..., folder=...)`` (or ``rl.save_run(run, folder,
 with_data=True)``). ``QUERIES`` holds one float32 tensor [Q, *sample] in [-1, 1]: a
 ``.safetensors`` file (its only tensor, or the one named "queries"), a ``.npy`` array or a
 ``.pt`` tensor (read with ``weights_only=True``). ``SCORES`` is a new folder that
 ``rl.AttributionResult.load`` reads: ``scores.safetensors`` ([Q, N] scores, checkpoint weights,
-training-gradient norms) and ``config.json``. Under ``torchrun`` the processes share the work
-(``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
+training-gradient norms, the query noise used) and ``config.json``. Under ``torchrun`` the
+processes share the work (``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
 or lies in a folder that cannot be written to, is refused before anything is computed, as are
 queries on another scale than the training images (``--allow-out-of-range`` scores them anyway).
 Should ``SCORES`` still be taken while the scores are computed (another process), they are saved
@@ -39,7 +51,10 @@ from safetensors.torch import load_file
 
 from . import attribution, cache, distributed, recorder, validation
 from . import config as rl_config
+from .attribution.sketch import projection_size
 from .cache import CacheError
+from .losses import LOSSES
+from .timesteps import parse_timesteps
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
 
@@ -47,17 +62,7 @@ QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
 def load_queries(path, sample_shape) -> torch.Tensor:
     """The query tensor in ``path``, validated against the run's ``sample_shape``."""
     path = Path(path)
-    if path.suffix not in QUERY_SUFFIXES:
-        raise ValueError(f"{path}: query files must end in {', '.join(QUERY_SUFFIXES)}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such query file.")
-    try:
-        queries = _read_tensor(path)
-    except Exception as err:   # each reader raises its own kinds for an empty or foreign file
-        if isinstance(err, ValueError) and str(path) in str(err):
-            raise
-        raise ValueError(f"{path} cannot be read as a {path.suffix} file ({type(err).__name__}: "
-                         f"{err}). Save one float32 tensor [Q, *sample] there.") from err
+    queries = load_tensor(path, "queries", "[Q, *sample]")
     expected = f"[Q, {', '.join(map(str, sample_shape))}]"
     if queries.dtype != torch.float32:
         raise ValueError(f"{path}: queries have dtype {queries.dtype}; save float32 images scaled "
@@ -70,21 +75,39 @@ def load_queries(path, sample_shape) -> torch.Tensor:
     return queries
 
 
-def _read_tensor(path: Path):
+def load_tensor(path, name: str = "queries", shape: str = "[Q, *sample]") -> torch.Tensor:
+    """The one tensor in the file ``path`` (.safetensors: its only tensor or the one called
+    ``name``; .npy; .pt read with ``weights_only=True``), with errors that name the file."""
+    path = Path(path)
+    if path.suffix not in QUERY_SUFFIXES:
+        raise ValueError(f"{path}: {name} files must end in {', '.join(QUERY_SUFFIXES)}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {name} file.")
+    try:
+        return _read_tensor(path, name, shape)
+    except Exception as err:   # each reader raises its own kinds for an empty or foreign file
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise
+        raise ValueError(f"{path} cannot be read as a {path.suffix} file ({type(err).__name__}: "
+                         f"{err}). Save one float32 tensor {shape} there.") from err
+
+
+def _read_tensor(path: Path, name: str, shape: str):
     if path.suffix == ".safetensors":
         tensors = load_file(str(path))
         if not tensors:
-            raise ValueError(f"{path} holds no tensors; save the queries as a tensor there.")
-        if len(tensors) != 1 and "queries" not in tensors:
-            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the query tensor "
-                             "'queries' or store it alone.")
-        return tensors.get("queries", next(iter(tensors.values())))
+            raise ValueError(f"{path} holds no tensors; save the {name} as a tensor there.")
+        if len(tensors) != 1 and name not in tensors:
+            label = "query" if name == "queries" else name.replace("_", " ")
+            raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the {label} tensor "
+                             f"'{name}' or store it alone.")
+        return tensors.get(name, next(iter(tensors.values())))
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    queries = torch.load(path, weights_only=True)
-    if not isinstance(queries, torch.Tensor):
-        raise ValueError(f"{path} holds a {type(queries).__name__}; save one tensor [Q, *sample].")
-    return queries
+    value = torch.load(path, weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(value).__name__}; save one tensor {shape}.")
+    return value
 
 
 def save_or_rescue(result, out: Path, key: dict) -> Path:
@@ -107,26 +130,57 @@ def save_or_rescue(result, out: Path, key: dict) -> Path:
                       "to it, in the working folder or in the temporary folder.") from first
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrac_lib", description=__doc__.split("\n")[0])
+def timesteps_arg(text: str):
+    """``--timesteps``: a count ("100") or a comma-separated list of timesteps ("10,500,990")."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a count of evenly spaced timesteps (e.g. 100) nor a "
+            "comma-separated list of integer timesteps (e.g. 10,500,990)") from None
+    return values[0] if len(items) == 1 else values
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m retrac_lib",
+                                     description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("attribute", help="score every training sample of a run for each query")
     p.add_argument("run", type=Path, help="folder of a recorded run")
     p.add_argument("queries", type=Path, help="query images: .safetensors, .npy or .pt")
     p.add_argument("--out", type=Path, required=True, help="new folder for the scores")
     p.add_argument("--method", choices=attribution.METHODS, default="retrac")
-    p.add_argument("--timesteps", type=int, default=100, help="evenly spaced query timesteps |T'|")
+    p.add_argument("--timesteps", type=timesteps_arg, default=100,
+                   help="query timesteps T': a count, evenly spaced in [1, T-1] (default 100), "
+                        "or a comma-separated list such as 10,500,990")
     p.add_argument("--n-noise", type=int, default=16, help="noise draws K per timestep")
     p.add_argument("--noise-seed", type=int, default=0)
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--noise-per-query", action="store_true",
+                       help="fresh seeded query noise for every query and checkpoint")
+    noise.add_argument("--query-noise", type=Path, metavar="FILE",
+                       help="the query noise, [K, *sample] or [T', K, *sample], in a tensor file "
+                            "like QUERIES (.safetensors tensor 'query_noise' or alone)")
+    p.add_argument("--loss", choices=LOSSES, default=None, help="default: the run's training loss")
     p.add_argument("--checkpoints", type=int, nargs="+", help="checkpoint indices (default all)")
     p.add_argument("--train-side", choices=attribution.TRAIN_SIDES, default="recorded")
-    p.add_argument("--normalization", choices=attribution.QUERY_NORMALIZATIONS, default="per_timestep")
+    p.add_argument("--normalization", choices=attribution.QUERY_NORMALIZATIONS,
+                   default="per_timestep")
+    p.add_argument("--projection", type=int, metavar="K", default=None,
+                   help="score in a K-dimensional CountSketch of the gradients (default exact)")
+    p.add_argument("--projection-seed", type=int, default=0)
+    p.add_argument("--engine", choices=attribution.ENGINES, default="auto",
+                   help="gradient engine (default: ghost where the model's layers allow it)")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> with a GPU, else cpu")
     p.add_argument("--shard", choices=distributed.SHARDS, default="train",
                    help="what the processes split under torchrun")
     p.add_argument("--allow-out-of-range", action="store_true",
                    help="score queries on another scale than the training images, with a warning")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cost estimate (gradient passes, seconds measured on a few of "
+                        "them, peak memory) and exit without computing or writing the scores")
     s = commands.add_parser("study", help="run the scale ladder (retrac_lib.study) in a budget")
     s.add_argument("rungs", nargs="*", metavar="RUNG", help="rungs to run (default: all)")
     s.add_argument("--budget-minutes", type=float, default=60.0,
@@ -138,6 +192,49 @@ def main(argv=None) -> int:
                         "working folder, the repository root)")
     s.add_argument("--estimate-only", action="store_true",
                    help="print the probes and estimates, run nothing")
+    return parser
+
+
+def _options(parser, args, run, queries) -> dict:
+    """``rl.attribute``'s keyword arguments from ``args``, each checked against the run with
+    the library's own validation; a bad value is a parser error naming its option."""
+    def check(flag, fn):
+        try:
+            return fn()
+        except (OSError, TypeError, ValueError) as err:
+            parser.error(f"{flag}: {err}")
+
+    n_t = run.scheduler.config.num_train_timesteps
+    grid = check("--timesteps", lambda: parse_timesteps(args.timesteps, n_t))
+    check("--n-noise", lambda: validation.n_noise(args.n_noise))
+    check("--checkpoints", lambda: validation.checkpoints(args.checkpoints,
+                                                          len(run.checkpoints)))
+    check("--chunk-size", lambda: validation.chunk_size(args.chunk_size))
+    check("--projection", lambda: projection_size(args.projection, args.projection_seed))
+    device = args.device or distributed.default_device()
+    check("--device", lambda: validation.device(device))
+    options = dict(
+        checkpoints=args.checkpoints, timesteps=args.timesteps, n_noise=args.n_noise,
+        noise_seed=args.noise_seed, train_side=args.train_side, normalization=args.normalization,
+        chunk_size=args.chunk_size, device=device, engine=args.engine,
+        allow_out_of_range=args.allow_out_of_range)
+    if args.loss is not None:
+        options["loss"] = args.loss
+    if args.noise_per_query:
+        options["noise_per_query"] = True
+    if args.projection is not None:
+        options.update(projection=args.projection, projection_seed=args.projection_seed)
+    if args.query_noise is not None:
+        dtype = run.data.images.dtype
+        options["query_noise"] = check("--query-noise", lambda: validation.query_noise(
+            load_tensor(args.query_noise, "query_noise", "[K, *sample] or [T', K, *sample]"),
+            len(grid), run.data.sample_shape, dtype))
+    check("--engine", lambda: attribution.sides.resolve_engine(args.engine, run.model_at(0)))
+    return options
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "study":
         return study_command(parser, args)
@@ -160,14 +257,27 @@ def main(argv=None) -> int:
                                   opt_out="--allow-out-of-range")
     except (OSError, ValueError) as err:
         parser.error(f"QUERIES: {err}")
+    options = _options(parser, args, run, queries)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.projection is not None and args.shard == "train":
+        parser.error("--projection sketches the whole training set, so it cannot be split with "
+                     "--shard train: run one process or pass --shard queries.")
+    if world > 1 and args.noise_per_query and args.shard == "queries":
+        parser.error("--noise-per-query draws each query's noise from its position in the "
+                     "query batch, so it needs --shard train under torchrun.")
+    if args.dry_run:
+        estimate = attribution.estimate(run, queries, args.method, **options)
+        print(f"dry run: {len(queries)} queries x {len(run.data)} training samples; nothing "
+              "computed or written")
+        print(estimate.describe())
+        if world > 1:
+            print(f"under torchrun each of the {world} processes computes the query side and "
+                  f"~1/{world} of the training side (--shard train)")
+        return 0
     is_distributed = distributed.init()
     rank = torch.distributed.get_rank() if is_distributed else 0
-    result = distributed.attribute(
-        run, queries, args.method, shard=args.shard, checkpoints=args.checkpoints,
-        timesteps=args.timesteps, n_noise=args.n_noise, noise_seed=args.noise_seed,
-        train_side=args.train_side, normalization=args.normalization, chunk_size=args.chunk_size,
-        device=args.device or distributed.default_device(), progress=rank == 0,
-        allow_out_of_range=args.allow_out_of_range)
+    result = distributed.attribute(run, queries, args.method, shard=args.shard,
+                                   progress=rank == 0, **options)
     status = 0
     if rank == 0:
         saved = save_or_rescue(result, args.out,

@@ -148,4 +148,4 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str 
     dist.all_reduce(norms)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return AttributionResult(scores.cpu(), res.config, res.checkpoint_weights, norms.cpu(),
-                             float(seconds))
+                             float(seconds), res.query_noise)

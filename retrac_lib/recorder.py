@@ -26,6 +26,15 @@ training images must be what the model saw: a loop with random augmentation (fli
 trains on images the recorded set does not contain, and ``step(..., images=...)`` refuses it.
 Under accelerate or DDP, record on one process the batch gathered over all processes
 (``accelerator.gather``) and pass ``accelerator.unwrap_model(model)``.
+
+The first ``step`` given a ``loss`` is replayed (``Recorder.check_first_loss``): the recorder
+recomputes that batch loss from the initial weights it holds, with the declared ``loss`` and
+``noise_scheduler`` and the recorded indices, timesteps and noise (one forward pass of one
+batch, on the CPU), and refuses a logged loss it does not reproduce: a loop trained with L1 but
+recorded as ``loss="mse"``, another scheduler, or a logged loss that is not the mean per-sample
+diffusion loss (scaled, e.g. by ``1 / gradient_accumulation_steps``) would give wrong scores.
+Only that step can be replayed: it alone ran on weights the recorder holds for sure (after a
+checkpoint the loop may go on from other weights than the ones saved, such as EMA weights).
 """
 from __future__ import annotations
 
@@ -36,15 +45,19 @@ from pathlib import Path
 
 import torch
 
-from . import cache
+from . import cache, validation
 from .config import TrainConfig
 from .data import Dataset
-from .models import ModelSpec, check_samples
+from .losses import diffusion_loss
+from .models import ModelSpec, build_model, check_samples
 from .training import Checkpoint, Run, TrainingDiverged, TrainingLog, load_run, save_run
 
 UNLABELLED = -1
 READ_LR_BEFORE = ('Read lr = optimizer.param_groups[0]["lr"] before optimizer.step() and '
                   'lr_scheduler.step().')
+REPLAY_TOLERANCE = 1e-3   # relative: float32 replays agree to ~1e-6, another loss misses by >10 %
+REPLAY_LOSSES = ("mse", "l1")
+REPLAY_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 class ZeroLearningRateWarning(UserWarning):
@@ -85,10 +98,15 @@ class Recorder:
             still write it).
         config: ``rl.train`` passes its ``TrainConfig``; a user's run is described by a
             ``ModelSpec`` built from ``model``, ``noise_scheduler`` and ``loss``.
+        replay_tolerance: the relative difference allowed between the first step's logged loss
+            and its replay from the initial weights (default ``REPLAY_TOLERANCE``, 1e-3: float32
+            and TF32 rounding stay well below it); a loop that computes in reduced precision
+            (fp16/bf16 autocast) may need 1e-2; None skips the check, as does dropout in the
+            model (its logged loss is random).
     """
 
     def __init__(self, model, noise_scheduler, data, *, loss: str = "mse", folder=None,
-                 labels=None, config=None):
+                 labels=None, config=None, replay_tolerance: float | None = REPLAY_TOLERANCE):
         self._start = time.perf_counter()
         self.config = config if config is not None else ModelSpec.of(model, noise_scheduler, loss)
         self.data = _dataset(data, labels)
@@ -100,6 +118,13 @@ class Recorder:
                                   "(or delete the old one); a recorded run is never overwritten.")
         self._n_timesteps = noise_scheduler.config.num_train_timesteps
         self._initial = _snapshot(model)
+        if replay_tolerance is not None:
+            replay_tolerance = validation.real(replay_tolerance, "replay_tolerance", positive=True)
+        # dropout makes the logged loss random (the loop trains in train mode), so no replay
+        stochastic = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                         for m in model.modules())
+        self._replay_tolerance = None if stochastic else replay_tolerance
+        self.replayed: tuple[float, float] | None = None   # (logged, replayed) first-step loss
         self._layout = {k: (v.shape, v.dtype) for k, v in self._initial.items()}
         self._indices, self._timesteps, self._noise, self._losses, self._lrs = [], [], [], [], []
         self._starts = [0]
@@ -119,7 +144,9 @@ class Recorder:
         the step used (read it before ``lr_scheduler.step()``). All three are copied, so the loop
         may reuse or shuffle its buffers in place afterwards.
 
-        ``loss`` (the batch loss, a float) is kept for plots; ``images`` (the clean batch), when
+        ``loss`` (the batch loss, a float) is kept for plots; on the first step it is replayed
+        from the initial weights and refused when the declared loss or scheduler does not
+        reproduce it (``check_first_loss``). ``images`` (the clean batch), when
         given, is checked against the training set at ``indices``. A NaN or infinite ``lr`` is
         refused. ``lr=0`` after a positive lr (not a warm-up that starts at 0) is recorded with a
         ``ZeroLearningRateWarning``, once per recorder: a checkpoint weighted by it adds nothing
@@ -159,6 +186,8 @@ class Recorder:
             self._check_images(images, idx)
         if loss is not None and not torch.isfinite(torch.as_tensor(float(loss))):
             raise self._diverged(f"the batch loss is {float(loss)}", lr)
+        if loss is not None and self.n_steps == 0:
+            self.check_first_loss(idx, t, noise, float(loss))
         if lr == 0 and not self._warned_zero_lr and any(self._lrs):
             self._warned_zero_lr = True
             warnings.warn(
@@ -239,6 +268,68 @@ class Recorder:
             self.folder = folder
         self.closed = True
         return run
+
+    def check_first_loss(self, indices, timesteps, noise, logged: float) -> None:
+        """Recompute the first step's batch loss from the initial weights with the declared loss
+        and scheduler; raise a ``ValueError`` when it differs from ``logged`` by more than the
+        ``replay_tolerance``, naming a loss or beta schedule that reproduces ``logged`` if one
+        does. ``step`` calls it; it stores ``(logged, replayed)`` in ``self.replayed``."""
+        if self._replay_tolerance is None:
+            return
+        model = build_model(self.config, self.data.sample_shape)
+        model.load_state_dict(self._initial)
+        model.eval()
+        x, noise = self.data.images[indices], noise.detach().cpu().to(self.data.images.dtype)
+
+        def replay(loss, scheduler=self.scheduler) -> float:
+            with torch.no_grad():
+                return diffusion_loss(model, scheduler, x, timesteps, noise, loss).mean().item()
+
+        def matches(value: float) -> bool:
+            return abs(value - logged) <= self._replay_tolerance * max(abs(value), abs(logged))
+
+        loss = self.config.loss
+        replayed = replay(loss)
+        self.replayed = (logged, replayed)
+        if matches(replayed):
+            return
+        schedule = self.scheduler.config.get("beta_schedule")
+        declared = (f"loss={loss!r} with this {type(self.scheduler).__name__} "
+                    f"(beta_schedule={schedule!r})")
+        found = (f"The first step's logged loss {logged:.6g} is not what {declared} gives when "
+                 f"the recorder replays that batch from the initial weights: {replayed:.6g} "
+                 f"(relative difference {abs(replayed - logged) / max(abs(replayed), 1e-30):.1%},"
+                 f" tolerance {self._replay_tolerance:g}). ")
+        for other, scheduler in self._alternatives(loss, schedule):
+            value = replay(other, scheduler)
+            if matches(value):
+                also = f", loss={other!r}" if other != loss else ""
+                fix = (f"pass loss={other!r}" if scheduler is self.scheduler else
+                       f"pass the noise scheduler the loop calls add_noise on (beta_schedule="
+                       f"{scheduler.config.beta_schedule!r}{also})")
+                raise ValueError(f"{found}{fix.capitalize()}: it reproduces the logged loss "
+                                 f"({value:.6g}). Scores with the wrong one are wrong.")
+        ratio = logged / replayed if replayed else float("inf")
+        raise ValueError(
+            f"{found}No supported loss {REPLAY_LOSSES} or beta schedule reproduces it (the logged "
+            f"loss is {ratio:.3g} x the replay). Pass step(..., loss=) the mean per-sample "
+            "diffusion loss of the batch (loss.item() of F.mse_loss / F.l1_loss with their mean "
+            "reduction, not scaled, e.g. by 1 / gradient_accumulation_steps), with loss= and "
+            "noise_scheduler those the loop trains with, the model at its initial weights when "
+            "the Recorder is made and the batch exactly as trained (no augmentation). A loop in "
+            "reduced precision may need a larger replay_tolerance; None skips this check.")
+
+    def _alternatives(self, loss: str, schedule):
+        """(loss, scheduler) pairs other than the declared one, the declared scheduler first."""
+        for other in REPLAY_LOSSES:
+            if other != loss:
+                yield other, self.scheduler
+        for beta in REPLAY_SCHEDULES:
+            if beta != schedule and "beta_schedule" in self.scheduler.config:
+                scheduler = type(self.scheduler).from_config(self.scheduler.config,
+                                                            beta_schedule=beta)
+                for other in REPLAY_LOSSES:
+                    yield other, scheduler
 
     def _diverged(self, what: str, lr) -> TrainingDiverged:
         hint = ("Nothing was cached; lower TrainConfig.lr (the book uses 2e-3)"

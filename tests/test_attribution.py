@@ -384,6 +384,45 @@ def test_save_load_round_trip(tiny_run, digit_queries, tmp_path):
     assert torch.equal(back.proponents(5), res.proponents(5))
 
 
+def test_a_saved_result_holds_the_query_noise_that_reproduces_it(tiny_run, digit_queries,
+                                                                 tmp_path):
+    """The folder alone reproduces the scores: its query noise passed back to attribute gives
+    them bit for bit, whatever seed drew it; a folder saved without noise loads with None."""
+    kw = dict(timesteps=[5, 300, 900], n_noise=K, checkpoints=[0, 2])
+    res = _attribute(tiny_run, digit_queries, "retrac", noise_seed=7, **kw)
+    assert torch.equal(res.query_noise,
+                       rl.timesteps.query_noise_draws(tiny_run.data.sample_shape, 3, K, 7))
+    res.save(tmp_path / "result")
+    back = rl.AttributionResult.load(tmp_path / "result")
+    assert torch.equal(back.query_noise, res.query_noise) and back.query_noise.shape == (3, K, 1, 8, 8)
+    again = _attribute(tiny_run, digit_queries, "retrac", query_noise=back.query_noise, **kw)
+    assert torch.equal(again.scores, res.scores)
+    assert not torch.equal(_attribute(tiny_run, digit_queries, "retrac", **kw).scores, res.scores)
+    shared = back.query_noise[0]                                     # [K, *sample], every timestep
+    given = _attribute(tiny_run, digit_queries, "tracin", query_noise=shared, **kw)
+    assert torch.equal(given.query_noise, shared.expand(3, *shared.shape))
+    per_query = _attribute(tiny_run, digit_queries, "retrac", noise_per_query=True, **kw)
+    assert per_query.query_noise is None
+    dataclasses.replace(res, query_noise=None).save(tmp_path / "older")  # what older code wrote
+    older = rl.AttributionResult.load(tmp_path / "older")
+    assert older.query_noise is None and torch.equal(older.scores, res.scores)
+
+
+def test_a_cached_result_without_noise_gets_the_keys_noise(tiny_run, digit_queries, tmp_path,
+                                                           monkeypatch):
+    kw = dict(timesteps=2, n_noise=K, progress=False)
+    real_save = rl.AttributionResult.save
+    with monkeypatch.context() as m:   # write the cache entry as code before query_noise did
+        m.setattr(rl.AttributionResult, "save", lambda self, *a, **k: real_save(
+            dataclasses.replace(self, query_noise=None), *a, **k))
+        first = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
+    (entry,) = _result_folders(tmp_path)
+    assert rl.AttributionResult.load(entry).query_noise is None
+    again = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
+    assert torch.equal(again.query_noise, first.query_noise) and again.query_noise.shape[:2] == (2, K)
+    assert torch.equal(again.scores, first.scores)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. clear errors
 

@@ -292,7 +292,8 @@ for case, q in [("values", queries * (0.5 if rank else 1.0)),
     try:
         rl.distributed.attribute(run, q, "retrac", progress=False, timesteps=3, n_noise=2)
     except ValueError as err:
-        print(f"rank {rank} {case}: {err}", flush=True)
+        sys.stdout.write(f"rank {rank} {case}: {err}\n")   # one write: lines never merge
+        sys.stdout.flush()
 torch.distributed.destroy_process_group()
 """
 
@@ -314,3 +315,88 @@ def test_torchrun_ranks_with_different_queries_are_refused_before_computing(save
         assert "The 2 processes were given different inputs (queries: rank 0 3 queries" in line
         assert "nothing was computed" in line
     assert all("rank 1 2 queries" in line for line in lines if " count:" in line)
+
+
+def test_cli_options_reach_attribute(saved, tmp_path):
+    """Every rl.attribute option the command line sets gives the API's scores for the same
+    options, bit for bit, and the result folder holds the query noise it used."""
+    run, queries, tmp = saved
+    grid = [5, 300, 900]
+    noise = torch.randn((3, 2, 1, 8, 8), generator=torch.Generator().manual_seed(4))
+    save_file({"query_noise": noise}, str(tmp_path / "noise.safetensors"))
+    calls = {
+        "per-query": (["--method", "tracin", "--timesteps", "5,300,900", "--loss", "l1",
+                       "--noise-per-query", "--noise-seed", "3", "--engine", "func",
+                       "--checkpoints", "1", "--n-noise", "2", "--chunk-size", "4"],
+                      dict(method="tracin", timesteps=grid, loss="l1", noise_per_query=True,
+                           noise_seed=3, engine="func", checkpoints=[1], n_noise=2,
+                           chunk_size=4)),
+        "noise-file": (["--timesteps", "5,300,900", "--query-noise",
+                        str(tmp_path / "noise.safetensors"), "--projection", "16",
+                        "--projection-seed", "2", "--engine", "ghost",
+                        "--normalization", "per_draw", "--train-side", "fresh_noise"],
+                       dict(timesteps=grid, query_noise=noise, projection=16, projection_seed=2,
+                            engine="ghost", normalization="per_draw", train_side="fresh_noise")),
+    }
+    for name, (argv, options) in calls.items():
+        assert main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out",
+                     str(tmp_path / name), *argv]) == 0
+        got = rl.AttributionResult.load(tmp_path / name)
+        expected = rl.attribute(run, queries, options.pop("method", "retrac"), progress=False,
+                                **options)
+        assert torch.equal(got.scores, expected.scores) and got.config == expected.config, name
+    assert got.config.projection == 16 and got.config.normalization == "per_draw"
+    assert torch.equal(got.query_noise, noise)
+    per_query = rl.AttributionResult.load(tmp_path / "per-query")
+    assert per_query.config.noise_per_query and per_query.config.loss == "l1"
+    assert per_query.config.timesteps == tuple(grid) and per_query.query_noise is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timesteps", "ten"], "argument --timesteps: 'ten' is neither a count"),
+    (["--timesteps", "5,5"], "--timesteps: timesteps [5] appear more than once"),
+    (["--timesteps", "3,1000"], "--timesteps: timesteps must be a non-empty list in [0, 1000)"),
+    (["--timesteps", "0"], "--timesteps: timesteps must be >= 1"),
+    (["--projection", "0"], "--projection: projection must be None, a positive int k"),
+    (["--projection", "k"], "argument --projection: invalid int value"),
+    (["--loss", "huber"], "argument --loss: invalid choice: 'huber'"),
+    (["--engine", "jax"], "argument --engine: invalid choice: 'jax'"),
+    (["--n-noise", "0"], "--n-noise: n_noise must be >= 1"),
+    (["--noise-per-query", "--query-noise", "x.npy"],
+     "argument --query-noise: not allowed with argument --noise-per-query"),
+    (["--query-noise", "missing.npy"], "--query-noise: missing.npy: no such query_noise file"),
+    (["--timesteps", "4", "--query-noise", "NOISE"],
+     "--query-noise: query_noise has shape (3, 2, 1, 8, 8); expected [K, 1, 8, 8] or "
+     "[4 timesteps, K, 1, 8, 8]"),
+])
+def test_bad_cli_options_are_named_before_computing(argv, message, saved, tmp_path, capsys,
+                                                    monkeypatch):
+    _, _, tmp = saved
+    save_file({"query_noise": torch.zeros(3, 2, 1, 8, 8)}, str(tmp_path / "noise.safetensors"))
+    argv = [str(tmp_path / "noise.safetensors") if a == "NOISE" else a for a in argv]
+    monkeypatch.setattr(rl.distributed, "attribute", lambda *a, **kw: pytest.fail("computed"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out",
+              str(tmp_path / "scores"), *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "scores").exists()
+
+
+def test_dry_run_prints_the_cost_and_computes_nothing(saved, tmp_path, capsys, monkeypatch):
+    run, queries, tmp = saved
+    monkeypatch.setattr(rl.distributed, "attribute", lambda *a, **kw: pytest.fail("computed"))
+    out = tmp_path / "scores"
+    assert main([str(tmp / "run"), str(tmp / "queries.safetensors"), "--out", str(out),
+                 "--dry-run", *CLI_OPTIONS]) == 0
+    printed = capsys.readouterr().out
+    # 2 checkpoints x 3 queries x 3 timesteps x 2 draws; 2 checkpoints x 10 training samples
+    assert "query side: 36 gradient draws; measured" in printed
+    assert "training side: 20 per-sample gradients; measured" in printed
+    assert "estimated total:" in printed and "peak memory:" in printed and not out.exists()
+    cost = rl.attribution.estimate(run, queries, "tracin", train_side="timestep_average",
+                                   checkpoints=[0], **OPTIONS)
+    assert (cost.query_draws, cost.training_gradients) == (1 * 3 * 3 * 2, 1 * 10 * 3)
+    assert cost.measured_training_gradients == 4 * 3 and cost.seconds_per_query_draw > 0
+    assert cost.seconds >= cost.query_seconds + cost.training_seconds > 0
+    assert cost.peak_memory_bytes is None or cost.peak_memory_bytes > 2 ** 20

@@ -48,7 +48,9 @@ def make_model(channels, attention):
 
 
 def diffusers_style_loop(images, folder, *, channels, attention, scheduler_cls, beta_schedule,
-                         loss_name, seed=0, lr=1e-3):
+                         loss_name, seed=0, lr=1e-3, recorded_loss=None, loss_scale=1.0):
+    """``recorded_loss`` (default ``loss_name``) is what the recorder is told; ``loss_scale``
+    multiplies the loss the loop logs (and trains on), as a gradient-accumulation loop does."""
     torch.manual_seed(seed)
     model = make_model(channels, attention)
     noise_scheduler = scheduler_cls(num_train_timesteps=1000, beta_schedule=beta_schedule)
@@ -58,7 +60,8 @@ def diffusers_style_loop(images, folder, *, channels, attention, scheduler_cls, 
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2,
                                  num_training_steps=len(loader) * EPOCHS)
     criterion = F.mse_loss if loss_name == "mse" else F.l1_loss
-    recorder = rl.Recorder(model, noise_scheduler, images, loss=loss_name, folder=folder)
+    recorder = rl.Recorder(model, noise_scheduler, images, loss=recorded_loss or loss_name,
+                           folder=folder)
     notes = {"last": {}, "at_checkpoint": [], "lrs": []}
     for epoch in range(EPOCHS):
         model.train()
@@ -68,7 +71,7 @@ def diffusers_style_loop(images, folder, *, channels, attention, scheduler_cls, 
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,)).long()
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
             model_output = model(noisy_images, timesteps).sample
-            loss = criterion(model_output, noise)
+            loss = criterion(model_output, noise) * loss_scale
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             lr = optimizer.param_groups[0]["lr"]
@@ -315,12 +318,75 @@ def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
     with pytest.raises(rl.training.TrainingDiverged, match=r"batch loss is nan.*lr=0.5.*Nothing was saved"):
         rec.step(*_batch([0, 1]), 0.5, loss=float("nan"))
     assert rec.n_steps == 0
-    rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5, loss=1.0)
+    rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5)
     with torch.no_grad():
         next(model.parameters())[0] = float("inf")
     with pytest.raises(rl.training.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
         rec.checkpoint(model)
     assert not rec.checkpoints and not (tmp_path / "run").exists()
+
+
+def test_a_wrong_loss_or_scheduler_is_refused_at_the_first_step():
+    """The first step's logged loss is replayed from the initial weights: an L1 loop recorded
+    as "mse" would score ~45 % off, so it is refused and the right loss named; the right loss
+    passes; a loop that logs a scaled loss, or calls add_noise on another scheduler than the
+    one recorded, is refused too."""
+    images = torch.rand((N, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    case = dict(channels=1, attention=False, scheduler_cls=DDPMScheduler, beta_schedule="linear")
+    pattern = (r"first step's logged loss (\S+) is not what loss='mse' with this DDPMScheduler "
+               r"\(beta_schedule='linear'\) gives when the recorder replays that batch from the "
+               r"initial weights: (\S+) \(relative.*Pass loss='l1': it reproduces the logged "
+               r"loss \((\S+)\)")
+    with pytest.raises(ValueError, match=pattern) as refused:
+        diffusers_style_loop(images, None, **case, loss_name="l1", recorded_loss="mse")
+    logged, as_mse, as_l1 = map(float, re.search(pattern, str(refused.value)).groups())
+    assert as_l1 == pytest.approx(logged, rel=1e-5) and abs(as_mse - logged) > 0.1 * logged
+    run, _ = diffusers_style_loop(images, None, **case, loss_name="l1")
+    assert run.config.loss == "l1" and run.log.losses[0].item() == pytest.approx(logged, rel=1e-6)
+    with pytest.raises(ValueError, match=r"No supported loss \('mse', 'l1'\) or beta schedule "
+                       r"reproduces it \(the logged loss is 0.5 x the replay\).*not scaled"):
+        diffusers_style_loop(images, None, **case, loss_name="mse", loss_scale=0.5)
+    with pytest.raises(ValueError, match=r"beta_schedule='linear'\) gives.*Pass the noise "
+                       r"scheduler the loop calls add_noise on \(beta_schedule="
+                       r"'squaredcos_cap_v2'\)"):
+        _wrong_scheduler_loop(images)
+
+
+def _wrong_scheduler_loop(images):
+    """A loop that noises with a cosine schedule but hands the recorder a linear one."""
+    torch.manual_seed(0)
+    model = make_model(1, attention=False)
+    trained_with = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    rec = rl.Recorder(model, DDPMScheduler(beta_schedule="linear"), images)
+    idx = torch.arange(BATCH)
+    t, noise = torch.randint(0, 1000, (BATCH,)), torch.randn(BATCH, 1, SIZE, SIZE)
+    pred = model(trained_with.add_noise(images[idx], noise, t), t).sample
+    rec.step(idx, t, noise, 1e-3, loss=F.mse_loss(pred, noise).item())
+
+
+def test_the_first_step_replays_from_the_recorders_initial_weights(fresh):
+    """The replay is what the loop measured (to float32 rounding), and replay_tolerance=None
+    (or dropout, which makes the logged loss random) skips it."""
+    rec, model, images = fresh
+    idx, t = torch.tensor([4, 0, 2]), torch.tensor([3, 500, 999])
+    noise = torch.randn(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    logged = F.mse_loss(model(DDPMScheduler().add_noise(images[idx], noise, t), t).sample, noise)
+    rec.step(idx, t, noise, 1e-3, loss=logged.item())
+    assert rec.replayed[0] == logged.item()
+    assert rec.replayed[1] == pytest.approx(logged.item(), rel=1e-6)
+    unchecked = rl.Recorder(model, DDPMScheduler(), images, replay_tolerance=None)
+    unchecked.step(idx, t, noise, 1e-3, loss=123.0)
+    assert unchecked.replayed is None
+    dropout = UNet2DModel(sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+                          block_out_channels=(8, 16), norm_num_groups=4, dropout=0.5,
+                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    noisy = rl.Recorder(dropout, DDPMScheduler(), images)   # a random loss: nothing to replay
+    noisy.step(idx, t, noise, 1e-3, loss=123.0)
+    assert noisy.replayed is None and noisy.n_steps == 1
+    with pytest.raises(ValueError, match="loss 123 is not what"):   # the same without dropout
+        rl.Recorder(model, DDPMScheduler(), images).step(idx, t, noise, 1e-3, loss=123.0)
+    with pytest.raises(ValueError, match="replay_tolerance must be positive"):
+        rl.Recorder(model, DDPMScheduler(), images, replay_tolerance=0)
 
 
 def test_unsupported_models_schedulers_and_losses_are_refused():

@@ -4,10 +4,12 @@
 * ``sides``: the query vectors and the training gradients streamed against them;
 * ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``;
 * ``results``: ``AttributionResult`` and its cache format;
-* ``sketch``: training gradients stored once, CountSketch-projected.
+* ``sketch``: training gradients stored once, CountSketch-projected;
+* ``cost``: what an ``attribute`` call will cost, measured on a few of its passes.
 
 The timestep grid and the query noise draws live one layer below, in ``retrac_lib.timesteps``.
 """
+from .cost import CostEstimate, estimate
 from .options import AttributionConfig
 from .results import AttributionResult
 from .scoring import attribute, load_or_attribute
@@ -18,6 +20,5 @@ from .sketch import TrainingSketch, sketch_training
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
-    "TrainingSketch",
-    "sketch_training",
+    "TrainingSketch", "sketch_training", "CostEstimate", "estimate",
 ]

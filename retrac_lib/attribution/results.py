@@ -17,7 +17,14 @@ class AttributionResult:
     """Scores [Q, N] of every training sample for every query, with what produced them.
 
     ``train_grad_norms`` [C, N] holds ``|g_c(x_i)|`` for each used checkpoint, the quantity the
-    timestep bias lives in.
+    timestep bias lives in. ``query_noise`` [T', K, *sample] holds the query noise the scores
+    used, the same for every query and checkpoint (drawn from ``noise_seed`` or passed as
+    ``query_noise``, which a [K, *sample] tensor is expanded from), so that
+    ``attribute(run, queries, query_noise=result.query_noise, ...)`` reproduces the scores from
+    the result's own folder. It is None for ``noise_per_query=True`` (fresh draws for each query
+    and checkpoint, Q x C times as many: ``timesteps.per_query_noise_draws`` redraws them from
+    ``noise_seed``), for baselines without a query grid and for results saved before it was
+    stored.
     """
 
     scores: torch.Tensor
@@ -25,6 +32,7 @@ class AttributionResult:
     checkpoint_weights: torch.Tensor
     train_grad_norms: torch.Tensor
     seconds: float = 0.0
+    query_noise: torch.Tensor | None = None
 
     def top_k(self, k: int, largest: bool = True) -> torch.Tensor:
         """Indices [Q, k] of the ``k`` highest (or lowest) scoring training samples per query."""
@@ -51,17 +59,20 @@ class AttributionResult:
         ``exist_ok=True`` (the cache, where a concurrent writer of the same entry may finish
         first) keeps the existing folder instead.
         """
+        tensors = {"scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
+                   "train_grad_norms": self.train_grad_norms}
+        if self.query_noise is not None:
+            tensors["query_noise"] = self.query_noise.contiguous()
         with cache.atomic_folder(Path(folder), exist_ok=exist_ok) as tmp:
-            cache.save_tensors(tmp / "scores.safetensors", {
-                "scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
-                "train_grad_norms": self.train_grad_norms})
+            cache.save_tensors(tmp / "scores.safetensors", tensors)
             cache.write_json(tmp / "config.json", {"config": self.config.to_dict(),
                                                    "seconds": self.seconds, "key": key})
         return Path(folder)
 
     @classmethod
     def load(cls, folder: Path) -> "AttributionResult":
-        """Read a result written by ``save``, refusing a corrupted or partial folder."""
+        """Read a result written by ``save``, refusing a corrupted or partial folder; one saved
+        before results held their query noise loads with ``query_noise=None``."""
         cache.verify_folder(folder)
         tensors = cache.load_tensors(Path(folder) / "scores.safetensors")
         meta = cache.read_json(Path(folder) / "config.json")

@@ -41,7 +41,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
         method: "tracin" (Diffusion-TracIn) or "retrac" (Diffusion-ReTrac).
         query_noise: the K query noise draws, [K, *sample] (reused at every timestep) or
             [T', K, *sample]; by default they are drawn from ``noise_seed``, the same for every
-            query and checkpoint.
+            query and checkpoint. ``result.query_noise`` [T', K, *sample] holds those used
+            (saved with the result), so passing it back reproduces the scores.
         projection: None (exact, default); an int ``k`` to score in a ``k``-dimensional
             CountSketch of the gradients (seeded by ``projection_seed``); or a
             ``TrainingSketch`` from ``sketch_training`` to reuse stored training gradients.
@@ -96,6 +97,8 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     payload = cache_key(run, queries, resolved[2], resolved[0])
     folder, result = cached(payload, root)
     if result is not None:
+        if result.query_noise is None and not resolved[0].noise_per_query:
+            result.query_noise = resolved[2]   # saved before results held it: the key's noise
         return result
     can_save = cache.prepare(folder)
     result = _timed_score(start, run, queries, resolved, projection, **kwargs)
@@ -175,7 +178,9 @@ def _score(run, queries, config: AttributionConfig, grid, noise, projection, chu
             scores[:, idx] += weights[j] * dots.double().cpu()
             bar.update()
     bar.close()
-    return AttributionResult(scores, config, weights, norms)
+    return AttributionResult(scores, config, weights, norms,
+                             query_noise=None if config.noise_per_query else
+                             noise.detach().cpu().contiguous())
 
 
 def _train_slice(train_slice, n: int, projection) -> range | None:
