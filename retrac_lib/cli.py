@@ -21,8 +21,9 @@ with_data=True)``). ``QUERIES`` holds one float32 tensor [Q, *sample] in [-1, 1]
 ``.pt`` tensor (read with ``weights_only=True``). ``SCORES`` is a new folder that
 ``rl.AttributionResult.load`` reads: ``scores.safetensors`` ([Q, N] scores, checkpoint weights,
 training-gradient norms, the query noise used) and ``config.json``. Under ``torchrun`` the
-processes share the work (``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES`` that exists already,
-or lies in a folder that cannot be written to, is refused before anything is computed, as are
+processes share the work (``retrac_lib.distributed``) and rank 0 writes the result. A ``SCORES``
+that exists already, or lies in a folder that cannot be written to, is refused before anything
+is computed, as are
 queries on another scale than the training images (``--allow-out-of-range`` scores them anyway).
 Should ``SCORES`` still be taken while the scores are computed (another process), they are saved
 next to it and the command says where and exits 1; under ``torchrun`` the processes first check
