@@ -348,7 +348,8 @@ def timestep_cosines(grads, timesteps, title: str | None = None, ax=None):
     ax.set_yticks(ticks, t[ticks])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("timestep t'")
-    fig.colorbar(im, ax=ax, shrink=0.85).set_label(r"cosine of $m_c(z,t)$ and $m_c(z,t')$", fontsize=SMALL)
+    fig.colorbar(im, ax=ax, shrink=0.85).set_label(r"cosine of $m_c(z,t)$ and $m_c(z,t')$",
+                                                   fontsize=SMALL)
     ax.set_title(title or "Which timesteps' query gradients point the same way", fontsize=10)
     fig.tight_layout()
     return fig

@@ -113,7 +113,7 @@ def proponent_rows(query: torch.Tensor, images: torch.Tensor, top: dict, highlig
             ax.set_xticks([]), ax.set_yticks([])
             if col == 0:
                 ax.imshow(query[0], cmap="gray_r", vmin=-1, vmax=1)
-                ax.set_ylabel(_label(m), rotation=0, ha="right", va="center", fontsize=SMALL,
+                ax.set_ylabel(_label(m), rotation=0, ha="right", va="center", fontsize=9,
                               color=METHOD_COLORS.get(m, "black"))
                 if row == 0:
                     ax.set_title("query", fontsize=SMALL)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.transforms import Bbox
 from matplotlib.ticker import NullFormatter
+from matplotlib.transforms import Bbox
 
 from . import METHOD_COLORS, METHOD_LABELS, PAGE_WIDTH, SMALL, log_axis
 from .bias import _binned_line
