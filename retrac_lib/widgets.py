@@ -12,7 +12,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from . import diagnostics
-from .plots.bias import log_y
+from .plots import log_axis
 
 __all__ = ["TimestepExplorer", "attribution_explorer"]
 
@@ -93,7 +93,7 @@ class TimestepExplorer:
                     label=f"{sw.label} (visited)")
         ax.plot(current.timesteps.numpy(), current.mean_norms[0].numpy(), color="black", lw=2,
                 label=current.label)
-        log_y(ax)
+        log_axis(ax)
         ax.set_xlabel("timestep t")
         ax.set_ylabel("gradient norm |g|")
         ax.grid(True, which="major", alpha=0.3)

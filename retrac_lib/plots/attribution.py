@@ -18,7 +18,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.gridspec import GridSpec
 
 from .. import metrics
-from . import METHOD_COLORS, METHOD_LABELS, image_grid, to_numpy
+from . import (METHOD_COLORS, METHOD_LABELS, SMALL, image_grid, log_axis, page_panels, tile_size,
+               to_numpy)
 
 ALL_COLOR = "#9a9a9a"          # the whole training set, for reference
 REPEAT_CMAP = "tab10"          # one frame colour per generally influential sample
@@ -57,18 +58,23 @@ def _frame(ax, color, width=2.5):
 
 
 def _caption(run, i, score, t) -> str:
-    return f"#{i} ({int(run.data.labels[i])}), t={int(t)}\n{score:+.1e}"
+    return f"#{i} ({int(run.data.labels[i])})\nt={int(t)}\n{score:+.1e}"
 
 
-def _header(fig, ax_first, ax_last, text, color="black"):
+def _caption_height(lines: int) -> float:
+    """Inches that ``lines`` lines of an image caption take above its tile."""
+    return lines * 1.25 * SMALL / 72 + 0.05
+
+
+def _header(fig, ax_first, ax_last, text, color="black", caption_lines=3):
     x0 = ax_first.get_position().x0
     x1 = ax_last.get_position().x1
-    y = ax_first.get_position().y1
-    fig.text((x0 + x1) / 2, y + 0.35 / fig.get_figheight(), text, ha="center", va="bottom",
+    y = ax_first.get_position().y1 + (_caption_height(caption_lines) + 0.05) / fig.get_figheight()
+    fig.text((x0 + x1) / 2, y, text, ha="center", va="bottom",
              fontsize=9, color=color, fontweight="bold")
 
 
-def _grid_figure(n_rows, blocks, size, title, caption_lines=2):
+def _grid_figure(n_rows, blocks, size, title, caption_lines=3):
     """A figure with ``n_rows`` rows of image blocks separated by narrow gaps; returns (fig, axes).
 
     ``axes[r][b]`` is the list of axes of block ``b`` in row ``r``.
@@ -76,10 +82,12 @@ def _grid_figure(n_rows, blocks, size, title, caption_lines=2):
     ratios = []
     for b, width in enumerate(blocks):
         ratios += [1.0] * width + ([0.35] if b < len(blocks) - 1 else [])
-    row_h = size * (1 + 0.17 * caption_lines)
-    fig = plt.figure(figsize=(size * sum(ratios) + 0.2, row_h * n_rows + 0.9))
+    size = tile_size(sum(ratios), size, margin=0.2)
+    caption_h = _caption_height(caption_lines)
+    height = (size + caption_h) * n_rows + 0.65
+    fig = plt.figure(figsize=(size * sum(ratios) + 0.2, height))
     gs = GridSpec(n_rows, len(ratios), figure=fig, width_ratios=ratios, wspace=0.08,
-                  hspace=0.15 + 0.2 * caption_lines, top=1 - 0.85 / fig.get_figheight(),
+                  hspace=caption_h / size, top=1 - (0.6 + caption_h) / height,
                   bottom=0.05 / fig.get_figheight(), left=0.01, right=0.99)
     axes = []
     for r in range(n_rows):
@@ -117,7 +125,8 @@ def proponent_grid(result, run, queries, query_indices=None, k: int = 6, opponen
     _header(fig, axes[0][1][0], axes[0][1][-1], f"top-{k} proponents (largest score first)",
             _color(result.config.method))
     if opponents:
-        _header(fig, axes[0][2][0], axes[0][2][-1], f"top-{k} opponents (most negative first)", "#555555")
+        _header(fig, axes[0][2][0], axes[0][2][-1], f"top-{k} opponents (most negative first)",
+                "#555555")
     return fig
 
 
@@ -126,7 +135,8 @@ def query_proponent_grid(result, run, queries, k: int = 8, share: float = 0.5, q
     """Queries (rows) against their top-``k`` proponents; samples that come back are framed.
 
     A proponent in the top-``k`` of at least ``share`` of *all* the result's queries gets a
-    coloured frame, one colour per sample, so repeats are visible at a glance.
+    coloured frame, one colour per sample, so repeats are visible at a glance; the header says
+    how many are framed (or that none is).
     """
     queries = torch.as_tensor(queries)
     rows = list(range(len(queries))) if query_indices is None else [int(q) for q in query_indices]
@@ -145,10 +155,11 @@ def query_proponent_grid(result, run, queries, k: int = 8, share: float = 0.5, q
                 _frame(ax, colors[i], 3)
                 ax.title.set_color(colors[i])
                 ax.title.set_fontweight("bold")
-    _header(fig, axes[0][1][0], axes[0][1][-1],
-            f"top-{k} proponents ({_label(result.config.method)}); framed: in the top-{k} of "
-            f">= {share:.0%} of all {len(top)} queries ({len(general)} samples)",
-            _color(result.config.method))
+    note = (f"{len(general)} framed, one colour each" if len(general) else
+            f"none framed: no sample is in the top-{k} of >= {share:.0%} of the {len(top)} queries")
+    _header(fig, axes[0][1][0], axes[0][1][-1], f"top-{k} proponents ({note})",
+            _color(result.config.method), caption_lines=1)
+    _header(fig, axes[0][0][0], axes[0][0][0], "query", caption_lines=1)
     return fig
 
 
@@ -176,7 +187,7 @@ def appearance_counts(results, k: int = 10, share: float = 0.5, n_show: int = 30
     ax.set_xlabel(f"training samples, sorted by how often they are a top-{k} proponent")
     ax.set_ylabel(f"queries with it in their top-{k}")
     ax.set_xlim(-0.7, n_show - 0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title or f"How often the same training samples come back (top-{k})", fontsize=10)
     fig.tight_layout()
@@ -200,7 +211,7 @@ def timestep_bias(results, run, k: int = 10, title: str | None = None):
     sum): recorded timestep against gradient norm (log scale), proponents highlighted.
     """
     results = _as_dict(results)
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(4.2 * (1 + len(results)), 3.6))
+    fig, axes = page_panels(1 + len(results), 4.5, 3.6, layout="constrained")
     ax = axes[0]
     bins = np.linspace(0, 1000, 21)
     first = next(iter(results.values()))
@@ -213,7 +224,7 @@ def timestep_bias(results, run, k: int = 10, title: str | None = None):
                 label=f"top-{k} proponents, {_label(name)}")
     ax.set_xlabel("recorded training timestep t")
     ax.set_ylabel("density")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=SMALL)
     ax.set_title("Recorded t of every (proponent, checkpoint)", fontsize=10)
     for ax, (name, res) in zip(axes[1:], results.items()):
         t, norms = _dominant_pairs(res, run)
@@ -222,15 +233,14 @@ def timestep_bias(results, run, k: int = 10, title: str | None = None):
                    label="every training sample")
         ax.scatter(to_numpy(t[top]), to_numpy(norms[top]), s=14, color=_color(name), edgecolor="black",
                    lw=0.3, label=f"top-{k} proponents of any query")
-        ax.set_yscale("log")
+        log_axis(ax)
         ax.set_xlabel("dominant recorded timestep t")
         ax.set_ylabel(r"gradient norm $|g_c(x_i)|$ at that checkpoint")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=SMALL, loc="upper right")
         ax.set_title(f"{_label(name)}: proponents' norms", fontsize=10, color=_color(name))
         ax.grid(True, which="major", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     return fig
 
 
@@ -247,8 +257,7 @@ def influence_2d(results, run, query, k: int = 10, title: str | None = None, nor
     results = _as_dict(results)
     query = torch.as_tensor(query).flatten()
     n_panels = len(results) + int(norm_panel)
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.9 * n_panels, 4.0), squeeze=False)
-    axes = axes.ravel()
+    fig, axes = page_panels(n_panels, 4.5, 3.8, layout="constrained")
     pts = to_numpy(run.data.images)
     if norm_panel:
         first = dict([next(iter(results.items()))])
@@ -270,13 +279,12 @@ def influence_2d(results, run, query, k: int = 10, title: str | None = None, nor
         ax.set_aspect("equal")
         ax.set_xlabel("$x_1$")
         ax.set_ylabel("$x_2$")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=SMALL, loc="lower left")
         ax.set_title(f"{_label(name)}", fontsize=10, color=_color(name))
         cb = fig.colorbar(sc, ax=ax, shrink=0.8, extend="both")
-        cb.set_label("influence on the query (clipped)", fontsize=8)
+        cb.set_label("influence on the query (clipped)", fontsize=SMALL)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     return fig
 
 
@@ -305,20 +313,18 @@ def method_comparison(results, run, queries, query_indices=None, k: int = 5, que
 
 def metric_bars(table, metrics_to_show, title: str | None = None):
     """Small bar charts of chosen rows of a ``metrics.MetricTable``, one panel per metric."""
-    fig, axes = plt.subplots(1, len(metrics_to_show), figsize=(2.6 * len(metrics_to_show), 2.8),
-                             squeeze=False)
-    for ax, metric in zip(axes.ravel(), metrics_to_show):
+    fig, axes = page_panels(len(metrics_to_show), 2.25, 3.0, layout="constrained")
+    for ax, metric in zip(axes, metrics_to_show):
         values = [table.value(metric, c) for c in table.columns]
         ax.bar(range(len(values)), values, color=[_color(c) for c in table.columns])
         ax.set_xticks(range(len(values)), [_label(c).replace("Diffusion-", "") for c in table.columns])
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}", ha="center",
-                    va="bottom", fontsize=8)
-        ax.set_title(textwrap.fill(table.row_name(metric), 24), fontsize=8)
+                    va="bottom", fontsize=9)
+        ax.set_title(textwrap.fill(table.row_name(metric), 22), fontsize=9)
         ax.margins(y=0.2)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     return fig
 
 
@@ -342,7 +348,8 @@ def timestep_cosines(grads, timesteps, title: str | None = None, ax=None):
     ax.set_yticks(ticks, t[ticks])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("timestep t'")
-    fig.colorbar(im, ax=ax, shrink=0.85).set_label(r"cosine of $m_c(z,t)$ and $m_c(z,t')$", fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.85).set_label(r"cosine of $m_c(z,t)$ and $m_c(z,t')$",
+                                                   fontsize=SMALL)
     ax.set_title(title or "Which timesteps' query gradients point the same way", fontsize=10)
     fig.tight_layout()
     return fig
@@ -360,14 +367,14 @@ def influence_vs_norm(results, run, query, title: str | None = None, axes=None):
     results = _as_dict(results)
     query = torch.as_tensor(query).flatten()
     if axes is None:
-        fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
-        axes = axes.ravel()
+        axes = page_panels(len(results), 4.5, 3.6, layout="constrained")[1]
     fig = axes[0].figure
     pts = to_numpy(run.data.images)
     dist = np.linalg.norm(pts - to_numpy(query)[None], axis=1)
     for ax, (name, res) in zip(axes, results.items()):
         norms = to_numpy(metrics.sample_norms(res.train_grad_norms, res.checkpoint_weights))
-        sc = ax.scatter(norms, to_numpy(res.scores[0]), c=dist, s=10, cmap="viridis_r", edgecolor="none")
+        sc = ax.scatter(norms, to_numpy(res.scores[0]), c=dist, s=10, cmap="viridis_r",
+                        edgecolor="none")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -377,8 +384,7 @@ def influence_vs_norm(results, run, query, title: str | None = None, axes=None):
         ax.set_ylabel("influence on the query")
         ax.set_title(f"{_label(name)}: influence against norm", fontsize=10, color=_color(name))
         ax.grid(True, which="major", alpha=0.3)
-        fig.colorbar(sc, ax=ax, shrink=0.8).set_label("distance to the query", fontsize=8)
+        fig.colorbar(sc, ax=ax, shrink=0.8).set_label("distance to the query", fontsize=SMALL)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     return fig

@@ -10,9 +10,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import Formatter
 
-from . import METHOD_COLORS, image_grid, to_numpy
+from . import (METHOD_COLORS, PAGE_WIDTH, SMALL, image_grid, log_axis, page_panels,
+               plain_log_labels, tile_size, to_numpy)
 
 INIT_COLOR = "#555555"        # the untrained model, drawn dashed
 SAMPLE_CMAP = "tab10"         # one colour per chosen sample
@@ -25,31 +25,6 @@ def checkpoint_colors(labels) -> list:
     cmap = plt.get_cmap(CHECKPOINT_CMAP)
     shades = iter(cmap(np.linspace(0.0, 0.9, max(len(trained), 1))))
     return [INIT_COLOR if lab == "init" else next(shades) for lab in labels]
-
-
-class _PlainLogFormatter(Formatter):
-    """Log-axis labels as plain numbers (0.2, 1, 5); 2x and 5x ticks only on short axes."""
-
-    def __init__(self, minor: bool):
-        self.minor = minor
-
-    def __call__(self, x, pos=None):
-        if x <= 0:
-            return ""
-        if self.minor:
-            lo, hi = self.axis.get_view_interval()
-            mantissa = round(x / 10 ** np.floor(np.log10(x) + 1e-9))
-            if hi / max(lo, 1e-300) > 10 ** 2.5 or mantissa not in (2, 5):
-                return ""
-        return f"{x:g}"
-
-
-def log_y(ax):
-    """Logarithmic y axis labelled with plain numbers (norms and losses span decades)."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_PlainLogFormatter(minor=False))
-    ax.yaxis.set_minor_formatter(_PlainLogFormatter(minor=True))
-    return ax
 
 
 def _style(lab):
@@ -78,11 +53,11 @@ def norm_vs_timestep(sweep, run=None, ax=None, title: str | None = None):
         if sweep.norms.shape[-1] > 1:
             ax.fill_between(t, to_numpy(sweep.norms[s].min(-1).values), to_numpy(sweep.norms[s].max(-1).values),
                             color=color, alpha=0.15, lw=0)
-    log_y(ax)
+    log_axis(ax)
     ax.set_xlabel("timestep t")
     ax.set_ylabel("gradient norm |g|")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL)
     ax.set_title(title or f"Gradient norm of each sample against t ({sweep.label})", fontsize=10)
     return fig
 
@@ -107,11 +82,11 @@ def recorded_scatter(summary, ax=None, title: str | None = None, color: str | No
     ax.scatter(to_numpy(rec.timesteps), to_numpy(rec.norms), s=5, alpha=0.35, color=color, lw=0,
                label=f"{len(rec.norms)} training samples")
     _binned_line(ax, summary.norm_bins, "black", "mean per bin (band: 25-75 %)")
-    log_y(ax)
+    log_axis(ax)
     ax.set_xlabel("recorded training timestep t")
     ax.set_ylabel("gradient norm |g|")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=SMALL, loc="upper right")
     ax.set_title(title or (f"{rec.label}: lowest-t tenth has {summary.decile_ratio:.1f}x the norm "
                            f"of the highest-t tenth"), fontsize=10)
     return fig
@@ -119,45 +94,46 @@ def recorded_scatter(summary, ax=None, title: str | None = None, color: str | No
 
 def over_training(summaries, title: str | None = None):
     """Binned mean norm against timestep for every checkpoint (left) and the decile ratio (right)."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (ax, ax2) = page_panels(2, 4.5, 4.2, gridspec_kw={"width_ratios": [1.6, 1]})
     labels = [s.label for s in summaries]
     colors = checkpoint_colors(labels)
     for s, color in zip(summaries, colors):
         _binned_line(ax, s.norm_bins, color, s.label, _style(s.label), band=False)
-    log_y(ax)
+    log_axis(ax)
     ax.set_xlabel("recorded training timestep t (bin centre)")
     ax.set_ylabel("mean gradient norm in bin")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, title="weights", title_fontsize=8)
-    ax.set_title("Mean norm per timestep bin at each checkpoint", fontsize=10)
+    ax.legend(fontsize=SMALL, title="weights", title_fontsize=SMALL)
+    ax.set_title("Mean norm per timestep bin\nat each checkpoint", fontsize=10)
     ratios = [s.decile_ratio for s in summaries]
     ax2.bar(range(len(ratios)), ratios, color=colors)
     ax2.axhline(1, color="black", lw=0.8, ls=":")
     for i, r in enumerate(ratios):
-        ax2.text(i, r, f"{r:.1f}x", ha="center", va="bottom", fontsize=8)
-    ax2.set_xticks(range(len(ratios)), labels, rotation=30, fontsize=8)
-    log_y(ax2)
+        ax2.text(i, r, f"{r:.1f}x", ha="center", va="bottom", fontsize=9)
+    ax2.set_xticks(range(len(ratios)), labels, rotation=30, ha="right", rotation_mode="anchor")
+    log_axis(ax2)
     ax2.set_ylim(min(0.5, min(ratios) / 1.5), max(ratios) * 2)
     ax2.set_ylabel("decile ratio (lowest-t / highest-t tenth)")
-    ax2.set_title("Decile ratio at each set of weights", fontsize=10)
-    fig.suptitle(title or "Gradient norm per timestep bin, from initialization to the last checkpoint", fontsize=11)
+    ax2.set_title("Decile ratio\nat each set of weights", fontsize=10)
+    fig.suptitle(title or "Gradient norm per timestep bin, from initialization to the last "
+                 "checkpoint", fontsize=11)
     fig.tight_layout()
     return fig
 
 
 def loss_beside_norm(summaries, title: str | None = None):
     """Binned mean loss (left) and mean gradient norm (right) against timestep, per checkpoint."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = page_panels(2, 4.5, 4.0)
     colors = checkpoint_colors([s.label for s in summaries])
     for s, color in zip(summaries, colors):
         _binned_line(axes[0], s.loss_bins, color, s.label, _style(s.label), band=False)
         _binned_line(axes[1], s.norm_bins, color, s.label, _style(s.label), band=False)
     for ax, what in zip(axes, ("per-sample loss (mean per bin)", "gradient norm |g| (mean per bin)")):
-        log_y(ax)
-        ax.set_xlabel("recorded training timestep t (bin centre)")
+        log_axis(ax)
+        ax.set_xlabel("recorded timestep t (bin centre)")
         ax.set_ylabel(what)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=SMALL)
     axes[0].set_title("Loss per timestep", fontsize=10)
     axes[1].set_title("Gradient norm per timestep", fontsize=10)
     fig.suptitle(title or "Loss and gradient norm per timestep bin", fontsize=11)
@@ -169,25 +145,27 @@ def points_bias(run, summaries, title: str | None = None):
     """The 2-D version: points coloured by gradient norm, norm against t, curves per checkpoint."""
     last = summaries[-1]
     rec = last.record
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = page_panels(3, 4.5, 4.0)
     pts = to_numpy(run.data.images[rec.indices])
     norms = to_numpy(rec.norms)
     sc = axes[0].scatter(pts[:, 0], pts[:, 1], c=norms, cmap="magma_r", s=10,
                          norm=LogNorm(norms.min(), norms.max()))
-    fig.colorbar(sc, ax=axes[0], label="gradient norm at recorded t (log)")
+    bar = fig.colorbar(sc, ax=axes[0], label="gradient norm at recorded t (log)")
+    plain_log_labels(bar.ax.yaxis)
     axes[0].set_aspect("equal")
     axes[0].set_xlabel("x1")
     axes[0].set_ylabel("x2")
     axes[0].set_title(f"Training points, {rec.label}", fontsize=10)
-    recorded_scatter(last, ax=axes[1], title=f"Norm vs recorded t: {last.decile_ratio:.1f}x decile ratio")
+    recorded_scatter(last, ax=axes[1],
+                     title=f"Norm vs recorded t: {last.decile_ratio:.1f}x decile ratio")
     colors = checkpoint_colors([s.label for s in summaries])
     for s, color in zip(summaries, colors):
         _binned_line(axes[2], s.norm_bins, color, s.label, _style(s.label), band=False)
-    log_y(axes[2])
-    axes[2].set_xlabel("recorded training timestep t (bin centre)")
+    log_axis(axes[2])
+    axes[2].set_xlabel("recorded timestep t (bin centre)")
     axes[2].set_ylabel("mean gradient norm in bin")
     axes[2].grid(True, which="major", alpha=0.3)
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=SMALL)
     axes[2].set_title("Across checkpoints", fontsize=10)
     fig.suptitle(title or "The same measurements on 2-D points with an MLP denoiser", fontsize=11)
     fig.tight_layout()
@@ -200,7 +178,7 @@ def sweep_panel(ax, sweeps, index: int, image=None):
     for sw, color, lab in zip(sweeps, checkpoint_colors(labels), labels):
         row = int((sw.indices == index).nonzero()[0, 0]) if sw.indices is not None else index
         ax.plot(to_numpy(sw.timesteps), to_numpy(sw.mean_norms[row]), _style(lab), color=color, lw=1.5, label=lab)
-    log_y(ax)
+    log_axis(ax)
     ax.grid(True, which="major", alpha=0.3)
     if image is not None:
         inset = ax.inset_axes([0.02, 0.03, 0.24, 0.34])  # lower left: small t, small norm stays empty
@@ -217,7 +195,8 @@ def small_multiples(run, sweeps, ncols: int = 3, title: str | None = None):
     """
     indices = [int(i) for i in sweeps[0].indices]
     nrows = int(np.ceil(len(indices) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), sharex=True,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(3.6 * ncols, PAGE_WIDTH), 2.8 * nrows),
+                             sharex=True,
                              sharey=True, squeeze=False)
     for ax, i in zip(axes.flat, indices):
         sweep_panel(ax, sweeps, i, run.data.images[i] if run.data.is_image else None)
@@ -229,7 +208,7 @@ def small_multiples(run, sweeps, ncols: int = 3, title: str | None = None):
     for ax in axes[:, 0]:
         ax.set_ylabel("gradient norm |g|")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=SMALL,
                bbox_to_anchor=(0.5, 0.0), frameon=False)
     fig.suptitle(title or "Each swept sample: gradient norm against t at every set of weights", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -239,8 +218,9 @@ def small_multiples(run, sweeps, ncols: int = 3, title: str | None = None):
 def proponents_preview(run, queries, top, recorded_t, title: str | None = None):
     """Each query (first column) and its top proponents, captioned with their recorded timestep."""
     k = top.shape[1]
-    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.15 * (k + 1), 1.35 * len(queries)),
-                             squeeze=False)
+    size = tile_size(k + 1, 1.15)
+    fig, axes = plt.subplots(len(queries), k + 1, squeeze=False,
+                             figsize=(size * (k + 1), 1.2 * size * len(queries) + 0.5))
     for q in range(len(queries)):
         image_grid(queries[q:q + 1], ["query"], axes=axes[q, :1])
         rows = top[q].tolist()

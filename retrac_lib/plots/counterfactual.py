@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import METHOD_COLORS, METHOD_LABELS
+from . import METHOD_COLORS, METHOD_LABELS, PAGE_WIDTH, SMALL, page_panels, tile_size
 
 
 def _label(m: str) -> str:
@@ -44,27 +44,27 @@ def removal_figure(result, methods=None, relative: bool = True):
           f"{_label(best)}", "query loss increase after retraining (% of full-data loss)"
           if relative else "query loss increase after retraining")
     ax.text(0.99, 0.02, "dots: queries; diamond: mean ± s.e.", transform=ax.transAxes,
-            ha="right", va="bottom", fontsize=8, color="0.3")
+            ha="right", va="bottom", fontsize=SMALL, color="0.3")
     fig.tight_layout()
     return fig
 
 
 def lds_figure(results: dict, example: str, query: int = 0):
     """Left: one query's retrained losses against a method's predictions; right: LDS per method."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.45 * len(results) + 2.2),
-                               gridspec_kw=dict(width_ratios=[1, 1.4]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 0.45 * len(results) + 2.8),
+                               gridspec_kw=dict(width_ratios=[1, 1.3]))
     r = results[example]
     a.scatter(r.predicted[:, query], r.losses[:, query], s=18, color=METHOD_COLORS.get(example),
               edgecolor="black", linewidth=0.3)
     a.set_xlabel(f"summed {_label(example)} score of the subset")
-    a.set_ylabel("query loss after retraining on the subset")
+    a.set_ylabel("query loss after retraining\non the subset")
     a.set_title(f"Query {query}: Spearman with -loss = {float(r.per_query[query]):+.2f}",
                 fontsize=10)
     a.grid(alpha=0.3)
     values = {m: res.per_query.numpy() for m, res in results.items()}
     best = max(values, key=lambda m: values[m].mean())
-    _dots(b, values, f"Linear datamodeling score: highest for {_label(best)}",
-          "LDS per query (Spearman; 1 = perfect, 0 = no information)")
+    _dots(b, values, f"Linear datamodeling score:\nhighest for {_label(best)}",
+          "LDS per query (Spearman;\n1 = perfect, 0 = no information)")
     fig.tight_layout()
     return fig
 
@@ -83,7 +83,7 @@ def outlier_rank_figure(self_influence: dict, is_outlier, aucs: dict | None = No
         ax.scatter(pct, np.full(len(pct), row), s=40, marker="|", linewidth=2.5,
                    color=METHOD_COLORS.get(m, "black"))
         if aucs is not None:
-            ax.text(1.01, row, f"AUC {aucs[m]:.2f}", va="center", fontsize=8,
+            ax.text(1.01, row, f"AUC {aucs[m]:.2f}", va="center", fontsize=SMALL,
                     transform=ax.get_yaxis_transform())
     ax.axvspan(0, 100 * int(is_outlier.sum()) / n, color="0.85", zorder=0)
     ax.set_yticks(range(len(methods)), [_label(m) for m in methods])
@@ -104,19 +104,19 @@ def proponent_rows(query: torch.Tensor, images: torch.Tensor, top: dict, highlig
     training samples to frame in red (the planted outliers)."""
     methods = list(top)
     k = max(len(v) for v in top.values())
-    fig, axes = plt.subplots(len(methods), k + 1, figsize=(size * (k + 1) + 1.4,
-                                                          size * len(methods) * 1.05 + 0.6),
-                             squeeze=False)
+    size = tile_size(k + 1, size, margin=1.4)
+    fig, axes = plt.subplots(len(methods), k + 1, squeeze=False,
+                             figsize=(size * (k + 1) + 1.4, size * len(methods) * 1.1 + 0.7))
     for row, m in enumerate(methods):
         for col in range(k + 1):
             ax = axes[row, col]
             ax.set_xticks([]), ax.set_yticks([])
             if col == 0:
                 ax.imshow(query[0], cmap="gray_r", vmin=-1, vmax=1)
-                ax.set_ylabel(_label(m), rotation=0, ha="right", va="center", fontsize=8,
+                ax.set_ylabel(_label(m), rotation=0, ha="right", va="center", fontsize=9,
                               color=METHOD_COLORS.get(m, "black"))
                 if row == 0:
-                    ax.set_title("query", fontsize=8)
+                    ax.set_title("query", fontsize=SMALL)
                 continue
             i = int(top[m][col - 1])
             ax.imshow(images[i, 0], cmap="gray_r", vmin=-1, vmax=1)
@@ -124,7 +124,7 @@ def proponent_rows(query: torch.Tensor, images: torch.Tensor, top: dict, highlig
                 for spine in ax.spines.values():
                     spine.set_edgecolor("red"), spine.set_linewidth(2.5)
             if row == 0:
-                ax.set_title(f"#{col}", fontsize=8)
+                ax.set_title(f"#{col}", fontsize=SMALL)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -136,7 +136,7 @@ def points_proponents(data, queries: torch.Tensor, top: dict, query: int = 0, ti
     methods = list(top)
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.9 * rows), squeeze=False,
                              sharex=True, sharey=True)
     x = data.images.numpy()
     for ax, m in zip(axes.ravel(), methods):
@@ -151,7 +151,7 @@ def points_proponents(data, queries: torch.Tensor, top: dict, query: int = 0, ti
         ax.set_aspect("equal")
     for ax in axes.ravel()[len(methods):]:
         ax.axis("off")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
+    axes[0, 0].legend(loc="lower left", fontsize=SMALL)
     fig.suptitle(title or f"Query {query} and its top {len(top[methods[0]][query])} proponents",
                  fontsize=10)
     fig.tight_layout()
@@ -162,11 +162,11 @@ def paired_figure(panels: dict, title: str | None = None):
     """Paired comparisons: one panel per entry of ``panels`` (a title -> {(method, against):
     ``PairedDifference``}); per row the per-query differences as dots and their mean with its
     bootstrap interval as a bar. Colour: the first method of the pair."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels),
-                                                      0.45 * max(len(p) for p in panels.values()) + 1.6),
-                             squeeze=False)
+    n_rows = max(len(p) for p in panels.values())
+    fig, axes = page_panels(len(panels), PAGE_WIDTH, 0.45 * n_rows + 1.3, max_cols=1,
+                            layout="constrained")
     rng = np.random.default_rng(0)
-    for ax, (name, pairs) in zip(axes[0], panels.items()):
+    for ax, (name, pairs) in zip(axes, panels.items()):
         for row, ((m, ref), d) in enumerate(pairs.items()):
             colour = METHOD_COLORS.get(m, "black")
             v = d.per_query.numpy()
@@ -182,5 +182,4 @@ def paired_figure(panels: dict, title: str | None = None):
     level = next(iter(next(iter(panels.values())).values())).level
     fig.suptitle(title or f"Paired differences per query (dots) with their mean and "
                           f"{100 * level:.0f} % bootstrap interval", fontsize=10)
-    fig.tight_layout()
     return fig

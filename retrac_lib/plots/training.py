@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import METHOD_COLORS, image_grid, to_numpy
+from . import PAGE_WIDTH, METHOD_COLORS, image_grid, page_panels, tile_size, to_numpy
 
 GENERATED_COLOR = "#222222"   # samples drawn from a trained model (not a method, so not in METHOD_COLORS)
 CHECKPOINT_COLOR = "#999999"  # vertical markers at checkpoints
@@ -55,7 +55,7 @@ def forward_process(scheduler, x, timesteps, noise=None, seed: int = 0):
     x_t = scheduler.add_noise(xs, noise.expand_as(xs), t)
     abar = scheduler.alphas_cumprod
 
-    fig = plt.figure(figsize=(max(6.0, 1.1 * len(t)), 4.2))
+    fig = plt.figure(figsize=(min(PAGE_WIDTH, max(6.0, 1.1 * len(t))), 4.2))
     grid = fig.add_gridspec(2, len(t), height_ratios=[1.0, 2.2], hspace=0.38, top=0.84, bottom=0.12)
     img_axes = [fig.add_subplot(grid[0, j]) for j in range(len(t))]
     image_grid(x_t, [f"t={int(s)}\n$\\bar\\alpha_t$={float(abar[s]):.4g}" for s in t], axes=img_axes)
@@ -111,8 +111,9 @@ def samples_vs_data(samples, real, ncols: int = 8, title: str | None = None):
     """Generated images (left) next to training images (right), same grid size (chapter 1)."""
     samples, real = torch.as_tensor(samples), torch.as_tensor(real)
     nrows = int(np.ceil(max(len(samples), len(real)) / ncols))
+    size = tile_size(2 * ncols + 0.5, 0.8)
     fig, axes = plt.subplots(nrows, 2 * ncols + 1, squeeze=False,
-                             figsize=(0.8 * (2 * ncols + 0.5), 0.8 * nrows + 0.8),
+                             figsize=(size * (2 * ncols + 0.5), size * nrows + 0.8),
                              gridspec_kw={"width_ratios": [1] * ncols + [0.5] + [1] * ncols})
     for ax in axes[:, ncols]:
         ax.axis("off")
@@ -129,7 +130,8 @@ def samples_by_checkpoint(samples, labels, title: str | None = None):
     """One row of generated images per checkpoint (``samples``: a list of [n, 1, H, W]), each
     row labelled by ``labels`` (e.g. "epoch 10"). Same seed in every row (chapter 1)."""
     nrows, ncols = len(samples), max(len(s) for s in samples)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(0.9 * ncols + 0.8, 0.95 * nrows + 0.6),
+    size = tile_size(ncols, 0.9, margin=0.8)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.8, 1.05 * size * nrows + 0.6),
                              squeeze=False)
     for row, (imgs, label) in enumerate(zip(samples, labels)):
         image_grid(imgs, axes=axes[row])
@@ -142,16 +144,18 @@ def samples_by_checkpoint(samples, labels, title: str | None = None):
 
 def points_by_checkpoint(data, samples, labels, title: str | None = None):
     """The 2-D training data with generated points, one panel per checkpoint (chapter 1)."""
-    fig, axes = plt.subplots(1, len(samples), figsize=(3.3 * len(samples), 3.9), squeeze=False,
-                             sharex=True, sharey=True, layout="constrained")
-    for ax, pts, label in zip(axes[0], samples, labels):
+    fig, axes = page_panels(len(samples), 3.0, 3.2, sharex=True, sharey=True,
+                            layout="constrained")
+    for ax, pts, label in zip(axes, samples, labels):
         points_scatter(data, pts, ax=ax, title=label, s=4)
         ax.get_legend().remove()
-        if ax is not axes[0, 0]:
+        if not ax.get_subplotspec().is_first_col():
             ax.set_ylabel("")
+        if not ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("")
     fig.suptitle(title or "The 2-D model's samples at every checkpoint",
                  fontsize=11)
-    handles, names = axes[0, 0].get_legend_handles_labels()
+    handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=9, markerscale=2.5,
                frameon=False)
     return fig
