@@ -292,7 +292,7 @@ for case, q in [("values", queries * (0.5 if rank else 1.0)),
     try:
         rl.distributed.attribute(run, q, "retrac", progress=False, timesteps=3, n_noise=2)
     except ValueError as err:
-        sys.stdout.write(f"rank {rank} {case}: {err}\n")   # one write: lines never merge
+        sys.stdout.write(f"rank {rank} {case}: {err}\\n")   # one write: lines never merge
         sys.stdout.flush()
 torch.distributed.destroy_process_group()
 """
