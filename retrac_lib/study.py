@@ -46,6 +46,7 @@ import torch
 
 from . import __version__, cache, diagnostics, features, metrics, validation
 from . import counterfactual as cf
+from .attribution.cost import fastest
 from .baselines import attribute_any
 from .config import TrainConfig, is_smoke
 from .data import Dataset, mnist
@@ -434,18 +435,12 @@ def write_result(result: dict, folder=RESULTS) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o666 & ~_umask())   # a file for the repository, not mkstemp's 0600
+        os.chmod(tmp, cache.modes()[1])   # the library's file mode, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_result(path, rung: Rung | None = None) -> dict:
@@ -515,32 +510,14 @@ def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2) ->
     model = run.model_at(-1).to(device)
     t, eps = (v[:cfg.batch_size] for v in run.recorded(-1))
     args = [v.to(device) for v in (sub.images[:cfg.batch_size], t, eps)]
-    grad_s = _fastest(lambda: per_sample_grads(model, run.scheduler, *args, cfg.loss,
-                                               chunk_size=len(t)), device, repeats) / len(t)
+    grad_s = fastest(lambda: per_sample_grads(model, run.scheduler, *args, cfg.loss,
+                                              chunk_size=len(t)), repeats, device, True)[0] / len(t)
     q = queries.images[:2].to(device)
     draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
-    forward_s = _fastest(lambda: cf.query_loss(model, run.scheduler, q, **rung.loss_options),
-                         device, repeats) / (len(q) * draws)
+    forward_s = fastest(lambda: cf.query_loss(model, run.scheduler, q, **rung.loss_options),
+                        repeats, device, True)[0] / (len(q) * draws)
     return Probe(train_s, grad_s, forward_s, str(device),
                  sum(p.numel() for p in model.parameters()))
-
-
-def _fastest(fn, device, repeats: int) -> float:
-    """The fastest of ``repeats`` timings of ``fn()``, after one untimed call."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _n_checkpoints(config: TrainConfig) -> int:

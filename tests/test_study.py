@@ -32,7 +32,7 @@ def smoke_result(tmp_path_factory):
 def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     rung, result, path, _ = smoke_result
     assert path.name == "n250-smoke.json" and path.stat().st_size < 20_000
-    assert path.stat().st_mode & 0o777 == 0o666 & ~study._umask()
+    assert path.stat().st_mode & 0o777 == rl.cache.modes()[1]
     doc = study.read_result(path)
     assert doc["format"] == study.FORMAT and doc["config_hash"] == rung.config_hash()
     assert doc["versions"]["torch"] == torch.__version__

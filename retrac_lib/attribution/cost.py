@@ -103,7 +103,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
         return query_vectors(model, run.scheduler, queries[:1], grid[:n_t], noise[:n_t], method,
                              config.normalization, config.loss, 4 * chunk_size, c, engine)
 
-    q_seconds, vectors = _fastest(query_pass, repeats)
+    q_seconds, vectors = fastest(query_pass, repeats, device)
     if isinstance(projection, TrainingSketch):
         t_seconds, measured = 0.0, 0
     else:
@@ -117,7 +117,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
                                        engine, span)
             return list(chunks)
 
-        t_seconds, _ = _fastest(training_pass, repeats)
+        t_seconds, _ = fastest(training_pass, repeats, device)
         measured = len(span) * per_sample
     n_c = len(config.checkpoints)
     result_bytes = (8 * len(queries) * n + 4 * n_c * n
@@ -130,11 +130,21 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
         result_bytes)
 
 
-def _fastest(fn, repeats: int):
+def fastest(fn, repeats: int, device=None, warmup: bool = False):
+    """The fastest of ``repeats`` timings of ``fn()`` (after one untimed call with ``warmup``)
+    and its last result; on a GPU each reading waits for the queued work (``synchronize``)."""
+    def sync():
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if warmup:
+        fn()
+        sync()
     best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best, out
 
