@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -287,6 +288,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file renamed into place, so a
+    reader never sees half a file; the file gets the library's file mode (``modes``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.chmod(tmp, modes()[1])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_json(path: Path):

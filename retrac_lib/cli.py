@@ -328,7 +328,7 @@ def study_command(parser, args) -> int:
               "larger disk.")
     if not args.estimate_only:
         for r in chosen:
-            result = study.run_rung(r, device=args.device)
+            result = study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out))
             result["estimate_seconds"] = {k: round(v, 1) for k, v in parts[r.name].items()}
             path = study.write_result(result, out)
             print(f"{r.label}: written to {path}")

@@ -25,12 +25,13 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from . import validation
+from . import cache, validation
 from .timesteps import parse_timesteps, query_noise_draws
 from .baselines import NEIGHBOURS, attribute_any
 from .config import TrainConfig
@@ -38,10 +39,10 @@ from .data import Dataset
 from .losses import diffusion_loss
 from .metrics import text_table
 from .models import check_samples
-from .training import Run, load_or_train
+from .training import Run, load_or_train, train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
+           "LossLedger", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
            "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds",
            "self_influence", "outlier_auc", "outlier_auc_interval", "outliers_in_top",
            "run_self_influence", "chapter_table", "format_table"]
@@ -168,9 +169,75 @@ def _seeds(config: TrainConfig, seeds) -> tuple[int, ...]:
     return seeds
 
 
+class LossLedger:
+    """Query losses of retrained models in a small JSON file, keyed by what produced them.
+
+    A retraining protocol longer than one sitting (the scale ladder of ``rl.study``) passes a
+    ledger to ``subset_losses`` and ``removal_test``: each retrain's query losses and training
+    seconds are written as soon as they are measured, so a killed run, or a later one on another
+    machine with the file committed, resumes where it stopped. The retrained weights are not
+    kept. An entry's key hashes the configuration with its seed, the kept samples' values, the
+    queries, the loss options, the diffusers version and ``cache.FORMAT_VERSION``, so an entry is
+    only ever reused for exactly the retrain that made it. ``owner`` names what the file belongs
+    to (e.g. a study rung's configuration hash); a file of another owner is refused.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path, owner: str):
+        self.path, self.owner = Path(path), str(owner)
+        self.entries: dict[str, dict] = {}
+        if self.path.exists():
+            doc = cache.read_json(self.path)
+            if not isinstance(doc, dict) or doc.get("format") != self.FORMAT:
+                raise ValueError(f"{self.path}: not a loss ledger of format {self.FORMAT}; move "
+                                 "it away to start a new one.")
+            if doc.get("owner") != self.owner:
+                raise ValueError(f"{self.path} belongs to {doc.get('owner')!r}, not to "
+                                 f"{self.owner!r}: its retrains were made for another protocol. "
+                                 "Move it away or pass the ledger of this protocol.")
+            self.entries = doc["entries"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @staticmethod
+    def key(config: TrainConfig, subset: Dataset, queries: torch.Tensor,
+            loss_options: dict) -> str:
+        return cache.key_for({"kind": "retrain-loss", "config": config.to_dict(),
+                              "data": subset.fingerprint(),
+                              "queries": cache.tensor_fingerprint(queries),
+                              "loss_options": loss_options, "diffusers": diffusers.__version__})
+
+    def seconds(self) -> float:
+        """Training seconds of every entry, however many sittings wrote them."""
+        return float(sum(e["seconds"] for e in self.entries.values()))
+
+    def loss(self, config: TrainConfig, subset: Dataset, queries: torch.Tensor,
+             loss_options: dict) -> torch.Tensor:
+        """Query losses [Q] of ``config`` trained on ``subset``: stored, or trained, measured
+        and stored now (the file is rewritten atomically after every new entry)."""
+        key = self.key(config, subset, queries, loss_options)
+        if key not in self.entries:
+            run = train(config, subset, progress=False)
+            losses = run_query_loss(run, queries, **loss_options)
+            self.entries[key] = {"losses": losses.tolist(),
+                                 "seconds": round(run.train_seconds, 3)}
+            cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
+                                                "entries": self.entries})
+        return torch.tensor(self.entries[key]["losses"], dtype=torch.float64)
+
+
 def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tensor,
-                   seeds, loss_options: dict, root: Path | None = None) -> torch.Tensor:
-    """Query loss [Q] of ``config`` retrained on ``kept`` with each training seed, averaged."""
+                   seeds, loss_options: dict, root: Path | None = None,
+                   ledger: LossLedger | None = None) -> torch.Tensor:
+    """Query loss [Q] of ``config`` retrained on ``kept`` with each training seed, averaged
+    (through ``ledger`` when given: retrains recorded there, none cached as runs)."""
+    if ledger is not None:
+        idx = _kept_indices(kept, len(data))
+        subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
+        return torch.stack([ledger.loss(config.replace(seed=s), subset, queries, loss_options)
+                            for s in seeds]).mean(0)
     runs = [retrain_on(config.replace(seed=s), data, kept, root=root) for s in seeds]
     return torch.stack([run_query_loss(r, queries, **loss_options) for r in runs]).mean(0)
 
@@ -185,14 +252,15 @@ def random_removals(n: int, n_queries: int, draws: int, k: int, seed: int = 0) -
 def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
                  scores: dict[str, torch.Tensor], k: int, *, seeds=None, random_draws: int = 0,
                  random_seed: int = 0, loss_options: dict | None = None, progress: bool = True,
-                 root: Path | None = None) -> RemovalResult:
+                 root: Path | None = None, ledger: LossLedger | None = None) -> RemovalResult:
     """Retrain without each method's top-``k`` proponents of each query; measure the query loss.
 
     ``scores`` maps a method name to its score matrix [Q, N] (``AttributionResult.scores``) for
     ``queries``. ``random_draws`` > 0 adds the "random" reference: that many seeded random sets
     of ``k`` per query (then ``scores`` must not hold "random"). Every training set is trained
     with each of ``seeds`` (default ``config.seed``, all else of ``config`` unchanged) and the
-    query losses (``query_loss(**loss_options)``) are averaged over the seeds.
+    query losses (``query_loss(**loss_options)``) are averaged over the seeds. With a
+    ``ledger`` the retrains go through it (``LossLedger``) instead of the run cache.
     """
     loss_options = dict(loss_options or {})
     loss_options.setdefault("loss", config.loss)
@@ -207,7 +275,8 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         if tuple(s.shape) != (len(queries), n):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
                              f"[{len(queries)} queries, {n} training samples].")
-    base_loss = seed_mean_loss(config, data, torch.arange(n), queries, seeds, loss_options, root)
+    base_loss = seed_mean_loss(config, data, torch.arange(n), queries, seeds, loss_options, root,
+                               ledger)
     removed = {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
                for m, s in scores.items()}
     sets = {m: r[:, None] for m, r in removed.items()}                    # [Q, draws, k]
@@ -221,7 +290,8 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         for q in range(len(queries)):
             for d in range(r.shape[1]):
                 losses[m][q, d] = seed_mean_loss(config, data, kept_without(n, r[q, d]),
-                                                 queries[q:q + 1], seeds, loss_options, root)[0]
+                                                 queries[q:q + 1], seeds, loss_options, root,
+                                                 ledger)[0]
                 trained.add(tuple(r[q, d].tolist()))
                 bar.update()
     bar.close()
@@ -305,9 +375,10 @@ def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torc
 
 def subset_losses(config: TrainConfig, data: Dataset, masks: torch.Tensor, queries: torch.Tensor,
                   *, seeds=None, loss_options: dict | None = None, progress: bool = True,
-                  root: Path | None = None) -> torch.Tensor:
+                  root: Path | None = None, ledger: LossLedger | None = None) -> torch.Tensor:
     """Retrain ``config`` on each subset ``masks[j]`` with each training seed (default
-    ``config.seed``) and return the seed-mean query losses [M, Q]."""
+    ``config.seed``) and return the seed-mean query losses [M, Q] (retrains through ``ledger``
+    when given, as ``removal_test``)."""
     loss_options = dict(loss_options or {})
     loss_options.setdefault("loss", config.loss)
     seeds = _seeds(config, seeds)
@@ -316,7 +387,8 @@ def subset_losses(config: TrainConfig, data: Dataset, masks: torch.Tensor, queri
                          f"{masks.dtype} {tuple(masks.shape)}.")
     out = torch.empty(len(masks), len(queries), dtype=torch.float64)
     for j in tqdm(range(len(masks)), desc="subset retrains", disable=not progress):
-        out[j] = seed_mean_loss(config, data, masks[j], queries, seeds, loss_options, root)
+        out[j] = seed_mean_loss(config, data, masks[j], queries, seeds, loss_options, root,
+                                ledger)
     return out
 
 

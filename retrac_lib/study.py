@@ -34,9 +34,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -310,12 +308,17 @@ def _timed(seconds: dict, part: str):
     seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - t0, 3)
 
 
-def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None) -> dict:
+def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None,
+             ledger=None) -> dict:
     """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
-    provenance that ``write_result`` adds. Runs and the feature classifier are cached in
-    ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in ``$RETRAC_CACHE``, so a
-    rerun recomputes only what is missing."""
+    provenance that ``write_result`` adds. The rung's own run and the feature classifier are
+    cached in ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in
+    ``$RETRAC_CACHE``; the LDS and removal retrains go through ``ledger`` (a path: a
+    ``counterfactual.LossLedger`` owned by this rung, default ``ledger_path(rung)``), so a
+    rerun, on this machine or another with the file, retrains only what is missing. The
+    retrains come last, the removal test (the longest part) at the end."""
     device = str(validation.device(device or "cpu"))
+    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash())
     seconds, out = {}, {}
     log = print if progress else (lambda *a, **k: None)
     data, is_min, queries = rung_data(rung)
@@ -350,31 +353,6 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         m: {"seconds": round(r.seconds, 3), "same_label_top10": metrics.same_label_rate(
             r.proponents(min(TOP_K, len(data))), data.labels, queries.labels)}
         for m, r in res.items()}
-    with _timed(seconds, "lds"):
-        masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
-                                  seed=rung.subset_seed)
-        losses = cf.subset_losses(rung.config, data, masks, q, seeds=rung.seeds,
-                                  loss_options=rung.loss_options, progress=progress, root=root)
-        lds = {m: cf.lds(r.scores, masks, losses) for m, r in res.items()}
-    out["lds"] = {"per_method": {m: {"mean": l.mean, "sem": l.sem,
-                                     "per_query": _floats(l.per_query)} for m, l in lds.items()},
-                  "paired": {f"{a}-{b}": _diff(cf.paired_difference(
-                      lds[a].per_query, lds[b].per_query, seed=0)) for a, b in PAIRS}}
-    log(f"[{rung.label}] LDS done")
-    with _timed(seconds, "removal"):
-        removal = cf.removal_test(rung.config, data, q, {m: r.scores for m, r in res.items()},
-                                  rung.k, seeds=rung.seeds, random_draws=rung.random_draws,
-                                  random_seed=rung.removal_seed, loss_options=rung.loss_options,
-                                  progress=progress, root=root)
-    rel = {m: 100 * removal.relative_increase(m) for m in removal.methods}
-    out["removal"] = {
-        "k": removal.k, "n_retrains": removal.n_retrains,
-        "base_loss": _floats(removal.base_loss),
-        "per_method": {m: {"mean_pct": float(v.mean()), "per_query_pct": _floats(v)}
-                       for m, v in rel.items()},
-        "paired_pct": {f"{a}-{b}": _diff(cf.paired_difference(rel[a], rel[b], seed=0))
-                       for a, b in PAIRS + tuple((m, "random") for m in METHODS)}}
-    log(f"[{rung.label}] removal done")
     with _timed(seconds, "self_influence"):
         self_inf = {m: cf.run_self_influence(run, m, progress=False, **opts(m, True))
                     for m in METHODS}
@@ -391,7 +369,34 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         "n_per_group": nq, "minority_like": n_like, "top": n_min,
         "per_method": {m: {"minority_like": share(r, slice(0, nq)),
                            "ordinary": share(r, slice(nq, 2 * nq))} for m, r in gres.items()}}
+    with _timed(seconds, "lds"):
+        masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
+                                  seed=rung.subset_seed)
+        losses = cf.subset_losses(rung.config, data, masks, q, seeds=rung.seeds,
+                                  loss_options=rung.loss_options, progress=progress, root=root,
+                                  ledger=ledger)
+        lds = {m: cf.lds(r.scores, masks, losses) for m, r in res.items()}
+    out["lds"] = {"per_method": {m: {"mean": l.mean, "sem": l.sem,
+                                     "per_query": _floats(l.per_query)} for m, l in lds.items()},
+                  "paired": {f"{a}-{b}": _diff(cf.paired_difference(
+                      lds[a].per_query, lds[b].per_query, seed=0)) for a, b in PAIRS}}
+    log(f"[{rung.label}] LDS done")
+    with _timed(seconds, "removal"):
+        removal = cf.removal_test(rung.config, data, q, {m: r.scores for m, r in res.items()},
+                                  rung.k, seeds=rung.seeds, random_draws=rung.random_draws,
+                                  random_seed=rung.removal_seed, loss_options=rung.loss_options,
+                                  progress=progress, root=root, ledger=ledger)
+    rel = {m: 100 * removal.relative_increase(m) for m in removal.methods}
+    out["removal"] = {
+        "k": removal.k, "n_retrains": removal.n_retrains,
+        "base_loss": _floats(removal.base_loss),
+        "per_method": {m: {"mean_pct": float(v.mean()), "per_query_pct": _floats(v)}
+                       for m, v in rel.items()},
+        "paired_pct": {f"{a}-{b}": _diff(cf.paired_difference(rel[a], rel[b], seed=0))
+                       for a, b in PAIRS + tuple((m, "random") for m in METHODS)}}
+    log(f"[{rung.label}] removal done")
     log(f"[{rung.label}] done in {sum(seconds.values()):.0f} s")
+    out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1)}
     return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
             "seconds": seconds, "measurements": out,
             "seeds": {"training": list(rung.seeds), "subsets": rung.subset_seed,
@@ -402,6 +407,12 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
 
 # ---------------------------------------------------------------------------------------------
 # result files
+
+
+def ledger_path(rung: Rung, folder=RESULTS) -> Path:
+    """Where ``rung``'s retrain ledger lives: ``folder/ledger/<rung>.json``, committed with the
+    results, so a rung that takes longer than one sitting resumes from what earlier ones did."""
+    return Path(folder) / "ledger" / f"{rung.label}.json"
 
 
 def versions() -> dict:
@@ -424,22 +435,12 @@ def write_result(result: dict, folder=RESULTS) -> Path:
     for key in ("rung", "configuration", "device", "seconds", "seeds", "measurements"):
         if key not in result:
             raise ValueError(f"result lacks {key!r}: pass what run_rung returned.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, "config_hash": config_hash(result["configuration"]),
            "versions": versions(), "device_name": _device_name(result["device"]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            **result}
-    path = folder / f"{result['rung']}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.chmod(tmp, cache.modes()[1])   # the library's file mode, not mkstemp's 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(folder) / f"{result['rung']}.json"
+    cache.write_json_atomic(path, doc)
     return path
 
 
@@ -568,26 +569,13 @@ def estimate_seconds(rung: Rung, probe: Probe) -> dict:
 
 
 def estimate_cache_bytes(rung: Rung, probe: Probe) -> int:
-    """Bytes the rung's runs take in the cache (an upper bound: every retrain distinct).
-
-    A run on n digits stores its training log (per visit: the noise, 4 bytes per pixel, an index
-    and a timestep) and ``checkpoints + 1`` copies of the weights; the runs are those of
-    ``estimate_seconds`` (S full, M S half-size, (m + R) Q S without k), plus the N x N
-    self-influence scores of TracIn and ReTrac.
-    """
+    """Bytes the rung's runs take in the cache: its own run (the training log, per visit the
+    noise at 4 bytes per pixel, an index and a timestep, and ``checkpoints + 1`` copies of the
+    weights) and the N x N self-influence scores of TracIn and ReTrac. The LDS and removal
+    retrains keep only their query losses, in the ledger (``run_rung``)."""
     cfg, n = rung.config, rung.n_train
-    pixels = 32 * 32
-
     weights = (_n_checkpoints(cfg) + 1) * 4 * probe.n_params
-
-    def run(n_kept):
-        return n_kept * cfg.epochs * (4 * pixels + 16) + weights
-
-    s, q = len(rung.seeds), rung.n_queries
-    n_half = max(1, round(rung.subset_fraction * n))
-    total = s * run(n) + rung.n_subsets * s * run(n_half)
-    total += (len(METHODS) + rung.random_draws) * q * s * run(n - rung.k)
-    return int(total + 2 * 8 * n * n)
+    return int(n * cfg.epochs * (4 * 32 * 32 + 16) + weights + 2 * 8 * n * n)
 
 
 def plan(rungs, budget_minutes: float, estimates: dict[str, float]) -> tuple[list, list]:

@@ -23,7 +23,7 @@ def smoke_result(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RETRAC_CACHE", str(root / "cache"))
         rung = study.get_rung("n250", smoke=True)
-        result = study.run_rung(rung, progress=False)
+        result = study.run_rung(rung, progress=False, ledger=root / "ledger.json")
         path = study.write_result(result, root / "out")
         run = rl.load_or_train(rung.config, study.rung_data(rung)[0], progress=False)
         yield rung, result, path, run
@@ -148,10 +148,10 @@ def test_estimate_formula_on_a_hand_computed_probe():
 
 
 def test_cache_bytes_on_a_hand_computed_probe():
-    # a run on n digits: n * 2 epochs * (4 * 1024 + 16) bytes of log + 3 copies of 100 weights
-    run = lambda n: n * 2 * 4112 + 3 * 4 * 100
-    expected = 2 * run(11) + 4 * 2 * run(6) + 6 * 2 * 2 * run(9) + 2 * 8 * 11 * 11
-    assert expected == 2_394_800
+    # the rung's own run: 11 digits * 2 epochs * (4 * 1024 + 16) bytes of log + 3 copies of
+    # 100 weights, and two 11 x 11 float64 self-influence matrices; retrains keep no run
+    expected = 11 * 2 * 4112 + 3 * 4 * 100 + 2 * 8 * 11 * 11
+    assert expected == 93_600
     probe = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
     assert study.estimate_cache_bytes(_hand_rung(), probe) == expected
 
@@ -221,13 +221,15 @@ def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path,
     _, result, _, _ = smoke_result
     monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)
     ran = []
-    monkeypatch.setattr(study, "run_rung",
-                        lambda rung, device: ran.append(rung.name) or json.loads(json.dumps(result)))
+    ledgers = []
+    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger: (
+        ran.append(rung.name), ledgers.append(ledger), json.loads(json.dumps(result)))[-1])
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
                      str(out)]) == 0   # 4.2 s: n250 (3.53 s) fits, n1000 the same once more not
     text = capsys.readouterr().out
     assert ran == ["n250"] and "budget 0.07 min: runs n250" in text
+    assert ledgers == [out / "ledger" / "n250-smoke.json"]
     assert "n1000-smoke: not run (estimated 4 s, over the budget)" in text
     doc = study.read_result(out / "n250-smoke.json")
     assert doc["measurements"] == json.loads(json.dumps(result["measurements"]))
