@@ -277,3 +277,45 @@ def test_outlier_auc_interval_brackets_the_auc_and_collapses_when_separated():
     assert (low, high) == cf.outlier_auc_interval(values, is_out, seed=3)
     with pytest.raises(ValueError, match="two outliers"):
         cf.outlier_auc_interval(values, torch.arange(60) < 1)
+
+
+# The loss ledger: retrains resumable from a small file.
+
+def test_ledger_gives_the_cached_retrain_loss_and_resumes_without_training(
+        points_config, points, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path / "cache"))
+    queries, opts = points.images[:3], dict(timesteps=4, n_noise=2, loss="mse")
+    masks = cf.random_subsets(len(points), 2, seed=5)
+    reference = cf.subset_losses(points_config, points, masks, queries, seeds=(0, 1),
+                                 loss_options=opts, progress=False)
+    path = tmp_path / "ledger.json"
+    ledger = cf.LossLedger(path, owner="test")
+    losses = cf.subset_losses(points_config, points, masks, queries, seeds=(0, 1),
+                              loss_options=opts, progress=False, ledger=ledger)
+    assert torch.equal(losses, reference) and len(ledger) == 4   # 2 subsets x 2 seeds
+    assert ledger.seconds() > 0
+    assert not (tmp_path / "cache" / "runs").exists() or len(
+        list((tmp_path / "cache" / "runs").iterdir())) == 4     # only the reference's runs
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored retrain was trained again")
+
+    monkeypatch.setattr(cf, "train", no_training)
+    again = cf.subset_losses(points_config, points, masks, queries, seeds=(0, 1),
+                             loss_options=opts, progress=False,
+                             ledger=cf.LossLedger(path, owner="test"))
+    assert torch.equal(again, reference)
+    with pytest.raises(AssertionError, match="trained again"):   # other queries: a new entry
+        cf.subset_losses(points_config, points, masks, queries[:2], seeds=(0,),
+                         loss_options=opts, progress=False, ledger=ledger)
+
+
+def test_ledger_refuses_another_owner_and_another_format(tmp_path):
+    path = tmp_path / "ledger.json"
+    rl.cache.write_json_atomic(path, {"format": cf.LossLedger.FORMAT, "owner": "rung-a",
+                                      "entries": {}})
+    with pytest.raises(ValueError, match="belongs to 'rung-a', not to 'rung-b'.*Move it away"):
+        cf.LossLedger(path, owner="rung-b")
+    rl.cache.write_json_atomic(path, {"format": 99, "owner": "rung-a", "entries": {}})
+    with pytest.raises(ValueError, match="not a loss ledger of format 1"):
+        cf.LossLedger(path, owner="rung-a")

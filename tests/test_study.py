@@ -260,3 +260,18 @@ def test_rung_refuses_impossible_sizes():
         dataclasses.replace(base, n_minority=1)
     with pytest.raises(ValueError, match="Rung.seeds must be distinct"):
         dataclasses.replace(base, seeds=(0, 0))
+
+
+def test_a_rerun_reads_every_retrain_from_the_ledger(smoke_result, monkeypatch):
+    rung, result, path, _ = smoke_result
+    ledger = path.parent.parent / "ledger.json"   # the fixture's ledger, beside its out/
+    n = len(json.loads(ledger.read_text())["entries"])
+    assert result["measurements"]["retrains"]["entries"] == n > 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored retrain was trained again")
+
+    monkeypatch.setattr(cf, "train", no_training)
+    again = study.run_rung(rung, progress=False, ledger=ledger)
+    for part in ("lds", "removal"):
+        assert again["measurements"][part] == result["measurements"][part]
