@@ -328,9 +328,10 @@ def study_command(parser, args) -> int:
               "larger disk.")
     if not args.estimate_only:
         for r in chosen:
-            result = study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out))
-            result["estimate_seconds"] = {k: round(v, 1) for k, v in parts[r.name].items()}
-            path = study.write_result(result, out)
+            estimate = {k: round(v, 1) for k, v in parts[r.name].items()}
+            write = lambda part: study.write_result({**part, "estimate_seconds": estimate}, out)
+            path = write(study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out),
+                                        on_part=write))
             print(f"{r.label}: written to {path}")
     for r in skipped:
         print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "

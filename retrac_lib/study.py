@@ -309,14 +309,17 @@ def _timed(seconds: dict, part: str):
 
 
 def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None,
-             ledger=None) -> dict:
+             ledger=None, on_part=None) -> dict:
     """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
     provenance that ``write_result`` adds. The rung's own run and the feature classifier are
     cached in ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in
     ``$RETRAC_CACHE``; the LDS and removal retrains go through ``ledger`` (a path: a
     ``counterfactual.LossLedger`` owned by this rung, default ``ledger_path(rung)``), so a
     rerun, on this machine or another with the file, retrains only what is missing. The
-    retrains come last, the removal test (the longest part) at the end."""
+    retrains come last, the removal test (the longest part) at the end. ``on_part`` (e.g.
+    ``write_result``) receives the result so far, its unmeasured parts listed in ``pending``,
+    before the LDS and before the removal test, so a rung stopped in its retrains keeps what
+    it measured."""
     device = str(validation.device(device or "cpu"))
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash())
     seconds, out = {}, {}
@@ -369,6 +372,19 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         "n_per_group": nq, "minority_like": n_like, "top": n_min,
         "per_method": {m: {"minority_like": share(r, slice(0, nq)),
                            "ordinary": share(r, slice(nq, 2 * nq))} for m, r in gres.items()}}
+
+    def result(pending: tuple[str, ...]) -> dict:
+        out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1)}
+        return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
+                "seconds": dict(seconds), "measurements": json.loads(json.dumps(out)),
+                "pending": list(pending),
+                "seeds": {"training": list(rung.seeds), "subsets": rung.subset_seed,
+                          "removal": rung.removal_seed, "generation": rung.generation_seed,
+                          "attribution_noise": 0, "dtrak": 0, "bootstrap": 0,
+                          "feature_classifier": classifier.config.seed}}
+
+    if on_part is not None:
+        on_part(result(("lds", "removal")))
     with _timed(seconds, "lds"):
         masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
                                   seed=rung.subset_seed)
@@ -381,6 +397,8 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
                   "paired": {f"{a}-{b}": _diff(cf.paired_difference(
                       lds[a].per_query, lds[b].per_query, seed=0)) for a, b in PAIRS}}
     log(f"[{rung.label}] LDS done")
+    if on_part is not None:
+        on_part(result(("removal",)))
     with _timed(seconds, "removal"):
         removal = cf.removal_test(rung.config, data, q, {m: r.scores for m, r in res.items()},
                                   rung.k, seeds=rung.seeds, random_draws=rung.random_draws,
@@ -396,13 +414,7 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
                        for a, b in PAIRS + tuple((m, "random") for m in METHODS)}}
     log(f"[{rung.label}] removal done")
     log(f"[{rung.label}] done in {sum(seconds.values()):.0f} s")
-    out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1)}
-    return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
-            "seconds": seconds, "measurements": out,
-            "seeds": {"training": list(rung.seeds), "subsets": rung.subset_seed,
-                      "removal": rung.removal_seed, "generation": rung.generation_seed,
-                      "attribution_noise": 0, "dtrak": 0, "bootstrap": 0,
-                      "feature_classifier": classifier.config.seed}}
+    return result(())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +441,10 @@ def _device_name(device: str) -> str:
 
 
 def write_result(result: dict, folder=RESULTS) -> Path:
-    """Write ``result`` (from ``run_rung``) to ``folder/<rung>.json`` atomically, with its
-    provenance: ``FORMAT``, the rung configuration's hash, package versions, device and date.
-    A file of the same rung is replaced (the folder is versioned in git)."""
+    """Write ``result`` (from ``run_rung``, complete or with ``pending`` parts) to
+    ``folder/<rung>.json`` atomically, with its provenance: ``FORMAT``, the rung
+    configuration's hash, package versions, device and date. A file of the same rung is
+    replaced (the folder is versioned in git)."""
     for key in ("rung", "configuration", "device", "seconds", "seeds", "measurements"):
         if key not in result:
             raise ValueError(f"result lacks {key!r}: pass what run_rung returned.")

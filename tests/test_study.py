@@ -222,7 +222,7 @@ def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path,
     monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)
     ran = []
     ledgers = []
-    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger: (
+    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part: (
         ran.append(rung.name), ledgers.append(ledger), json.loads(json.dumps(result)))[-1])
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
@@ -275,3 +275,23 @@ def test_a_rerun_reads_every_retrain_from_the_ledger(smoke_result, monkeypatch):
     again = study.run_rung(rung, progress=False, ledger=ledger)
     for part in ("lds", "removal"):
         assert again["measurements"][part] == result["measurements"][part]
+
+
+def test_partial_results_are_written_before_the_retrains(smoke_result, tmp_path, monkeypatch):
+    rung, result, path, _ = smoke_result
+    ledger = path.parent.parent / "ledger.json"
+    written = []
+
+    def stop_before_removal(part):
+        written.append(study.read_result(study.write_result(part, tmp_path)))
+        if part["pending"] == ["removal"]:
+            raise KeyboardInterrupt   # the session ends during the removal retrains
+
+    with pytest.raises(KeyboardInterrupt):
+        study.run_rung(rung, progress=False, ledger=ledger, on_part=stop_before_removal)
+    assert [d["pending"] for d in written] == [["lds", "removal"], ["removal"]]
+    first, second = (d["measurements"] for d in written)
+    assert "lds" not in first and "removal" not in second
+    assert second["lds"] == result["measurements"]["lds"]
+    assert second["self_influence"] == result["measurements"]["self_influence"]
+    assert result["pending"] == []
