@@ -30,7 +30,7 @@ next to it and the command says where and exits 1; under ``torchrun`` the proces
 that they hold the same run, queries and options.
 
     python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
-                               [--out study/results/v1] [--estimate-only]
+                               [--out retrac_lib/results/v1] [--estimate-only]
 
 runs the scale ladder of ``retrac_lib.study``: it measures each rung's unit costs with a short
 probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where attribution runs (training stays on the CPU)")
     s.add_argument("--out", type=Path, default=None,
-                   help="folder for the result files (default: study/results/v1 in the "
+                   help="folder for the result files (default: the library's results/v1, "
                         "working folder, the repository root)")
     s.add_argument("--estimate-only", action="store_true",
                    help="print the probes and estimates, run nothing")

@@ -53,7 +53,7 @@ from .sampling import generate
 from .training import load_or_train, train
 
 FORMAT = 1
-RESULTS = Path("study") / "results" / "v1"
+RESULTS = Path(__file__).parent / "results" / "v1"   # committed; shipped in the wheel
 METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
 GRADIENT = ("tracin", "retrac", "dtrak")
 # paired differences reported for the LDS and the removal test: (a, b) is a - b per query
@@ -485,6 +485,71 @@ def read_result(path, rung: Rung | None = None) -> dict:
                          f"this code's {rung.config_hash()!r} for rung {rung.label!r} (an edited "
                          "file, or a cache format change: rerun the rung).")
     return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class Reverification:
+    """One stored number of a rung measured again: ``agrees`` when ``measured`` is within
+    ``tolerance`` of ``stored`` (relative for losses and ratios, absolute for shares)."""
+
+    what: str
+    stored: float
+    measured: float
+    tolerance: float
+    relative: bool
+
+    @property
+    def agrees(self) -> bool:
+        scale = abs(self.stored) if self.relative else 1.0
+        return abs(self.measured - self.stored) <= self.tolerance * scale
+
+
+def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = None,
+             progress: bool = False) -> list[Reverification]:
+    """Measure again what a stored rung result (``read_result``) can afford to: its own run's
+    final loss, the timestep bias, the generation quality and ``n_retrains`` of its ledger's
+    LDS retrains (the first subsets' first seed, recomputed with ``training.train``; only
+    those the ledger holds). A full re-run takes hours; this takes the rung's training time,
+    its generation and ``n_retrains`` retrains. Same machine, same code: equal to the last
+    digit; the tolerances allow another CPU's float rounding (losses and ratios 1e-3
+    relative, shares of generated images two images)."""
+    rung = get_rung(doc["configuration"]["name"], smoke=bool(doc["configuration"].get("smoke")))
+    stored = doc["measurements"]
+    data, is_min, queries = rung_data(rung)
+    run = load_or_train(rung.config.replace(seed=rung.seeds[0]), data, progress=progress,
+                        root=root)
+    checks = [Reverification("final training loss", stored["train"]["final_loss"],
+                             round(float(run.losses[-10:].mean()), 6), 1e-3, True)]
+    bias = diagnostics.summarize(diagnostics.recorded_norms(run, -1))
+    checks.append(Reverification("decile ratio", stored["bias"]["decile_ratio"],
+                                 bias.decile_ratio, 1e-3, True))
+    classifier = features.load_or_train_classifier(features.classifier_config(rung.smoke),
+                                                   root=root)
+    gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
+                   steps=rung.generation_steps, seed=rung.generation_seed)
+    quality = generation_quality(gen, data, is_min, classifier)
+    for key in ("nearest_minority_share", "classifier_minority_share", "nearest_label_tv"):
+        checks.append(Reverification(key.replace("_", " "), stored["quality"][key],
+                                     quality[key], 2 / rung.n_generated, False))
+    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash())
+    masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
+                              seed=rung.subset_seed)
+    config = rung.config.replace(seed=rung.seeds[0])
+    opts = {"loss": rung.config.loss, **rung.loss_options}
+    for j in range(rung.n_subsets):
+        if sum("retrain" in c.what for c in checks) == n_retrains * len(queries):
+            break
+        subset = data.subset(masks[j].nonzero().flatten(),
+                             name=f"{data.name}[{int(masks[j].sum())} kept]")
+        key = ledger.key(config, subset, queries.images, opts)
+        if key not in ledger.entries:
+            continue
+        again = cf.run_query_loss(train(config, subset, progress=False), queries.images,
+                                  **opts)
+        checks += [Reverification(f"retrain of subset {j}, query {q}",
+                                  ledger.entries[key]["losses"][q], float(again[q]), 1e-3, True)
+                   for q in range(len(queries))]
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def wheel(tmp_path_factory):
 def test_wheel_holds_every_module_and_nothing_else(wheel):
     with zipfile.ZipFile(wheel) as z:
         packaged = {n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
-    in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "retrac_lib").rglob("*.py")}
+    library = ROOT / "retrac_lib"
+    in_tree = {p.relative_to(ROOT).as_posix() for p in [
+        *library.rglob("*.py"), *library.glob("results/v1/*.json"),
+        *library.glob("results/v1/ledger/*.json")]}
     assert packaged == in_tree, (f"missing from the wheel: {sorted(in_tree - packaged)}; "
                                  f"not library files: {sorted(packaged - in_tree)}")

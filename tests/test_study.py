@@ -295,3 +295,26 @@ def test_partial_results_are_written_before_the_retrains(smoke_result, tmp_path,
     assert second["lds"] == result["measurements"]["lds"]
     assert second["self_influence"] == result["measurements"]["self_influence"]
     assert result["pending"] == []
+
+
+def test_reverify_measures_the_stored_numbers_again_and_catches_an_edit(smoke_result):
+    rung, _, path, _ = smoke_result
+    doc = study.read_result(path)
+    ledger = path.parent.parent / "ledger.json"
+    checks = study.reverify(doc, ledger=ledger, n_retrains=1)
+    assert [c.what for c in checks][:3] == ["final training loss", "decile ratio",
+                                           "nearest minority share"]
+    retrains = [c for c in checks if c.what.startswith("retrain")]
+    assert len(retrains) == rung.n_queries            # one subset, every query
+    assert all(c.agrees for c in checks)
+    assert all(c.measured == c.stored for c in retrains)   # same machine: to the last digit
+    doc["measurements"]["bias"]["decile_ratio"] *= 1.01    # an edited number
+    edited = {c.what: c.agrees for c in study.reverify(doc, ledger=ledger, n_retrains=0)}
+    assert edited["decile ratio"] is False and edited["final training loss"] is True
+
+
+def test_reverification_tolerance_is_relative_or_absolute():
+    assert study.Reverification("x", 2.0, 2.0019, 1e-3, True).agrees
+    assert not study.Reverification("x", 2.0, 2.0021, 1e-3, True).agrees
+    assert study.Reverification("x", 0.5, 0.55, 0.1, False).agrees
+    assert not study.Reverification("x", 0.0, 0.2, 0.1, False).agrees
