@@ -46,7 +46,7 @@ from . import __version__, cache, diagnostics, features, metrics, validation
 from . import counterfactual as cf
 from .attribution.cost import fastest
 from .baselines import attribute_any
-from .config import TrainConfig, is_smoke
+from .config import TrainConfig, cache_dir, is_smoke
 from .data import Dataset, mnist
 from .grads import per_sample_grads
 from .sampling import generate
@@ -485,6 +485,38 @@ def read_result(path, rung: Rung | None = None) -> dict:
                          f"this code's {rung.config_hash()!r} for rung {rung.label!r} (an edited "
                          "file, or a cache format change: rerun the rung).")
     return doc
+
+
+def results(smoke: bool | None = None, folder=RESULTS) -> tuple[dict[str, dict], Path]:
+    """``(docs, folder)``: the ladder's results by rung name, smallest first, and the folder
+    they (and their ledgers) are in. At full quality: the committed files of ``folder``, each
+    through ``read_result``. With ``RETRAC_SMOKE=1``: the smoke n250 rung, run now in the
+    cache's ``study-smoke`` folder (seconds), so a chapter runs the same code path."""
+    smoke = is_smoke() if smoke is None else smoke
+    if smoke:
+        rung = get_rung("n250", smoke=True)
+        folder = cache_dir() / "study-smoke"
+        write_result(run_rung(rung, progress=False, ledger=ledger_path(rung, folder)), folder)
+    docs = {}
+    for rung in ladder(smoke):
+        path = Path(folder) / f"{rung.label}.json"
+        if path.exists():
+            docs[rung.name] = read_result(path, rung)
+    return docs, Path(folder)
+
+
+def describe_result(doc: dict) -> str:
+    """One line: the rung, what it measured, what is pending, its retrains so far."""
+    m = doc["measurements"]
+    done = [part for part in ("lds", "removal") if part in m]
+    pending = doc.get("pending") or []
+    retrains = m.get("retrains", {})
+    n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
+    return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence, generated queries"
+            + "".join(f", {p}" for p in done)
+            + (f"; pending: {', '.join(pending)}" if pending else "; complete")
+            + f"; {retrains.get('entries', 0)} retrains in its ledger "
+              f"({retrains.get('train_seconds', 0) / 3600:.1f} h of training)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,14 @@ WRONG = {
          "return torch.tensor([first[i] for i in range(len(run.data))])", "first visit"),
         ("0.25", "the weight counts visits"),
     ],
+    "09_when_does_attribution_work": [
+        ("g = torch.Generator().manual_seed(seed)\n"
+         "ia = torch.randint(0, len(a), (n_boot, len(a)), generator=g)\n"
+         "ib = torch.randint(0, len(b), (n_boot, len(b)), generator=g)\n"
+         "means = a[ia].mean(1) - b[ib].mean(1)\n"
+         "low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype))\n"
+         "return float((a - b).mean()), float(low), float(high)", "wider than the paired one"),
+    ],
 }
 
 
