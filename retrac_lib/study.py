@@ -505,12 +505,16 @@ def results(smoke: bool | None = None, folder=RESULTS) -> tuple[dict[str, dict],
     return docs, Path(folder)
 
 
-def describe_result(doc: dict) -> str:
-    """One line: the rung, what it measured, what is pending, its retrains so far."""
+def describe_result(doc: dict, ledger=None) -> str:
+    """One line: the rung, what it measured, what is pending, and its retrains so far (those
+    of its ``ledger`` file when given, which may be ahead of the result file)."""
     m = doc["measurements"]
     done = [part for part in ("lds", "removal") if part in m]
     pending = doc.get("pending") or []
     retrains = m.get("retrains", {})
+    if ledger is not None and Path(ledger).exists():
+        book = cf.LossLedger(ledger, owner=doc["config_hash"])
+        retrains = {"entries": len(book), "train_seconds": book.seconds()}
     n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
     return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence, generated queries"
             + "".join(f", {p}" for p in done)

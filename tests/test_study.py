@@ -318,3 +318,16 @@ def test_reverification_tolerance_is_relative_or_absolute():
     assert not study.Reverification("x", 2.0, 2.0021, 1e-3, True).agrees
     assert study.Reverification("x", 0.5, 0.55, 0.1, False).agrees
     assert not study.Reverification("x", 0.0, 0.2, 0.1, False).agrees
+
+
+def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_result):
+    _, result, path, _ = smoke_result
+    doc = study.read_result(path)
+    ledger = path.parent.parent / "ledger.json"
+    n = len(json.loads(ledger.read_text())["entries"])
+    text = study.describe_result(doc, ledger=ledger)
+    assert text.startswith("n250-smoke: N = 11; measured quality") and "; complete;" in text
+    assert f"; {n} retrains in its ledger" in text
+    doc["pending"] = ["removal"]
+    del doc["measurements"]["removal"]
+    assert "lds; pending: removal;" in study.describe_result(doc)

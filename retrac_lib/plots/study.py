@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from . import METHOD_COLORS, METHOD_LABELS, SMALL, page_panels
 
-PANELS = (
-    ("attribution", "same-label rate of the top 10", None),
-    ("self_influence", "self-influence AUC of the planted zeros", 0.5),
-    ("lds", "LDS (mean over queries)", 0.0),
+PANELS = (   # (part, title, x-axis label, reference line)
+    ("attribution", "same-label rate of the top 10", "share of proponents", None),
+    ("self_influence", "self-influence AUC of the planted zeros", "AUC (0.5: chance)", 0.5),
+    ("lds", "LDS (mean over queries)", "Spearman correlation", 0.0),
 )
 
 
@@ -32,7 +32,7 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
     not measured yet is left out of that rung's row and said in the panel."""
     fig, axes = page_panels(len(PANELS), 3.0, 0.55 + 0.42 * len(measurements) * len(methods))
     rows = [(rung, m) for rung in measurements for m in methods]
-    for ax, (part, title, reference) in zip(axes, PANELS):
+    for ax, (part, title, xlabel, reference) in zip(axes, PANELS):
         missing = [rung for rung in measurements if part not in measurements[rung]]
         for y, (rung, method) in enumerate(rows):
             value = _value(measurements[rung], part, method)
@@ -48,6 +48,7 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
         ax.invert_yaxis()
         ax.set_title(title + (f"\n(not yet measured: {', '.join(missing)})" if missing else ""),
                      fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=SMALL)
         ax.tick_params(axis="x", labelsize=SMALL)
     for ax in axes[1:]:
         ax.set_yticklabels([])
