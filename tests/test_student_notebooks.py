@@ -62,8 +62,8 @@ WRONG = {
     ],
     "04_diffusion_retrac": [
         ("return G / G.norm(dim=0, keepdim=True)", "normalized the columns"),
-        ('return rl.attribute(run, z[None], "retrac", checkpoints=[c], timesteps=grid, n_noise=K,\n'
-         "                    progress=False).scores[0, :n]", "it calls attribute"),
+        ('return rl.attribute(run, zs, "retrac", timesteps=grid, n_noise=K,\n'
+         "                    progress=False).scores[:, :n]", "it calls attribute"),
         ('{"cosine", "per_timestep"}', "not quite"),
     ],
     "04b_recipes": [
