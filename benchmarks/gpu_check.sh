@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 24), under 8 minutes on one GPU: the CUDA tests, then
-# bench_device.py on the paper's contract (both methods and engines); writes one markdown table
-# to --out (default benchmarks/results/gpu_check.md) and prints it.
+# One prepared GPU check (issue 24), under 9.5 minutes on one GPU: the CUDA tests, then
+# bench_device.py on the paper's contract (both methods and engines), then bench_ensemble.py
+# (the study's retrains, M at once, against rl.train); writes the markdown tables to --out
+# (default benchmarks/results/gpu_check.md) and prints them.
 #
 #   bash benchmarks/gpu_check.sh [--out FILE]             # needs a CUDA GPU; exits 3 without one
 #   bash benchmarks/gpu_check.sh --dry-run [--out FILE]   # the same steps on the CPU, tiny sizes
@@ -24,6 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RETRAC_CACHE="${RETRAC_CACHE
 
 if [ "$dry" = 1 ]; then
     bench=(--device cpu --tiny)
+    ensemble=(--device cpu --tiny)
 else
     why=$(timeout 60 "$py" -c 'import torch; print("ok" if torch.cuda.is_available() else
         f"torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no device")' 2>&1)
@@ -32,6 +34,7 @@ else
         exit 3
     fi
     bench=(--device cuda)
+    ensemble=(--device cuda --sizes 1,4,16,32,64 --steps 8)
 fi
 mkdir -p "$(dirname "$out")"
 rm -f "$out"
@@ -39,7 +42,7 @@ status=0
 
 # 1. the CUDA tests (they skip without a GPU), at most 2.5 minutes
 tests=$(timeout 150 "$py" -m pytest -q -p no:xdist -k "cuda or gpu" \
-    tests/test_device.py tests/test_grads.py 2>&1)
+    tests/test_device.py tests/test_grads.py tests/test_ensemble.py 2>&1)
 rc=$?
 echo "$tests" | tail -n 30
 summary=$(tail -n 1 <<< "$tests")
@@ -56,8 +59,17 @@ if [ "$rc" != 0 ]; then
     [ "$rc" = 124 ] && note="bench_device.py timed out after 270 s; the rows above are those finished"
     printf '\n%s.\n' "$note" >> "$out"
 fi
-printf '\nCUDA tests (tests/test_device.py, tests/test_grads.py, -k "cuda or gpu"): %s\n' \
-    "$summary" >> "$out"
+# 3. the study's retrains in ensembles on the device against rl.train, at most 1.5 minutes
+timeout 90 "$py" benchmarks/bench_ensemble.py "${ensemble[@]}" --out "$out" > /dev/null
+rc=$?
+if [ "$rc" != 0 ]; then
+    status=1
+    note="bench_ensemble.py failed (exit $rc)"
+    [ "$rc" = 124 ] && note="bench_ensemble.py timed out after 90 s"
+    printf '\n%s.\n' "$note" >> "$out"
+fi
+files="tests/test_device.py, tests/test_grads.py, tests/test_ensemble.py"
+printf '\nCUDA tests (%s, -k "cuda or gpu"): %s\n' "$files" "$summary" >> "$out"
 echo
 cat "$out"
 exit "$status"
