@@ -49,25 +49,27 @@ summary=$(tail -n 1 <<< "$tests")
 [ "$rc" = 124 ] && summary="timed out after 150 s"
 [ "$rc" = 0 ] || status=1
 
+# run_bench SECONDS SCRIPT ARGS...: run a benchmark with a time limit, its table appended to $out
+# (bench_device.py rewrites the file, so it runs first); a failure or time-out is noted there
+run_bench() {
+    local limit=$1 script=$2
+    shift 2
+    timeout "$limit" "$py" "benchmarks/$script" "$@" --out "$out" > /dev/null
+    local rc=$? note
+    if [ "$rc" != 0 ]; then
+        status=1
+        note="$script failed (exit $rc)"
+        [ "$rc" = 124 ] && note="$script timed out after $limit s"
+        printf '\n%s; the rows above are those finished.\n' "$note" >> "$out"
+    fi
+}
+
 # 2. the contract on the device against the batch-1 loop, a plain pass and the CPU,
-#    at most 4.5 min (8 min in all)
-timeout 270 "$py" benchmarks/bench_device.py "${bench[@]}" --out "$out" > /dev/null
-rc=$?
-if [ "$rc" != 0 ]; then
-    status=1
-    note="bench_device.py failed (exit $rc); the rows above are those finished"
-    [ "$rc" = 124 ] && note="bench_device.py timed out after 270 s; the rows above are those finished"
-    printf '\n%s.\n' "$note" >> "$out"
-fi
+#    at most 4.5 min
+run_bench 270 bench_device.py "${bench[@]}"
 # 3. the study's retrains in ensembles on the device against rl.train, at most 1.5 minutes
-timeout 90 "$py" benchmarks/bench_ensemble.py "${ensemble[@]}" --out "$out" > /dev/null
-rc=$?
-if [ "$rc" != 0 ]; then
-    status=1
-    note="bench_ensemble.py failed (exit $rc)"
-    [ "$rc" = 124 ] && note="bench_ensemble.py timed out after 90 s"
-    printf '\n%s.\n' "$note" >> "$out"
-fi
+#    (9.5 min in all)
+run_bench 90 bench_ensemble.py "${ensemble[@]}"
 files="tests/test_device.py, tests/test_grads.py, tests/test_ensemble.py"
 printf '\nCUDA tests (%s, -k "cuda or gpu"): %s\n' "$files" "$summary" >> "$out"
 echo
