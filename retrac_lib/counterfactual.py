@@ -223,7 +223,7 @@ class LossLedger:
         payload = {"kind": "retrain-loss", "config": config.to_dict(),
                    "data": subset.fingerprint(), "queries": cache.tensor_fingerprint(queries),
                    "loss_options": loss_options, "diffusers": diffusers.__version__}
-        device = validation.device(device).type
+        device = torch.device(device).type   # a key, so the device need not be present
         if (trainer, device) != ("single", "cpu"):   # the keys of the first ledgers stay valid
             payload.update(trainer=trainer, device=device)
         return cache.key_for(payload)
