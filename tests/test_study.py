@@ -213,7 +213,8 @@ PROBE = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
 
 
 def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)   # probe tested above
+    # the probe is tested above
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "--estimate-only", "--budget-minutes", "0", "--out",
                      str(out)]) == 0
