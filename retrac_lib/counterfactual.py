@@ -36,7 +36,7 @@ from .timesteps import parse_timesteps, query_noise_draws
 from .baselines import NEIGHBOURS, attribute_any
 from .config import TrainConfig
 from .data import Dataset
-from .ensemble import train_many
+from .ensemble import full_float32, train_many
 from .losses import diffusion_loss
 from .metrics import text_table
 from .models import check_samples
@@ -185,7 +185,8 @@ class LossLedger:
     Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default),
     or, with ``ensemble_size`` > 1 or a ``device`` other than the CPU, by
     ``ensemble.train_many`` in ensembles of at most ``ensemble_size`` members on ``device``
-    (``trainer`` "ensemble"). The two agree to float32 rounding only, so an entry's key also
+    (``trainer`` "ensemble", in full float32 on a GPU: ``ensemble.full_float32``). The two
+    agree to float32 rounding only, so an entry's key also
     names its trainer and device type (except "single" on the CPU, whose keys predate them):
     entries of one are never read as the other's.
     """
@@ -262,8 +263,9 @@ class LossLedger:
                     ens = train_many([c for _, c, _, _ in chunk], [s for _, _, s, _ in chunk],
                                      self.device)
                     for m, (k, c, _, q) in enumerate(chunk):
-                        losses = query_loss(ens.model(m), ens.scheduler, q,
-                                            **{"loss": c.loss, **loss_options})
+                        with full_float32():   # as trained: no TF32 on a GPU
+                            losses = query_loss(ens.model(m), ens.scheduler, q,
+                                                **{"loss": c.loss, **loss_options})
                         self.entries[k] = {"losses": losses.tolist(),
                                            "seconds": round(ens.train_seconds / len(chunk), 3),
                                            "trainer": self.trainer, "device": self.device.type,

@@ -9,13 +9,16 @@ batch. Each member gets exactly the random draws ``training.train`` makes for it
 and moved, so a GPU trains on the same draws; its initial weights from ``build_model``). The
 members' mean batch losses are summed, so each member's gradient is its own, and one Adam over
 the stacked weights is M separate Adams (Adam is elementwise). The weights agree with
-``train``'s to float32 rounding, not bit for bit: vmapped convolutions round differently.
+``train``'s to float32 rounding, not bit for bit: vmapped convolutions round differently. On a
+GPU it computes in full float32 (``full_float32``: no TF32), like the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -28,7 +31,7 @@ from .losses import diffusion_loss
 from .models import build_model, build_scheduler
 from .training import TrainingDiverged, _lr_at, epoch_draws
 
-__all__ = ["Ensemble", "train_many"]
+__all__ = ["Ensemble", "train_many", "full_float32"]
 
 
 @dataclasses.dataclass
@@ -87,6 +90,8 @@ def train_many(configs, datasets, device="cpu", progress: bool = False) -> Ensem
     images = torch.stack([d.images for d in datasets]).to(device)          # [M, N, *shape]
     member = torch.arange(len(configs), device=device)[:, None]
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    draws = (step for _ in range(config.epochs)      # each member's own draws, as train's
+             for step in zip(*(epoch_draws(c, n, shape, g) for c, g in zip(configs, gens))))
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
 
     def member_loss(p, b, x, t, eps):
@@ -94,27 +99,56 @@ def train_many(configs, datasets, device="cpu", progress: bool = False) -> Ensem
         return diffusion_loss(model, scheduler, x, t, eps, config.loss).mean()
 
     batched_loss = vmap(member_loss)
-    total = config.epochs * math.ceil(n / config.batch_size)
+    per_epoch = math.ceil(n / config.batch_size)
+    total = config.epochs * per_epoch
     losses = torch.empty(total, len(configs), dtype=torch.float64, device=device)
-    step = 0
-    with tqdm(total=total, desc=f"training {len(configs)} models", disable=not progress) as bar:
-        for _ in range(config.epochs):
-            for draws in zip(*(epoch_draws(c, n, shape, g) for c, g in zip(configs, gens))):
-                idx, t, eps = (torch.stack(v).to(device) for v in zip(*draws))
-                for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(config, step, total)
-                loss = batched_loss(params, buffers, images[member, idx], t, eps)   # [M]
-                optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()   # summed, not averaged: each member gets its own gradient
-                optimizer.step()
-                losses[step] = loss.detach()
-                step += 1
-                bar.update()
-            _check_finite(losses[:step], params, configs)
+    with tqdm(total=total, desc=f"training {len(configs)} models", disable=not progress) as bar, \
+            full_float32():
+        for step, batch in enumerate(_prefetched(draws, pin=device.type == "cuda")):
+            idx, t, eps = (v.to(device, non_blocking=True) for v in batch)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(config, step, total)
+            loss = batched_loss(params, buffers, images[member, idx], t, eps)   # [M]
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()   # summed, not averaged: each member gets its own gradient
+            optimizer.step()
+            losses[step] = loss.detach()
+            bar.update()
+            if (step + 1) % per_epoch == 0:
+                _check_finite(losses[:step + 1], params, configs)
     losses = losses.cpu()
     return Ensemble(tuple(configs), tuple(shape), scheduler,
                     {k: v.detach() for k, v in params.items()}, buffers, losses,
                     time.perf_counter() - start, device)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Float32 convolutions and matmuls on CUDA (no TF32) inside the block, as on the CPU;
+    ``train_many`` trains in it, and the ledger measures its retrains' query losses in it."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def _prefetched(steps, pin: bool):
+    """The members' draws of each step of ``steps``, stacked ([M, B, ...], pinned for a fast
+    copy to a GPU when ``pin``); the next step's are drawn in a thread while this one trains."""
+    def draw():
+        step = next(steps, None)
+        if step is None:
+            return None
+        stacked = [torch.stack(v) for v in zip(*step)]
+        return [v.pin_memory() for v in stacked] if pin else stacked
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(draw)
+        while (batch := future.result()) is not None:
+            future = pool.submit(draw)
+            yield batch
 
 
 def _check_members(configs, datasets) -> tuple[list[TrainConfig], list[Dataset]]:

@@ -170,16 +170,26 @@ def test_ledger_trains_in_ensembles_and_keeps_them_apart(members, tmp_path, monk
 
 
 @cuda
-def test_members_on_cuda_equal_cpu_training(members, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_members_on_cuda_equal_cpu_training(members):
     configs, sets, runs = members
-    ens = train_many(configs, sets, device="cuda")
+    tf32 = torch.backends.cudnn.allow_tf32
+    ens = train_many(configs, sets, device="cuda")   # in full float32 whatever the TF32 flags
     assert all(v.is_cuda for v in ens.params.values())
+    assert torch.backends.cudnn.allow_tf32 == tf32   # the flags are left as they were
     for m, run in enumerate(runs):
         assert (ens.losses[:, m] - run.losses).abs().max() < 1e-5
         final, weights = run.checkpoints[-1].params, ens.state_dict(m)
         assert max(float((weights[k] - final[k]).abs().max()) for k in final) < 1e-4
-        torch.testing.assert_close(
-            cf.query_loss(ens.model(m), ens.scheduler, _queries(), **LOSS_OPTS),
-            cf.run_query_loss(run, _queries(), **LOSS_OPTS), rtol=1e-5, atol=0)
+        with rl.ensemble.full_float32():
+            got = cf.query_loss(ens.model(m), ens.scheduler, _queries(), **LOSS_OPTS)
+        torch.testing.assert_close(got, cf.run_query_loss(run, _queries(), **LOSS_OPTS),
+                                   rtol=1e-5, atol=0)
+
+
+def test_a_diverged_member_is_named(members):
+    configs, sets, _ = members
+    images = sets[1].images.clone()
+    images[3] = 3e38   # finite, but its loss overflows
+    broken = rl.data.Dataset("huge-digit", images, sets[1].labels)
+    with pytest.raises(rl.training.TrainingDiverged, match=r"member 1 \(seed 1\)"):
+        train_many(configs[:2], [sets[0], broken])
