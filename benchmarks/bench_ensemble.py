@@ -74,11 +74,11 @@ def main() -> None:
         rows.append({"trainer": f"train_many ({device.type})", "M": m, "s per step": w,
                      "s per member-step": w / m, "CPU s per member-step": c / m,
                      "speed-up vs rl.train (wall)": wall * m / w})
+        print(f"M = {m}: {w / m:.3g} s per member-step", file=sys.stderr, flush=True)
     title = (f"## Retrains in ensembles: {device} ({name})\n\n{rung.label} model "
              f"{cfg.block_out_channels}, batch {cfg.batch_size}, {steps} steps per epoch; torch "
-             f"{torch.__version__}, diffusers {diffusers.__version__}; {common.load()}; TF32 "
-             f"matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN "
-             f"{torch.backends.cudnn.allow_tf32}\n")
+             f"{torch.__version__}, diffusers {diffusers.__version__}; {common.load()}; "
+             "train_many in full float32 (no TF32), its draws made in a second thread\n")
     text = table(rows, title) + "\n"
     print(text)
     if args.out:
