@@ -19,9 +19,9 @@ from .training import Run, load_or_train, load_run, save_run, train
 
 _MODULES = (
     "attribution", "baselines", "book", "cache", "checks", "claims", "config", "counterfactual",
-    "data", "diagnostics", "distributed", "dtrak", "features", "ghost", "grads", "losses",
-    "metrics", "models", "plots", "projection", "prose", "recipes", "recorder", "sampling",
-    "study", "timesteps", "training", "validation", "widgets",
+    "data", "diagnostics", "distributed", "dtrak", "ensemble", "features", "ghost", "grads",
+    "losses", "metrics", "models", "plots", "projection", "prose", "recipes", "recorder",
+    "sampling", "study", "timesteps", "training", "validation", "widgets",
 )
 
 __all__ = [

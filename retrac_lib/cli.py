@@ -30,12 +30,14 @@ next to it and the command says where and exits 1; under ``torchrun`` the proces
 that they hold the same run, queries and options.
 
     python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
-                               [--out retrac_lib/results/v1] [--estimate-only]
+                               [--ensemble-size M] [--out retrac_lib/results/v1]
+                               [--estimate-only]
 
 runs the scale ladder of ``retrac_lib.study``: it measures each rung's unit costs with a short
 probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
 cheapest first, writes ``<rung>.json`` per finished rung to ``--out`` and says which did not run
-and how long each would take. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
+and how long each would take. ``--device cuda`` also trains the LDS and removal retrains there,
+32 at once (``--ensemble-size``). ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
 """
 from __future__ import annotations
 
@@ -187,7 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-minutes", type=float, default=60.0,
                    help="run the cheapest rungs whose estimates fit in this many minutes")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where attribution runs (training stays on the CPU)")
+                   help="where attribution and the retrains run (the rung's own run trains "
+                        "on the CPU)")
+    s.add_argument("--ensemble-size", type=int, default=None,
+                   help="retrains trained at once on --device (default: 1 on cpu, which keeps "
+                        "rl.train's retrains; 32 on cuda)")
     s.add_argument("--out", type=Path, default=None,
                    help="folder for the result files (default: the library's results/v1, "
                         "working folder, the repository root)")
@@ -305,12 +311,15 @@ def study_command(parser, args) -> int:
         parser.error(f"--budget-minutes must be >= 0, got {args.budget_minutes}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    if args.ensemble_size is not None and args.ensemble_size < 1:
+        parser.error(f"--ensemble-size must be >= 1, got {args.ensemble_size}.")
+    size = study.ensemble_size_for(args.device, args.ensemble_size)
     selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
     out = args.out or study.RESULTS
     estimates, parts, probes = {}, {}, {}
     print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
     for r in ladder:
-        probe = probes[r.name] = study.measure_cost(r, device=args.device)
+        probe = probes[r.name] = study.measure_cost(r, device=args.device, ensemble_size=size)
         estimate = study.estimate_seconds(r, probe)
         estimates[r.name], parts[r.name] = estimate["total"], estimate
         print("  " + study.describe_cost(r, probe, estimate)
@@ -331,7 +340,7 @@ def study_command(parser, args) -> int:
             estimate = {k: round(v, 1) for k, v in parts[r.name].items()}
             write = lambda part: study.write_result({**part, "estimate_seconds": estimate}, out)
             path = write(study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out),
-                                        on_part=write))
+                                        on_part=write, ensemble_size=size))
             print(f"{r.label}: written to {path}")
     for r in skipped:
         print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "

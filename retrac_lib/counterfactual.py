@@ -36,6 +36,7 @@ from .timesteps import parse_timesteps, query_noise_draws
 from .baselines import NEIGHBOURS, attribute_any
 from .config import TrainConfig
 from .data import Dataset
+from .ensemble import full_float32, train_many
 from .losses import diffusion_loss
 from .metrics import text_table
 from .models import check_samples
@@ -180,12 +181,25 @@ class LossLedger:
     queries, the loss options, the diffusers version and ``cache.FORMAT_VERSION``, so an entry is
     only ever reused for exactly the retrain that made it. ``owner`` names what the file belongs
     to (e.g. a study rung's configuration hash); a file of another owner is refused.
+
+    Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default),
+    or, with ``ensemble_size`` > 1 or a ``device`` other than the CPU, by
+    ``ensemble.train_many`` in ensembles of at most ``ensemble_size`` members on ``device``
+    (``trainer`` "ensemble", in full float32 on a GPU: ``ensemble.full_float32``). The two
+    agree to float32 rounding only, so an entry's key also
+    names its trainer and device type (except "single" on the CPU, whose keys predate them):
+    entries of one are never read as the other's.
     """
 
     FORMAT = 1
+    TRAINERS = ("single", "ensemble")
 
-    def __init__(self, path, owner: str):
+    def __init__(self, path, owner: str, *, device="cpu", ensemble_size: int = 1):
         self.path, self.owner = Path(path), str(owner)
+        self.device = validation.device(device)
+        self.ensemble_size = validation.integer(ensemble_size, "ensemble_size", 1)
+        single = self.ensemble_size == 1 and self.device.type == "cpu"
+        self.trainer = "single" if single else "ensemble"
         self.entries: dict[str, dict] = {}
         if self.path.exists():
             doc = cache.read_json(self.path)
@@ -201,13 +215,19 @@ class LossLedger:
     def __len__(self) -> int:
         return len(self.entries)
 
-    @staticmethod
-    def key(config: TrainConfig, subset: Dataset, queries: torch.Tensor,
-            loss_options: dict) -> str:
-        return cache.key_for({"kind": "retrain-loss", "config": config.to_dict(),
-                              "data": subset.fingerprint(),
-                              "queries": cache.tensor_fingerprint(queries),
-                              "loss_options": loss_options, "diffusers": diffusers.__version__})
+    @classmethod
+    def key(cls, config: TrainConfig, subset: Dataset, queries: torch.Tensor,
+            loss_options: dict, trainer: str = "single", device="cpu") -> str:
+        """The entry key of ``config`` trained on ``subset`` by ``trainer`` on ``device``."""
+        if trainer not in cls.TRAINERS:
+            raise ValueError(f"trainer must be one of {cls.TRAINERS}, got {trainer!r}.")
+        payload = {"kind": "retrain-loss", "config": config.to_dict(),
+                   "data": subset.fingerprint(), "queries": cache.tensor_fingerprint(queries),
+                   "loss_options": loss_options, "diffusers": diffusers.__version__}
+        device = torch.device(device).type   # a key, so the device need not be present
+        if (trainer, device) != ("single", "cpu"):   # the keys of the first ledgers stay valid
+            payload.update(trainer=trainer, device=device)
+        return cache.key_for(payload)
 
     def seconds(self) -> float:
         """Training seconds of every entry, however many sittings wrote them."""
@@ -217,15 +237,43 @@ class LossLedger:
              loss_options: dict) -> torch.Tensor:
         """Query losses [Q] of ``config`` trained on ``subset``: stored, or trained, measured
         and stored now (the file is rewritten atomically after every new entry)."""
-        key = self.key(config, subset, queries, loss_options)
-        if key not in self.entries:
-            run = train(config, subset, progress=False)
-            losses = run_query_loss(run, queries, **loss_options)
-            self.entries[key] = {"losses": losses.tolist(),
-                                 "seconds": round(run.train_seconds, 3)}
-            cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
-                                                "entries": self.entries})
-        return torch.tensor(self.entries[key]["losses"], dtype=torch.float64)
+        return self.loss_many([(config, subset, queries)], loss_options)[0]
+
+    def loss_many(self, jobs, loss_options: dict, progress: bool = False) -> list[torch.Tensor]:
+        """Query losses [Q_j] of every job ``(config, subset, queries)``, training the missing
+        ones with this ledger's trainer: one by one, or in ensembles of at most
+        ``ensemble_size`` jobs that share their configuration but the seed and their subset's
+        size. The file is rewritten after every training."""
+        keys = [self.key(c, s, q, loss_options, self.trainer, self.device) for c, s, q in jobs]
+        missing = {k: job for k, job in zip(keys, jobs) if k not in self.entries}
+        groups: dict[tuple, list] = {}
+        for k, (c, s, q) in missing.items():
+            group = k if self.trainer == "single" else (c.replace(seed=0), len(s), s.sample_shape)
+            groups.setdefault(group, []).append((k, c, s, q))
+        chunks = [g[a:a + self.ensemble_size] for g in groups.values()
+                  for a in range(0, len(g), self.ensemble_size)]
+        with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
+            for chunk in chunks:
+                if self.trainer == "single":
+                    (k, c, s, q), = chunk
+                    run = train(c, s, progress=False)
+                    self.entries[k] = {"losses": run_query_loss(run, q, **loss_options).tolist(),
+                                       "seconds": round(run.train_seconds, 3)}
+                else:
+                    ens = train_many([c for _, c, _, _ in chunk], [s for _, _, s, _ in chunk],
+                                     self.device)
+                    for m, (k, c, _, q) in enumerate(chunk):
+                        with full_float32():   # as trained: no TF32 on a GPU
+                            losses = query_loss(ens.model(m), ens.scheduler, q,
+                                                **{"loss": c.loss, **loss_options})
+                        self.entries[k] = {"losses": losses.tolist(),
+                                           "seconds": round(ens.train_seconds / len(chunk), 3),
+                                           "trainer": self.trainer, "device": self.device.type,
+                                           "ensemble": len(chunk)}
+                cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
+                                                    "entries": self.entries})
+                bar.update(len(chunk))
+        return [torch.tensor(self.entries[k]["losses"], dtype=torch.float64) for k in keys]
 
 
 def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tensor,
@@ -234,12 +282,20 @@ def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tens
     """Query loss [Q] of ``config`` retrained on ``kept`` with each training seed, averaged
     (through ``ledger`` when given: retrains recorded there, none cached as runs)."""
     if ledger is not None:
-        idx = _kept_indices(kept, len(data))
-        subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
-        return torch.stack([ledger.loss(config.replace(seed=s), subset, queries, loss_options)
-                            for s in seeds]).mean(0)
+        return torch.stack(ledger.loss_many(_ledger_jobs(config, data, [(kept, queries)], seeds),
+                                            loss_options)).mean(0)
     runs = [retrain_on(config.replace(seed=s), data, kept, root=root) for s in seeds]
     return torch.stack([run_query_loss(r, queries, **loss_options) for r in runs]).mean(0)
+
+
+def _ledger_jobs(config: TrainConfig, data: Dataset, sets, seeds) -> list[tuple]:
+    """``LossLedger.loss_many`` jobs: every ``(kept, queries)`` of ``sets`` with every seed."""
+    jobs = []
+    for kept, queries in sets:
+        idx = _kept_indices(kept, len(data))
+        subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
+        jobs += [(config.replace(seed=s), subset, queries) for s in seeds]
+    return jobs
 
 
 def random_removals(n: int, n_queries: int, draws: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -275,13 +331,18 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         if tuple(s.shape) != (len(queries), n):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
                              f"[{len(queries)} queries, {n} training samples].")
-    base_loss = seed_mean_loss(config, data, torch.arange(n), queries, seeds, loss_options, root,
-                               ledger)
     removed = {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
                for m, s in scores.items()}
     sets = {m: r[:, None] for m, r in removed.items()}                    # [Q, draws, k]
     if random_draws:
         removed["random"] = sets["random"] = random_removals(n, len(queries), random_draws, k, random_seed)
+    if ledger is not None:   # every missing retrain first, in ensembles when the ledger says so
+        ledger.loss_many(_ledger_jobs(config, data, [(torch.arange(n), queries)] + [
+            (kept_without(n, r[q, d]), queries[q:q + 1]) for r in sets.values()
+            for q in range(len(queries)) for d in range(r.shape[1])], seeds), loss_options,
+            progress)
+    base_loss = seed_mean_loss(config, data, torch.arange(n), queries, seeds, loss_options, root,
+                               ledger)
     losses = {m: torch.empty(r.shape[:2], dtype=torch.float64) for m, r in sets.items()}
     trained = set()
     bar = tqdm(total=sum(r.shape[0] * r.shape[1] for r in sets.values()), desc="removal retrains",
@@ -385,6 +446,9 @@ def subset_losses(config: TrainConfig, data: Dataset, masks: torch.Tensor, queri
     if masks.ndim != 2 or masks.shape[1] != len(data) or masks.dtype != torch.bool:
         raise ValueError(f"masks must be a boolean [M, {len(data)}] tensor; got "
                          f"{masks.dtype} {tuple(masks.shape)}.")
+    if ledger is not None:   # every missing retrain first, in ensembles when the ledger says so
+        ledger.loss_many(_ledger_jobs(config, data, [(mask, queries) for mask in masks], seeds),
+                         loss_options, progress)
     out = torch.empty(len(masks), len(queries), dtype=torch.float64)
     for j in tqdm(range(len(masks)), desc="subset retrains", disable=not progress):
         out[j] = seed_mean_loss(config, data, masks[j], queries, seeds, loss_options, root,

@@ -26,7 +26,10 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
 ``write_result`` stores a small JSON file per rung with provenance; ``read_result`` refuses a file
 whose ``FORMAT`` or rung configuration differs from the code reading it. ``measure_cost``,
 ``estimate_seconds`` and ``plan`` size the ladder to a budget. ``python -m retrac_lib study``
-runs it. Training runs on the CPU (``rl.train``); ``device`` moves attribution only.
+runs it. The rung's own run trains on the CPU (``rl.train``, which records what attribution
+needs); ``device`` moves attribution and the LDS and removal retrains, which train there in
+ensembles of ``ensemble_size`` (``ensemble.train_many``; default ``ENSEMBLE_SIZE`` per device
+type: 1 on the CPU, which keeps ``rl.train``'s retrains).
 """
 from __future__ import annotations
 
@@ -48,9 +51,10 @@ from .attribution.cost import fastest
 from .baselines import attribute_any
 from .config import TrainConfig, cache_dir, is_smoke
 from .data import Dataset, mnist
+from .ensemble import train_many
 from .grads import per_sample_grads
 from .sampling import generate
-from .training import load_or_train, train
+from .training import load_or_train, run_key, train
 
 FORMAT = 1
 RESULTS = Path(__file__).parent / "results" / "v1"   # committed; shipped in the wheel
@@ -62,6 +66,14 @@ PAIRS = tuple([(m, "pixel") for m in GRADIENT] + [(m, "feature") for m in GRADIE
 MINORITY_LABEL = 0
 INLIER_LABELS = tuple(range(1, 10))
 TOP_K = 10   # proponents for the same-label rate
+ENSEMBLE_SIZE = {"cpu": 1, "cuda": 32}   # retrains trained at once, by device type
+
+
+def ensemble_size_for(device, ensemble_size=None) -> int:
+    """``ensemble_size``, or by default ``ENSEMBLE_SIZE`` of ``device``'s type (else 1)."""
+    if ensemble_size is None:
+        return ENSEMBLE_SIZE.get(validation.device(device).type, 1)
+    return validation.integer(ensemble_size, "ensemble_size", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +321,7 @@ def _timed(seconds: dict, part: str):
 
 
 def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None,
-             ledger=None, on_part=None) -> dict:
+             ledger=None, on_part=None, ensemble_size: int | None = None) -> dict:
     """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
     provenance that ``write_result`` adds. The rung's own run and the feature classifier are
     cached in ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in
@@ -319,9 +331,12 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     retrains come last, the removal test (the longest part) at the end. ``on_part`` (e.g.
     ``write_result``) receives the result so far, its unmeasured parts listed in ``pending``,
     before the LDS and before the removal test, so a rung stopped in its retrains keeps what
-    it measured."""
+    it measured. The retrains train on ``device`` in ensembles of ``ensemble_size``
+    (``ensemble_size_for``); ``measurements["retrains"]`` records the trainer, device type and
+    ensemble size, ``measurements["train"]`` the rung's own run (cache key, fingerprint, CPU)."""
     device = str(validation.device(device or "cpu"))
-    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash())
+    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash(), device=device,
+                           ensemble_size=ensemble_size_for(device, ensemble_size))
     seconds, out = {}, {}
     log = print if progress else (lambda *a, **k: None)
     data, is_min, queries = rung_data(rung)
@@ -334,7 +349,9 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
                             root=root)
     out["train"] = {"n_params": sum(p.numel() for p in run.model_at(-1).parameters()),
                     "checkpoint_epochs": [c.epoch for c in run.checkpoints],
-                    "final_loss": round(float(run.losses[-10:].mean()), 6)}
+                    "final_loss": round(float(run.losses[-10:].mean()), 6),
+                    "run_key": run_key(run.config, data), "fingerprint": run.fingerprint(),
+                    "trainer": "single", "device": "cpu"}
     log(f"[{rung.label}] trained {len(data)} digits")
     with _timed(seconds, "feature_classifier"):
         classifier = features.load_or_train_classifier(features.classifier_config(rung.smoke),
@@ -374,7 +391,9 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
                            "ordinary": share(r, slice(nq, 2 * nq))} for m, r in gres.items()}}
 
     def result(pending: tuple[str, ...]) -> dict:
-        out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1)}
+        out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1),
+                           "trainer": ledger.trainer, "device": ledger.device.type,
+                           "ensemble_size": ledger.ensemble_size}
         return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
                 "seconds": dict(seconds), "measurements": json.loads(json.dumps(out)),
                 "pending": list(pending),
@@ -595,22 +614,35 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """Measured unit costs of a rung's model: seconds per training sample-epoch (CPU, as
-    ``rl.train``), per per-sample loss gradient and per query-loss forward draw (``device``)."""
+    ``rl.train``), per per-sample loss gradient and per query-loss forward draw (``device``),
+    and per retrain sample-epoch of one member of an ensemble of ``ensemble_size`` on
+    ``device`` (``retrain_s``; None: the retrains are ``rl.train``'s, ``train_s``)."""
 
     train_s: float
     grad_s: float
     forward_s: float
     device: str = "cpu"
     n_params: int = 0
+    retrain_s: float | None = None
+    ensemble_size: int = 1
+
+    @property
+    def retrain_cost(self) -> float:
+        """Seconds per retrain sample-epoch, per member."""
+        return self.train_s if self.retrain_s is None else self.retrain_s
 
 
-def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2) -> Probe:
+def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2,
+                 ensemble_size: int | None = None) -> Probe:
     """A short probe on the code paths the rung runs, after a warm-up, the fastest of
     ``repeats`` timings each: ``rl.train`` for 2 epochs on ``batches`` batches of its data (with
     the recorder and checkpoints, not cached), ``rl.per_sample_grads`` on one batch and
-    ``counterfactual.query_loss`` of 2 queries with its loss options. The fastest timing is the
-    machine's uncontended cost: on a loaded machine the rung runs slower than estimated."""
+    ``counterfactual.query_loss`` of 2 queries with its loss options; unless the retrains are
+    ``rl.train``'s (``ensemble_size_for`` is 1 on the CPU), ``ensemble.train_many`` of that
+    many members for 2 epochs on ``device``. The fastest timing is the machine's uncontended
+    cost: on a loaded machine the rung runs slower than estimated."""
     device = validation.device(device or "cpu")
+    ensemble_size = ensemble_size_for(device, ensemble_size)
     batches = validation.integer(batches, "batches", 1)
     repeats = validation.integer(repeats, "repeats", 1)
     data, _, queries = rung_data(rung)
@@ -631,8 +663,14 @@ def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2) ->
     draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
     forward_s = fastest(lambda: cf.query_loss(model, run.scheduler, q, **rung.loss_options),
                         repeats, device, True)[0] / (len(q) * draws)
+    retrain_s = None
+    if ensemble_size > 1 or device.type != "cpu":
+        configs = [cfg.replace(epochs=2, seed=s) for s in range(ensemble_size)]
+        train_many(configs[:1], [sub.subset(range(min(len(sub), cfg.batch_size)))], device)
+        retrain_s = min(train_many(configs, [sub] * ensemble_size, device).train_seconds
+                        for _ in range(repeats)) / (2 * len(sub) * ensemble_size)
     return Probe(train_s, grad_s, forward_s, str(device),
-                 sum(p.numel() for p in model.parameters()))
+                 sum(p.numel() for p in model.parameters()), retrain_s, ensemble_size)
 
 
 def _n_checkpoints(config: TrainConfig) -> int:
@@ -650,8 +688,9 @@ def estimate_seconds(rung: Rung, probe: Probe) -> dict:
 
     With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
     L = loss timesteps x draws, k removed, R random draws, m scored methods, C checkpoints:
-    train S N E t_train (one full training per seed); lds M S (n_h E t_train + Q L t_fwd);
-    removal (m + R) Q S ((N - k) E t_train + L t_fwd) + S Q L t_fwd; generation
+    train S N E t_train (one full training per seed); lds M S (n_h E t_re + Q L t_fwd);
+    removal (m + R) Q S ((N - k) E t_re + L t_fwd) + S Q L t_fwd, where t_re is
+    ``probe.retrain_cost`` (``t_train`` unless the retrains train in ensembles); generation
     n_gen steps t_fwd; bias N t_grad; attribution t_grad x the gradient passes of TracIn and
     ReTrac (C (N + q draws) each) and D-TRAK (C_d |S_d| (N + q)) for the held-out (q = Q),
     generated (2 n_gq) and self-influence (q = N) queries. An upper-side estimate: cached
@@ -662,7 +701,7 @@ def estimate_seconds(rung: Rung, probe: Probe) -> dict:
     n_half = max(1, round(rung.subset_fraction * n))
     loss_draws = rung.loss_options["timesteps"] * rung.loss_options["n_noise"]
     n_ckpt = _n_checkpoints(cfg)
-    t_tr, t_g, t_f = probe.train_s, probe.grad_s, probe.forward_s
+    t_tr, t_re, t_g, t_f = probe.train_s, probe.retrain_cost, probe.grad_s, probe.forward_s
     passes = 0
     for n_q, opt in ((q, rung.attribution), (2 * rung.n_generated_queries, rung.attribution),
                      (n, rung.self_attribution)):
@@ -674,9 +713,9 @@ def estimate_seconds(rung: Rung, probe: Probe) -> dict:
         "generation": rung.n_generated * rung.generation_steps * t_f,
         "bias": n * t_g,
         "attribution": passes * t_g,
-        "lds": rung.n_subsets * s * (n_half * e * t_tr + q * loss_draws * t_f),
+        "lds": rung.n_subsets * s * (n_half * e * t_re + q * loss_draws * t_f),
         "removal": ((len(METHODS) + rung.random_draws) * q * s
-                    * ((n - rung.k) * e * t_tr + loss_draws * t_f) + s * q * loss_draws * t_f),
+                    * ((n - rung.k) * e * t_re + loss_draws * t_f) + s * q * loss_draws * t_f),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -724,8 +763,11 @@ def describe_cost(rung: Rung, probe: Probe, estimate: dict) -> str:
     """The rung, its probe, its estimate and the cache space it needs, on two lines."""
     parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in estimate.items() if k != "total")
     gib = estimate_cache_bytes(rung, probe) / 2 ** 30
+    retrain = "" if probe.retrain_s is None else (
+        f", {1e3 * probe.retrain_s:.3f} ms per retrain sample-epoch (ensembles of "
+        f"{probe.ensemble_size})")
     return (f"{rung.label}: N = {rung.n_train}, UNet {rung.config.block_out_channels}, "
             f"{rung.config.epochs} epochs; probe {1e3 * probe.train_s:.2f} ms per sample-epoch, "
             f"{1e3 * probe.grad_s:.2f} ms per gradient, {1e3 * probe.forward_s:.3f} ms per "
-            f"forward ({probe.device})\n    estimate {format_seconds(estimate['total'])} "
+            f"forward ({probe.device}){retrain}\n    estimate {format_seconds(estimate['total'])} "
             f"({parts}); cache up to {gib:.1f} GiB")

@@ -168,6 +168,16 @@ def _lr_at(config: TrainConfig, step: int, total: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
 
 
+def epoch_draws(config: TrainConfig, n: int, sample_shape, gen: torch.Generator):
+    """One epoch's random draws of ``train`` from ``gen``, batch by batch, in the order it makes
+    them: (indices [B], timesteps [B], noise [B, *sample_shape]) after one shuffle of ``n``."""
+    order = torch.randperm(n, generator=gen)
+    for b in range(0, n, config.batch_size):
+        idx = order[b:b + config.batch_size]
+        t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
+        yield idx, t, torch.randn((len(idx), *sample_shape), generator=gen)
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss or the weights became NaN or infinite: the run is useless and is not cached."""
 
@@ -192,11 +202,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
     total = config.epochs * math.ceil(n / bs)
     with tqdm(total=total, desc="training", disable=not progress) as bar:
         for epoch in range(config.epochs):
-            order = torch.randperm(n, generator=gen)
-            for b in range(0, n, bs):
-                idx = order[b:b + bs]
-                t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen)
-                eps = torch.randn((len(idx), *data.sample_shape), generator=gen)
+            for idx, t, eps in epoch_draws(config, n, data.sample_shape, gen):
                 lr = _lr_at(config, recorder.n_steps, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -15,22 +15,39 @@ def _run(*args, cache):
                           timeout=240)
 
 
+def _tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables of ``text``: each a list of rows (header first, no separator)."""
+    tables, previous = [], False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            if not line.startswith("|-"):
+                tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line.startswith("|")
+    return tables
+
+
 def test_dry_run_writes_one_row_per_method_and_engine(tmp_path):
     out = tmp_path / "results" / "gpu_check.md"
     proc = _run("--dry-run", "--out", str(out), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert f"torch {torch.__version__}, diffusers" in text and "# GPU check: cpu" in text
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    (header, *rows), (ens_header, *ens_rows) = _tables(text)
     assert header == ["method", "engine", "contract s", "batch-1 loop s (extrap.)",
                       "speed-up (goal >= 30x)", "x plain batched pass (goal <= 2x)", "peak MiB",
                       "max rel. err vs CPU"]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[:2] for r in rows] == [["tracin", "ghost"], ["tracin", "func"],
                                      ["retrac", "ghost"], ["retrac", "func"]]
     assert all(float(r[header.index("max rel. err vs CPU")]) < 1e-4 for r in rows)
-    assert "CUDA tests (" in text and "passed" in text
+    # the retrains in ensembles: rl.train and train_many with M = 1, 2 on the CPU
+    assert ens_header == ["trainer", "M", "s per step", "s per member-step",
+                          "CPU s per member-step", "speed-up vs rl.train (wall)"]
+    assert [r[:2] for r in ens_rows] == [["rl.train (cpu)", "1"], ["train_many (cpu)", "1"],
+                                         ["train_many (cpu)", "2"]]
+    assert all(float(r[3]) == float(r[3]) for r in ens_rows)   # numbers, not NaN
+    assert "CUDA tests (" in text and "passed" in text and "test_ensemble.py" in text
     assert text in proc.stdout
 
 

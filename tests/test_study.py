@@ -145,6 +145,13 @@ def test_estimate_formula_on_a_hand_computed_probe():
     assert est["removal"] == pytest.approx(6 * 2 * 2 * (9 * 2 * 1e-3 + 6 * 1e-4)
                                            + 2 * 2 * 6 * 1e-4)
     assert est["total"] == pytest.approx(3.5316)
+    # retrains in ensembles: their own cost per member sample-epoch, the rung's own run not
+    ens = study.estimate_seconds(_hand_rung(), study.Probe(1e-3, 1e-2, 1e-4, retrain_s=1e-5,
+                                                           ensemble_size=8))
+    assert ens["train"] == est["train"] and ens["attribution"] == est["attribution"]
+    assert ens["lds"] == pytest.approx(4 * 2 * (6 * 2 * 1e-5 + 2 * 6 * 1e-4))
+    assert ens["removal"] == pytest.approx(6 * 2 * 2 * (9 * 2 * 1e-5 + 6 * 1e-4)
+                                           + 2 * 2 * 6 * 1e-4)
 
 
 def test_cache_bytes_on_a_hand_computed_probe():
@@ -160,8 +167,15 @@ def test_measure_cost_gives_positive_unit_costs():
     probe = study.measure_cost(study.get_rung("n250", smoke=True), batches=1)
     assert probe.device == "cpu" and probe.n_params == 156_057   # the (8, 16, 32) UNet
     assert all(0 < v < 1 for v in (probe.train_s, probe.grad_s, probe.forward_s))
+    assert probe.retrain_s is None and probe.retrain_cost == probe.train_s   # rl.train's
     with pytest.raises(ValueError, match="batches must be >= 1"):
         study.measure_cost(study.get_rung("n250", smoke=True), batches=0)
+    ens = study.measure_cost(study.get_rung("n250", smoke=True), batches=1, repeats=1,
+                             ensemble_size=2)
+    assert ens.ensemble_size == 2 and 0 < ens.retrain_s < 1 and ens.retrain_cost == ens.retrain_s
+    assert study.ensemble_size_for("cpu") == 1 and study.ENSEMBLE_SIZE["cuda"] == 32
+    with pytest.raises(ValueError, match="ensemble_size must be >= 1"):
+        study.ensemble_size_for("cpu", 0)
 
 
 def test_plan_takes_the_cheapest_rungs_that_fit():
@@ -199,7 +213,8 @@ PROBE = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
 
 
 def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)   # probe tested above
+    # the probe is tested above
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "--estimate-only", "--budget-minutes", "0", "--out",
                      str(out)]) == 0
@@ -219,10 +234,10 @@ def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, 
 def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path, capsys,
                                                          monkeypatch):
     _, result, _, _ = smoke_result
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device: PROBE)
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
     ran = []
     ledgers = []
-    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part: (
+    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part, ensemble_size: (
         ran.append(rung.name), ledgers.append(ledger), json.loads(json.dumps(result)))[-1])
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
@@ -331,3 +346,33 @@ def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_resul
     doc["pending"] = ["removal"]
     del doc["measurements"]["removal"]
     assert "lds; pending: removal;" in study.describe_result(doc)
+
+
+def test_rung_records_its_run_and_retrains_and_trains_them_in_ensembles(smoke_result,
+                                                                        tmp_path):
+    rung, result, path, run = smoke_result
+    m = result["measurements"]
+    assert m["train"]["run_key"] == rl.training.run_key(run.config, run.data)
+    assert m["train"]["fingerprint"] == run.fingerprint()
+    assert (m["train"]["trainer"], m["train"]["device"]) == ("single", "cpu")
+    n = m["retrains"]["entries"]
+    assert {k: m["retrains"][k] for k in ("trainer", "device", "ensemble_size")} == {
+        "trainer": "single", "device": "cpu", "ensemble_size": 1}
+    ledger = tmp_path / "ledger.json"   # a copy: the fixture's ledger stays rl.train's alone
+    ledger.write_bytes((path.parent.parent / "ledger.json").read_bytes())
+    again = study.run_rung(rung, progress=False, ledger=ledger, ensemble_size=4)
+    r = again["measurements"]["retrains"]
+    assert (r["trainer"], r["device"], r["ensemble_size"]) == ("ensemble", "cpu", 4)
+    assert r["entries"] == 2 * n   # the ensemble's entries beside, never instead of, rl.train's
+    base, ens = (d["measurements"]["removal"] for d in (result, again))
+    assert ens["base_loss"] == pytest.approx(base["base_loss"], rel=1e-5)
+    for method, v in base["per_method"].items():
+        assert ens["per_method"][method]["per_query_pct"] == pytest.approx(
+            v["per_query_pct"], abs=1e-3)
+
+
+def test_cli_ensemble_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["study", "--ensemble-size", "0", "--estimate-only"])
+    assert err.value.code == 2
+    assert "--ensemble-size must be >= 1, got 0" in capsys.readouterr().err
