@@ -293,19 +293,20 @@ def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
     _, model, images = fresh
     taken, blocker = tmp_path / "taken", tmp_path / "not-a-folder"
     blocker.write_text("a file where the run's folder should go")  # unwritable, even by root
-    rec = rl.Recorder(model, DDPMScheduler(), images, folder=taken)
+    taken.mkdir()
+    with pytest.raises(FileExistsError, match="exists already.*never overwritten.*resume"):
+        rl.Recorder(model, DDPMScheduler(), images, folder=taken)
+    rec = rl.Recorder(model, DDPMScheduler(), images)
     rec.step(*_batch([0, 1, 2, 3, 4, 5]), 1e-3)
     rec.checkpoint(model)
-    taken.mkdir()                                   # another run took the folder meanwhile
-    (taken / "other.txt").write_text("another run's file")
-    with pytest.raises(FileExistsError, match=re.escape(f"could not be written to {taken}") +
-                       r".*exists already.*the recorder is still open, so call "
-                       r"recorder.close\(folder=\.\.\.\) with a new, writable folder"):
-        rec.close()
     with pytest.raises(OSError, match=re.escape(f"could not be written to {blocker / 'run'}") +
-                       r".*recorder.close\(folder=\.\.\.\)"):
+                       r".*the recorder is still open, so call "
+                       r"recorder.close\(folder=\.\.\.\) with a new, writable folder"):
         rec.close(folder=blocker / "run")
-    assert not rec.closed and (taken / "other.txt").read_text() == "another run's file"
+    with pytest.raises(FileExistsError, match=re.escape(f"could not be written to {taken}") +
+                       r".*exists already"):
+        rec.close(folder=taken)
+    assert not rec.closed and not any(taken.iterdir())
     run = rec.close(folder=tmp_path / "saved")
     assert rec.closed and run.path == rec.folder == tmp_path / "saved"
     loaded = rl.recorder.load(run.path)
@@ -315,7 +316,8 @@ def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
 def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
     _, model, images = fresh
     rec = rl.Recorder(model, DDPMScheduler(), images, folder=tmp_path / "run")
-    with pytest.raises(rl.training.TrainingDiverged, match=r"batch loss is nan.*lr=0.5.*Nothing was saved"):
+    with pytest.raises(rl.training.TrainingDiverged,
+                       match=r"batch loss is nan.*lr=0.5.*The run was not completed"):
         rec.step(*_batch([0, 1]), 0.5, loss=float("nan"))
     assert rec.n_steps == 0
     rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5)
@@ -323,7 +325,9 @@ def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
         next(model.parameters())[0] = float("inf")
     with pytest.raises(rl.training.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
         rec.checkpoint(model)
-    assert not rec.checkpoints and not (tmp_path / "run").exists()
+    assert not rec.checkpoints
+    with pytest.raises(rl.recorder.IncompleteRunError, match="never closed"):
+        rl.recorder.load(tmp_path / "run")
 
 
 def test_a_wrong_loss_or_scheduler_is_refused_at_the_first_step():
