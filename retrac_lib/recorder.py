@@ -136,11 +136,6 @@ class Recorder:
         self.shared = _shared(shared)
         self._writes = not self.shared or torch.distributed.get_rank() == 0
         self.folder = None if folder is None else Path(folder)
-        if self.folder is not None and self.folder.exists():
-            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this run "
-                                  "(or delete the old one); a recorded run is never overwritten. "
-                                  "To go on with a recording whose training stopped, use "
-                                  "rl.Recorder.resume.")
         self._n_timesteps = noise_scheduler.config.num_train_timesteps
         self._initial = _snapshot(model)
         if replay_tolerance is not None:
@@ -162,8 +157,15 @@ class Recorder:
         self.closed = False
         self._journal = None
         if self.folder is not None:
-            self._journal = self._on_rank0(
-                lambda: journal.create(self.folder, self.config, self.data, self._initial))
+            self._journal = self._on_rank0(self._create)
+
+    def _create(self) -> dict:
+        if self.folder.exists():
+            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this run "
+                                  "(or delete the old one); a recorded run is never overwritten. "
+                                  "To go on with a recording whose training stopped, use "
+                                  "rl.Recorder.resume.")
+        return journal.create(self.folder, self.config, self.data, self._initial)
 
     @classmethod
     def resume(cls, folder, model, noise_scheduler, *, step: int, loss: str = "mse",
@@ -285,9 +287,13 @@ class Recorder:
             shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise has shape {shape}; expected [{len(idx)}, "
                              f"{', '.join(map(str, self.data.sample_shape))}] (one draw per sample).")
-        if noise.dtype != self.data.images.dtype:
-            raise ValueError(f"noise has dtype {noise.dtype}; the training images are "
-                             f"{self.data.images.dtype}. Record the noise add_noise received.")
+        dtype = self.data.images.dtype
+        if not noise.dtype.is_floating_point or not torch.equal(
+                noise.detach().to(dtype).to(noise.dtype), noise.detach()):
+            raise ValueError(f"noise has dtype {noise.dtype}, which {dtype} (the training "
+                             "images') does not hold exactly. Record the noise add_noise "
+                             "received, drawn in the images' dtype or in a lower precision "
+                             "(bf16/fp16 under mixed precision).")
         if isinstance(lr, torch.Tensor) and lr.numel() == 1:
             lr = lr.item()
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < float("inf"):
@@ -299,7 +305,7 @@ class Recorder:
             loss = float(loss)
             if not torch.isfinite(torch.as_tensor(loss)):
                 raise self._diverged(f"the batch loss is {loss}", lr)
-        return idx, t, noise.detach().cpu().clone(), float(lr), loss
+        return idx, t, noise.detach().cpu().to(dtype, copy=True), float(lr), loss
 
     def _record(self, micro: list[tuple]) -> None:
         """Record the optimizer step made of the micro-batches ``micro`` (rank 0's part)."""
@@ -573,6 +579,13 @@ class Recorder:
         images = images.detach().cpu()
         expected = self.data.images[idx]
         if images.shape != expected.shape or not torch.equal(images.to(expected.dtype), expected):
+            if images.shape == expected.shape and torch.equal(
+                    images, expected.to(images.dtype)):
+                raise ValueError(
+                    f"The batch images are the training set at the given indices rounded to "
+                    f"{images.dtype} (a mixed-precision loop's weight_dtype): the model trains "
+                    f"on the rounded images, so record those: pass the training set as "
+                    f"images.to({images.dtype}).to({expected.dtype}) to the Recorder.")
             raise ValueError(
                 "The batch images differ from the training set at the given indices: the indices "
                 "are wrong, or the loop augments (random flips or crops) or rescales the images. "
