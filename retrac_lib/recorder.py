@@ -161,10 +161,10 @@ class Recorder:
 
     def _create(self) -> dict:
         if self.folder.exists():
-            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this run "
-                                  "(or delete the old one); a recorded run is never overwritten. "
-                                  "To go on with a recording whose training stopped, use "
-                                  "rl.Recorder.resume.")
+            raise FileExistsError(f"{self.folder} exists already: choose a new folder for this "
+                                  "run (or delete the old one); a recorded run is never "
+                                  "overwritten. To go on with a recording whose training "
+                                  "stopped, use rl.Recorder.resume.")
         return journal.create(self.folder, self.config, self.data, self._initial)
 
     @classmethod
@@ -263,6 +263,8 @@ class Recorder:
         if sync:
             micro, self._micro = self._micro, []
             self._on_rank0(lambda: self._record(micro))
+            if not self._writes:   # other ranks count the steps only
+                self._sizes.append(sum(len(m[0]) for m in micro))
 
     def _checked(self, indices, timesteps, noise, lr, loss, images) -> tuple:
         """One micro-batch, validated and copied: (indices, timesteps, noise, lr, loss)."""

@@ -17,7 +17,7 @@ import torch
 from test_attribution import REL_TOL, ref_scores, rel_err
 
 import retrac_lib as rl
-from retrac_lib import journal
+from retrac_lib import cli, journal
 
 pytest.importorskip("accelerate")
 SCRIPT = Path(__file__).with_name("train_unconditional.py")
@@ -83,3 +83,20 @@ def test_scores_equal_the_slow_reference(launched, which):
                            progress=False)
         expected, _ = ref_scores(run, queries, [0, 1, 2, 3], GRID, noise, "mse", method)
         assert rel_err(res.scores, expected) <= REL_TOL
+
+
+def test_the_command_line_attributes_the_ema_weights(launched, tmp_path, capsys):
+    tmp, _ = launched
+    folder = tmp / "resumed" / "recorded-run"
+    run = rl.recorder.load(folder)
+    queries = rl.data.digits("test").images[:2]
+    torch.save(queries, tmp_path / "q.pt")
+    opts = ["--timesteps", "3", "--n-noise", "2", "--method", "tracin"]
+    for which in ("trained", "ema"):
+        assert cli.main(["attribute", str(folder), str(tmp_path / "q.pt"), "--out",
+                         str(tmp_path / which), "--weights", which, *opts]) == 0
+        expected = rl.attribute(run.with_weights(which), queries, "tracin", timesteps=3,
+                                n_noise=2, progress=False)
+        assert torch.equal(rl.AttributionResult.load(tmp_path / which).scores, expected.scores)
+    assert not torch.equal(rl.AttributionResult.load(tmp_path / "ema").scores,
+                           rl.AttributionResult.load(tmp_path / "trained").scores)

@@ -47,7 +47,8 @@ def test_a_killed_recording_holds_its_flushed_steps_and_is_refused_as_a_run(runs
         rl.recorder.load(folder)
     with pytest.raises(SystemExit):      # the command line says the same and exits
         cli.main(["attribute", str(folder), str(runs / "q.npy"), "--out", str(runs / "s")])
-    assert "RUN: " + str(folder) + " is a recording that was never closed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"RUN: {folder} is a recording that was never closed" in err
 
 
 def test_resume_refuses_lost_steps_other_weights_and_damaged_shards(runs, tmp_path):
@@ -98,3 +99,44 @@ def test_a_resumed_run_equals_the_uninterrupted_one_bit_for_bit(runs):
         assert torch.equal(scores[0], scores[1])
         expected, _ = ref_scores(resumed, queries, [0, 1, 2], GRID, noise, "mse", method)
         assert rel_err(scores[1], expected) <= REL_TOL
+
+
+SHARED = '''
+import sys, torch, torch.distributed as dist
+from diffusers import DDPMScheduler
+from crashing_loop import images, parts
+import retrac_lib as rl
+dist.init_process_group("gloo")
+rank, model = dist.get_rank(), parts()[0]
+rec = rl.Recorder(model, DDPMScheduler(), images(), folder=sys.argv[1], shared=True)
+def attempt(what, *args, **kwargs):
+    try:
+        getattr(rec, what)(*args, **kwargs)
+    except ValueError as err:
+        print(f"rank {rank} {what}: {err}".replace(chr(10), " "), flush=True)
+t, eps = torch.full((2,), 7), torch.zeros(2, 1, 8, 8)
+attempt("step", torch.tensor([0, 99 if rank else 1]), t, eps, 1e-3)      # rank 1's indices
+attempt("step", torch.tensor([2 * rank, 2 * rank + 1]), t, eps, 1e-3)    # good: 4 samples
+attempt("checkpoint", model)                                             # rank 0 refuses
+print(f"rank {rank} steps {rec.n_steps}", flush=True)
+'''
+
+
+def test_shared_recorders_raise_every_process_s_error_on_all_processes(tmp_path):
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(LOOP.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", script, tmp_path / "run"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(done.stdout.splitlines())
+    for rank in (0, 1):
+        assert any(line.startswith(f"rank {rank} step: On process 1: indices must lie in "
+                                   "[0, 10)") for line in lines), lines
+        assert any(line.startswith(f"rank {rank} checkpoint: ") and "6 training samples" in line
+                   and "have not been trained" in line for line in lines), lines
+        assert f"rank {rank} steps 1" in lines
+    run = journal.read(tmp_path / "run")
+    assert run["shards"] == [] and journal.is_recording(tmp_path / "run")

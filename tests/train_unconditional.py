@@ -1,5 +1,5 @@
-"""The training loop of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
-(accelerate, gradient accumulation, mixed precision, EMA, DDPMScheduler, AdamW with a warm-up +
+"""The training loop of diffusers'
+``examples/unconditional_image_generation/train_unconditional.py`` (accelerate, gradient accumulation, mixed precision, EMA, DDPMScheduler, AdamW with a warm-up +
 cosine lr schedule, ``accelerator.save_state`` checkpoints and ``--resume_from_checkpoint``),
 written anew for this test on 24 8x8 digits and a tiny UNet; the lines marked ``# <- recorder``
 are what recording adds. Launch it with ``torchrun`` (gloo on CPUs) or ``accelerate launch``.
@@ -102,8 +102,7 @@ def main(args):
                                       flush_every=1)
     else:
         recorder = rl.Recorder(accelerator.unwrap_model(model), noise_scheduler,  # <- recorder
-                               train_images, folder=folder, shared=True, flush_every=1,
-                               replay_tolerance=None if weight_dtype == torch.float32 else 3e-2)
+                               train_images, folder=folder, shared=True, flush_every=1)
 
     for epoch in range(first_epoch, args.num_epochs):
         model.train()
