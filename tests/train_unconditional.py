@@ -1,8 +1,9 @@
 """The training loop of diffusers'
-``examples/unconditional_image_generation/train_unconditional.py`` (accelerate, gradient accumulation, mixed precision, EMA, DDPMScheduler, AdamW with a warm-up +
-cosine lr schedule, ``accelerator.save_state`` checkpoints and ``--resume_from_checkpoint``),
-written anew for this test on 24 8x8 digits and a tiny UNet; the lines marked ``# <- recorder``
-are what recording adds. Launch it with ``torchrun`` (gloo on CPUs) or ``accelerate launch``.
+``examples/unconditional_image_generation/train_unconditional.py`` (accelerate, gradient
+accumulation, mixed precision, EMA, DDPMScheduler, AdamW with a warm-up + cosine lr schedule,
+``accelerator.save_state`` checkpoints and ``--resume_from_checkpoint``), written anew for
+this test on 24 8x8 digits and a tiny UNet; the lines marked ``# <- recorder`` are what
+recording adds. Launch it with ``torchrun`` (gloo on CPUs).
 
 Two changes from the example make a resumed run comparable with an uninterrupted one: the
 shuffle is seeded per epoch (accelerate's seedable sampler) and each batch's timesteps and noise
