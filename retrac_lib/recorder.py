@@ -331,7 +331,7 @@ class Recorder:
                 f"by it add nothing to any score (a run whose checkpoints all have lr 0 scores "
                 f"every sample 0). The lr was probably read after lr_scheduler.step() (the next "
                 f"step's lr, 0 at the end of a schedule). {READ_LR_BEFORE}",
-                ZeroLearningRateWarning, stacklevel=4)
+                ZeroLearningRateWarning, stacklevel=5)   # the caller of step()
         for k, v in zip(self._pending, (idx, t, noise)):
             self._pending[k].append(v)
         self._losses.append(float("nan") if loss is None else loss)
