@@ -8,6 +8,9 @@ noise), so a resumed run trains exactly as an uninterrupted one.
 """
 import argparse
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +22,24 @@ import retrac_lib as rl
 
 N, BATCH, EPOCHS, SAVE_EVERY, FLUSH_EVERY = 10, 4, 3, 3, 2
 STEPS_PER_EPOCH = -(-N // BATCH)
+
+
+def launch(args, timeout=240):
+    """Run ``args`` (a training launch) with one BLAS thread and ``ACCELERATE_USE_CPU=1`` in a
+    process group of its own, which a timeout kills whole (torchrun's workers too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def images():

@@ -7,13 +7,11 @@ accumulation 2 and bf16 autocast, killed after optimizer step 5 and resumed from
 24 digits, 3 per process and micro-batch: an optimizer step holds 2 micro-batches x 2 processes
 = 12 samples, an epoch 2 steps; 4 epochs, a recorder checkpoint after each.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from crashing_loop import launch
 from test_attribution import REL_TOL, ref_scores, rel_err
 
 import retrac_lib as rl
@@ -26,10 +24,8 @@ GRID = [5, 500, 990]
 
 
 def _launch(out, *args, expect=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", SCRIPT, "--output_dir", out, *OPTIONS,
-                           *args], env=env, capture_output=True, text=True, timeout=240)
+    done = launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   SCRIPT, "--output_dir", out, *OPTIONS, *args])
     assert (done.returncode == 0) == (expect == 0), done.stderr[-4000:]
 
 

@@ -5,14 +5,12 @@ unfinished, and resumed from the loop's own saved state gives the uninterrupted 
 3 steps (and flushing the recorder then) and flushing every 2 steps; killed after step 5, its
 recording holds 5 steps (the last flush) and its last saved state is that of step 3.
 """
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from crashing_loop import parts
+from crashing_loop import launch, parts
 from test_attribution import REL_TOL, ref_scores, rel_err
 
 import retrac_lib as rl
@@ -23,9 +21,7 @@ GRID = [5, 500, 990]
 
 
 def _loop(folder, state, *args, expect=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, LOOP, folder, state, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = launch([LOOP, folder, state, *args])
     assert done.returncode == expect, done.stderr[-3000:]
 
 
@@ -68,7 +64,7 @@ def test_resume_refuses_lost_steps_other_weights_and_damaged_shards(runs, tmp_pa
         rl.Recorder(model, scheduler, torch.zeros(10, 1, 8, 8), folder=folder)
     assert sorted(p.name for p in folder.iterdir()) == before   # refusals change nothing
     damaged = tmp_path / "damaged"
-    subprocess.run(["cp", "-r", folder, damaged], check=True)
+    shutil.copytree(folder, damaged)
     shard = sorted(damaged.glob("steps-*"))[0]
     shard.write_bytes(shard.read_bytes()[:-4] + b"xxxx")
     with pytest.raises(rl.cache.CacheError, match=f"{damaged} is damaged: {shard.name}"):
@@ -125,11 +121,8 @@ print(f"rank {rank} steps {rec.n_steps}", flush=True)
 def test_shared_recorders_raise_every_process_s_error_on_all_processes(tmp_path):
     script = tmp_path / "shared.py"
     script.write_text(SHARED)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(LOOP.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", script, tmp_path / "run"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   script, tmp_path / "run"])
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.splitlines())
     for rank in (0, 1):
