@@ -179,13 +179,13 @@ class Recorder:
         ``flush()`` right after saving the training state)."""
         folder = Path(folder)
         _require_recording(folder)
+        step = validation.integer(step, "step", 0, why=" It is the optimizer step of the "
+                                                       "training state you resume from.")
         data = cache.load_tensors(folder / "data.safetensors")
-        rec = cls(model, noise_scheduler, Dataset(cache.read_json(folder / "config.json")["data"]
-                                                  ["name"], data["images"], data["labels"]),
+        name = cache.read_json(folder / "config.json")["data"]["name"]
+        rec = cls(model, noise_scheduler, Dataset(name, data["images"], data["labels"]),
                   loss=loss, flush_every=flush_every, shared=shared, replay_tolerance=None)
-        state = rec._on_rank0(lambda: rec._continue(folder, validation.integer(
-            step, "step", 0, why=" It is the optimizer step of the training state you resume.")
-            , model), share=True)
+        state = rec._on_rank0(lambda: rec._continue(folder, step, model), share=True)
         rec._sizes, rec._losses, rec._lrs = state
         rec._flushed = rec.n_steps
         rec.folder = folder

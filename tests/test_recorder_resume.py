@@ -54,6 +54,8 @@ def test_resume_refuses_lost_steps_other_weights_and_damaged_shards(runs, tmp_pa
     with pytest.raises(ValueError, match=r"holds the first 5 optimizer steps, but training "
                                          r"resumes at step 6.*steps 5..5 were lost"):
         rl.Recorder.resume(folder, model, scheduler, step=6)
+    with pytest.raises(ValueError, match="step must be >= 0.*optimizer step of the training"):
+        rl.Recorder.resume(folder, model, scheduler, step=-1)
     with pytest.raises(ValueError, match="model does not hold the weights the recorder saved at "
                                          "step 3"):
         rl.Recorder.resume(folder, model, scheduler, step=3)   # initial, not step 3's weights
