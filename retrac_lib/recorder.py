@@ -267,7 +267,8 @@ class Recorder:
                 self._sizes.append(sum(len(m[0]) for m in micro))
 
     def _checked(self, indices, timesteps, noise, lr, loss, images) -> tuple:
-        """One micro-batch, validated and copied: (indices, timesteps, noise, lr, loss)."""
+        """One micro-batch, validated and copied: (indices, timesteps, noise, lr, loss, the
+        noise's dtype in the loop)."""
         if indices is None:
             raise ValueError(
                 "step() needs the batch's training-set indices. If your DataLoader does not return "
@@ -307,7 +308,7 @@ class Recorder:
             loss = float(loss)
             if not torch.isfinite(torch.as_tensor(loss)):
                 raise self._diverged(f"the batch loss is {loss}", lr)
-        return idx, t, noise.detach().cpu().to(dtype, copy=True), float(lr), loss
+        return idx, t, noise.detach().cpu().to(dtype, copy=True), float(lr), loss, noise.dtype
 
     def _record(self, micro: list[tuple]) -> None:
         """Record the optimizer step made of the micro-batches ``micro`` (rank 0's part)."""
@@ -323,7 +324,8 @@ class Recorder:
         loss = None if None in losses else sum(
             v * len(m[0]) for v, m in zip(losses, micro)) / len(idx)
         if loss is not None and self.n_steps == 0:
-            self.check_first_loss(idx, t, noise, loss)
+            self.check_first_loss(idx, t, noise, loss, min((m[5] for m in micro),
+                                                           key=lambda d: torch.finfo(d).bits))
         if lr == 0 and not self._warned_zero_lr and any(self._lrs):
             self._warned_zero_lr = True
             warnings.warn(
@@ -502,11 +504,13 @@ class Recorder:
             raise type(box[0])(f"On process 0: {box[0]}")
         return result if self._writes else box[1]
 
-    def check_first_loss(self, indices, timesteps, noise, logged: float) -> None:
+    def check_first_loss(self, indices, timesteps, noise, logged: float,
+                         precision: torch.dtype | None = None) -> None:
         """Recompute the first step's batch loss from the initial weights with the declared loss
         and scheduler; raise a ``ValueError`` when it differs from ``logged`` by more than the
         ``replay_tolerance``, naming a loss or beta schedule that reproduces ``logged`` if one
-        does. ``step`` calls it; it stores ``(logged, replayed)`` in ``self.replayed``."""
+        does, and the tolerance a loop needs whose noise had the lower ``precision``. ``step``
+        calls it; it stores ``(logged, replayed)`` in ``self.replayed``."""
         if self._replay_tolerance is None:
             return
         model = build_model(self.config, self.data.sample_shape)
@@ -543,6 +547,11 @@ class Recorder:
                 raise ValueError(f"{found}{fix.capitalize()}: it reproduces the logged loss "
                                  f"({value:.6g}). Scores with the wrong one are wrong.")
         ratio = logged / replayed if replayed else float("inf")
+        if precision is not None and precision != self.data.images.dtype:
+            found += (f"The loop's noise was {precision}, so its forward pass ran in reduced "
+                      "precision (mixed precision), whose loss the float32 replay matches only "
+                      "to about 1e-3 to 1e-2: pass replay_tolerance=1e-2 to the Recorder if the "
+                      "rest below holds. ")
         raise ValueError(
             f"{found}No supported loss {REPLAY_LOSSES} or beta schedule reproduces it (the logged "
             f"loss is {ratio:.3g} x the replay). Pass step(..., loss=) the mean per-sample "

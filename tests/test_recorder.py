@@ -525,6 +525,11 @@ def test_mixed_precision_noise_and_images(fresh):
         rec.step(idx, t, noise, 1e-3, images=images[idx].to(torch.bfloat16))
     with pytest.raises(ValueError, match="torch.float64, which torch.float32.*does not hold"):
         rec.step(idx, t, torch.randn((3, 1, SIZE, SIZE), dtype=torch.float64), 1e-3)
+    with torch.no_grad():
+        replay = diffusion_loss(model, DDPMScheduler(), images[idx], t, noise.float()).mean()
+    with pytest.raises(ValueError, match=r"noise was torch.bfloat16, so its forward pass ran in "
+                                         r"reduced precision.*pass replay_tolerance=1e-2"):
+        rec.step(idx, t, noise, 1e-3, loss=replay.item() * 1.005)
     rounded = rl.Recorder(model, DDPMScheduler(), images.to(torch.bfloat16).float())
     rounded.step(idx, t, noise, 1e-3, images=images[idx].to(torch.bfloat16))
     rounded.step(*_batch([3, 4, 5]), 1e-3)

@@ -103,7 +103,8 @@ def main(args):
                                       flush_every=1)
     else:
         recorder = rl.Recorder(accelerator.unwrap_model(model), noise_scheduler,  # <- recorder
-                               train_images, folder=folder, shared=True, flush_every=1)
+                               train_images, folder=folder, shared=True, flush_every=1,
+                               replay_tolerance=1e-2)  # bf16: replays to ~1e-3
 
     for epoch in range(first_epoch, args.num_epochs):
         model.train()
