@@ -7,6 +7,7 @@ Every draw comes from a generator seeded by the epoch (the shuffle) or the step 
 noise), so a resumed run trains exactly as an uninterrupted one.
 """
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ STEPS_PER_EPOCH = -(-N // BATCH)
 
 def launch(args, timeout=240):
     """Run ``args`` (a training launch) with one BLAS thread and ``ACCELERATE_USE_CPU=1`` in a
-    process group of its own, which a timeout kills whole (torchrun's workers too)."""
+    session of its own; a timeout kills it and every process below it (torchrun's workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}
@@ -36,10 +37,27 @@ def launch(args, timeout=240):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *_descendants(proc.pid)]:   # torchrun's workers have sessions
+            with contextlib.suppress(OSError):             # of their own
+                os.kill(pid, signal.SIGKILL)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _descendants(pid):
+    """The processes below ``pid`` (Linux ``/proc``)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def images():
