@@ -226,7 +226,7 @@ def try_save(save, folder: Path) -> bool:
         return False
 
 
-def _restrict(folder: Path) -> None:
+def restrict(folder: Path) -> None:
     """Give ``folder`` and its files the modes of ``modes`` (safetensors writes 0600)."""
     folder_mode, file_mode = modes()
     for path in folder.iterdir():
@@ -235,7 +235,7 @@ def _restrict(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path, *, exist_ok: bool = True):
+def atomic_folder(final: Path, *, exist_ok: bool = True, manifest: bool = True):
     """Yield a temporary folder; on success move it to ``final`` in one rename.
 
     ``exist_ok=True`` (the cache) keeps an entry that a concurrent writer of the same payload
@@ -243,6 +243,7 @@ def atomic_folder(final: Path, *, exist_ok: bool = True):
     folder, or a file) is refused with ``FileExistsError`` before anything is written, and so is
     the second of two writers racing for it, so no save ever reports success it did not have.
     Orphans of earlier killed saves in the same parent folder are removed first.
+    ``manifest=False`` leaves the manifest out: a folder still being written (a recording).
     """
     final = Path(final)
     if not exist_ok:
@@ -252,8 +253,9 @@ def atomic_folder(final: Path, *, exist_ok: bool = True):
     tmp = _make_tmp(final.parent, final.name)
     try:
         yield tmp
-        write_manifest(tmp)
-        _restrict(tmp)
+        if manifest:
+            write_manifest(tmp)
+        restrict(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -315,7 +317,7 @@ def read_json(path: Path):
                          f"({type(err).__name__}: {err}). {hint(Path(path).parent)}") from err
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -323,9 +325,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    files = sorted(p.name for p in Path(folder).iterdir() if p.name not in (MANIFEST, TMP_MARKER))
-    write_json(Path(folder) / MANIFEST, {f: _sha256(Path(folder) / f) for f in files})
+def replace_atomically(path: Path, write) -> None:
+    """``write(tmp_path)``, then rename it to ``path`` in one step: a reader (or a crash) sees
+    the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        os.chmod(tmp, modes()[1])
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_manifest(folder: Path, names=None) -> None:
+    """The SHA-256 of ``names`` (default: every file in ``folder``), written atomically."""
+    folder = Path(folder)
+    if names is None:
+        names = [p.name for p in folder.iterdir() if p.name not in (MANIFEST, TMP_MARKER)]
+    manifest = {f: sha256(folder / f) for f in sorted(names)}
+    replace_atomically(folder / MANIFEST, lambda tmp: write_json(tmp, manifest))
 
 
 def verify_folder(folder: Path) -> None:
@@ -342,6 +362,6 @@ def verify_folder(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CacheError(f"{kind} {folder} is missing {name}. {hint(folder)}")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise CacheError(f"{_kind(folder, 'file')} {path} is corrupted (checksum differs). "
                              f"{hint(folder)}")

@@ -57,6 +57,7 @@ from . import config as rl_config
 from .attribution.sketch import projection_size
 from .cache import CacheError
 from .losses import LOSSES
+from .training import WEIGHTS
 from .timesteps import parse_timesteps
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
@@ -151,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("attribute", help="score every training sample of a run for each query")
     p.add_argument("run", type=Path, help="folder of a recorded run")
+    p.add_argument("--weights", choices=WEIGHTS, default="trained",
+                   help="the checkpoints' trained weights, or their EMA weights (recorded with "
+                        "recorder.checkpoint(model, ema=...))")
     p.add_argument("queries", type=Path, help="query images: .safetensors, .npy or .pt")
     p.add_argument("--out", type=Path, required=True, help="new folder for the scores")
     p.add_argument("--method", choices=attribution.METHODS, default="retrac")
@@ -258,6 +262,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError, CacheError) as err:
         parser.error(f"RUN: {err}")
     try:
+        run = run.with_weights(args.weights)
+    except ValueError as err:
+        parser.error(f"--weights: {err}")
+    try:
         queries = load_queries(args.queries, run.data.sample_shape)
         if not args.allow_out_of_range:
             validation.data_range(queries, run.data.images, "queries",
@@ -288,7 +296,8 @@ def main(argv=None) -> int:
     status = 0
     if rank == 0:
         saved = save_or_rescue(result, args.out,
-                               {"run": str(args.run), "queries": str(args.queries)})
+                               {"run": str(args.run), "queries": str(args.queries),
+                                "weights": args.weights})
         status = 0 if saved == args.out else 1
         print(f"{args.method} scores {tuple(result.scores.shape)} in {result.seconds:.1f} s "
               f"-> {saved}")

@@ -21,6 +21,7 @@ from .losses import diffusion_loss
 from .models import build_model, build_scheduler
 
 INIT = "init"  # names the weights before the first optimizer step
+WEIGHTS = ("trained", "ema")  # which weights of a checkpoint attribution uses (Run.with_weights)
 
 
 @dataclasses.dataclass
@@ -37,6 +38,13 @@ class Checkpoint:
     lr: float
     visits: int
     params: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None = None   # the EMA weights at this step, if recorded
+
+    META = ("index", "step", "epoch", "lr", "visits")
+
+    def meta(self) -> dict:
+        """The checkpoint without its weights, as ``meta.json`` stores it."""
+        return {k: getattr(self, k) for k in self.META}
 
     def weight(self, n_train: int) -> float:
         """TracIn's checkpoint weight: learning rate times expected visits per sample."""
@@ -132,6 +140,23 @@ class Run:
             missing = (last < 0).nonzero().flatten()[:5].tolist()
             raise ValueError(f"Samples {missing} were never trained before checkpoint {c}.")
         return log.timesteps[last], log.noise[last]
+
+    def with_weights(self, which: str) -> "Run":
+        """This run with every checkpoint's ``which`` weights: "trained" (the model's, what
+        every function uses by default) or "ema" (the exponential moving average recorded by
+        ``Recorder.checkpoint(model, ema=...)``: the weights a diffusers loop with ``--use_ema``
+        saves and samples with). The log, lrs and checkpoint weights stay the same; scores of
+        the two differ (chapter 8 measures by how much), and their cache keys too."""
+        if which not in WEIGHTS:
+            raise ValueError(f"which must be one of {WEIGHTS}, got {which!r}.")
+        if which == "trained":
+            return self
+        missing = [c.index for c in self.checkpoints if c.ema is None]
+        if missing:
+            raise ValueError(f"Checkpoints {missing} hold no EMA weights: record them with "
+                             "recorder.checkpoint(model, ema=ema_model), or use 'trained'.")
+        checkpoints = [dataclasses.replace(c, params=c.ema, ema=None) for c in self.checkpoints]
+        return dataclasses.replace(self, checkpoints=checkpoints)
 
     def require_log(self) -> TrainingLog:
         if self.log is None:
@@ -250,21 +275,38 @@ def save_run(run: Run, folder: Path, with_data: bool = False, *, exist_ok: bool 
     cache, where a concurrent writer of the same configuration may finish first) keeps it.
     """
     with cache.atomic_folder(folder, exist_ok=exist_ok) as tmp:
-        cache.write_json(tmp / "config.json", _describe(run.config, run.data))
-        if with_data:
-            cache.save_tensors(tmp / "data.safetensors", {"images": run.data.images,
-                                                          "labels": run.data.labels})
-        weights = {f"init/{k}": v for k, v in run.initial_params.items()}
-        for c in run.checkpoints:
-            weights.update({f"c{c.index}/{k}": v for k, v in c.params.items()})
-        cache.save_tensors(tmp / "weights.safetensors", weights)
-        cache.save_tensors(tmp / "log.safetensors", run.require_log().to_tensors())
-        cache.write_json(tmp / "meta.json", {
-            "train_seconds": run.train_seconds,
-            "checkpoints": [{k: getattr(c, k) for k in ("index", "step", "epoch", "lr", "visits")}
-                            for c in run.checkpoints],
-        })
+        write_run_header(run.config, run.data, tmp, with_data)
+        write_run_records(run, tmp)
     return Path(folder)
+
+
+RECORD_FILES = ("weights.safetensors", "log.safetensors", "meta.json")
+
+
+def write_run_header(config, data: Dataset, folder: Path, with_data: bool) -> list[str]:
+    """What a run is of, known before training: ``config.json`` (and the training set); the
+    names written."""
+    cache.write_json(folder / "config.json", _describe(config, data))
+    if with_data:
+        cache.save_tensors(folder / "data.safetensors", {"images": data.images,
+                                                         "labels": data.labels})
+    return ["config.json"] + (["data.safetensors"] if with_data else [])
+
+
+def write_run_records(run: Run, folder: Path) -> list[str]:
+    """What training produced: weights, log and checkpoint metadata (``RECORD_FILES``)."""
+    weights = {f"init/{k}": v for k, v in run.initial_params.items()}
+    for c in run.checkpoints:
+        weights.update({f"c{c.index}/{k}": v for k, v in c.params.items()})
+        if c.ema is not None:
+            weights.update({f"c{c.index}.ema/{k}": v for k, v in c.ema.items()})
+    cache.save_tensors(folder / "weights.safetensors", weights)
+    cache.save_tensors(folder / "log.safetensors", run.require_log().to_tensors())
+    cache.write_json(folder / "meta.json", {
+        "train_seconds": run.train_seconds,
+        "checkpoints": [c.meta() for c in run.checkpoints],
+    })
+    return list(RECORD_FILES)
 
 
 def load_run(folder: Path, config: TrainConfig, data: Dataset) -> Run:
@@ -284,15 +326,17 @@ def load_run(folder: Path, config: TrainConfig, data: Dataset) -> Run:
             f"{', '.join(changed)}). {todo}")
     weights = cache.load_tensors(folder / "weights.safetensors")
     meta = cache.read_json(folder / "meta.json")
-    checkpoints = [
-        Checkpoint(**m, params={k.split("/", 1)[1]: v for k, v in weights.items()
-                                if k.startswith(f"c{m['index']}/")})
-        for m in meta["checkpoints"]
-    ]
-    initial = {k.split("/", 1)[1]: v for k, v in weights.items() if k.startswith("init/")}
+    checkpoints = [Checkpoint(**m, params=_prefixed(weights, f"c{m['index']}/"),
+                              ema=_prefixed(weights, f"c{m['index']}.ema/") or None)
+                   for m in meta["checkpoints"]]
+    initial = _prefixed(weights, "init/")
     log = TrainingLog(**cache.load_tensors(folder / "log.safetensors"))
     return Run(config, data, build_scheduler(config), checkpoints, log, initial,
                meta["train_seconds"], folder)
+
+
+def _prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_or_train(config: TrainConfig, data: Dataset, progress: bool = True,

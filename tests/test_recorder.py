@@ -20,6 +20,7 @@ from test_attribution import REL_TOL, ref_scores, ref_weight, rel_err
 from torch.utils.data import DataLoader
 
 import retrac_lib as rl
+from retrac_lib import cli
 from retrac_lib.losses import diffusion_loss
 
 N, SIZE, BATCH, EPOCHS = 10, 8, 4, 2
@@ -283,6 +284,7 @@ def test_a_zero_lr_warns_once_and_a_non_finite_lr_is_refused(fresh):
             lr_scheduler.step()
             rec.step(*_batch(idx), optimizer.param_groups[0]["lr"])
     assert issubclass(rl.recorder.ZeroLearningRateWarning, UserWarning) and len(caught) == 1
+    assert caught[0].filename == __file__          # it points at the loop's step() call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.0)   # warned once per recorder
@@ -293,19 +295,20 @@ def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
     _, model, images = fresh
     taken, blocker = tmp_path / "taken", tmp_path / "not-a-folder"
     blocker.write_text("a file where the run's folder should go")  # unwritable, even by root
-    rec = rl.Recorder(model, DDPMScheduler(), images, folder=taken)
+    taken.mkdir()
+    with pytest.raises(FileExistsError, match="exists already.*never overwritten.*resume"):
+        rl.Recorder(model, DDPMScheduler(), images, folder=taken)
+    rec = rl.Recorder(model, DDPMScheduler(), images)
     rec.step(*_batch([0, 1, 2, 3, 4, 5]), 1e-3)
     rec.checkpoint(model)
-    taken.mkdir()                                   # another run took the folder meanwhile
-    (taken / "other.txt").write_text("another run's file")
-    with pytest.raises(FileExistsError, match=re.escape(f"could not be written to {taken}") +
-                       r".*exists already.*the recorder is still open, so call "
-                       r"recorder.close\(folder=\.\.\.\) with a new, writable folder"):
-        rec.close()
     with pytest.raises(OSError, match=re.escape(f"could not be written to {blocker / 'run'}") +
-                       r".*recorder.close\(folder=\.\.\.\)"):
+                       r".*the recorder is still open, so call "
+                       r"recorder.close\(folder=\.\.\.\) with a new, writable folder"):
         rec.close(folder=blocker / "run")
-    assert not rec.closed and (taken / "other.txt").read_text() == "another run's file"
+    with pytest.raises(FileExistsError, match=re.escape(f"could not be written to {taken}") +
+                       r".*exists already"):
+        rec.close(folder=taken)
+    assert not rec.closed and not any(taken.iterdir())
     run = rec.close(folder=tmp_path / "saved")
     assert rec.closed and run.path == rec.folder == tmp_path / "saved"
     loaded = rl.recorder.load(run.path)
@@ -315,7 +318,8 @@ def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
 def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
     _, model, images = fresh
     rec = rl.Recorder(model, DDPMScheduler(), images, folder=tmp_path / "run")
-    with pytest.raises(rl.training.TrainingDiverged, match=r"batch loss is nan.*lr=0.5.*Nothing was saved"):
+    with pytest.raises(rl.training.TrainingDiverged,
+                       match=r"batch loss is nan.*lr=0.5.*The run was not completed"):
         rec.step(*_batch([0, 1]), 0.5, loss=float("nan"))
     assert rec.n_steps == 0
     rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5)
@@ -323,7 +327,9 @@ def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
         next(model.parameters())[0] = float("inf")
     with pytest.raises(rl.training.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
         rec.checkpoint(model)
-    assert not rec.checkpoints and not (tmp_path / "run").exists()
+    assert not rec.checkpoints
+    with pytest.raises(rl.recorder.IncompleteRunError, match="never closed"):
+        rl.recorder.load(tmp_path / "run")
 
 
 def test_a_wrong_loss_or_scheduler_is_refused_at_the_first_step():
@@ -421,3 +427,121 @@ def test_rl_train_records_through_the_recorder(tiny_config, tiny_digits, monkeyp
         monkeypatch.setattr(rl.Recorder, name, spy)
     run = rl.train(tiny_config.replace(epochs=2), tiny_digits, progress=False)
     assert calls == {"step": run.log.n_steps, "checkpoint": len(run.checkpoints)} == {"step": 6, "checkpoint": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation, EMA weights, mixed precision
+
+
+def test_micro_batches_make_one_optimizer_step(fresh):
+    """With sync=False until the last micro-batch, a recorded step is the optimizer step: its
+    visits are all micro-batches', its loss their mean over samples (replayed from the initial
+    weights), its lr the step's."""
+    rec, model, images = fresh
+    scheduler = DDPMScheduler()
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.tensor([3, 0]), torch.tensor([5, 1, 2]), torch.tensor([4])]
+    ts = [torch.randint(0, 1000, (len(i),), generator=gen) for i in parts]
+    eps = [torch.randn((len(i), 1, SIZE, SIZE), generator=gen) for i in parts]
+    with torch.no_grad():
+        losses = [diffusion_loss(model, scheduler, images[i], t, e).mean().item()
+                  for i, t, e in zip(parts, ts, eps)]
+    for k, (i, t, e, loss) in enumerate(zip(parts, ts, eps, losses)):
+        rec.step(i, t, e, 1e-3, loss=loss, images=images[i], sync=k == len(parts) - 1)
+        assert rec.n_steps == (k == len(parts) - 1)
+    expected = (2 * losses[0] + 3 * losses[1] + losses[2]) / 6
+    assert rec.replayed[0] == pytest.approx(expected, rel=1e-12)
+    assert rec.replayed[1] == pytest.approx(expected, rel=1e-5)
+    rec.checkpoint(model)
+    run = rec.close()
+    assert run.log.n_steps == 1 and run.checkpoints[0].visits == 6
+    assert torch.equal(run.log.indices, torch.cat(parts))
+    assert torch.equal(run.log.noise, torch.cat(eps))
+    assert run.checkpoint_weights().tolist() == pytest.approx([1e-3 * 6 / 6])
+
+
+def test_accumulation_misuse_is_refused(fresh):
+    rec, model, images = fresh
+    idx, t, noise = _batch([0, 1, 2])
+    rec.step(idx, t, noise, 1e-3, sync=False)
+    with pytest.raises(ValueError, match="1 micro-batch.*pending: checkpoint after a step"):
+        rec.checkpoint(model)
+    with pytest.raises(ValueError, match="1 micro-batch.*pending: close after a step"):
+        rec.close()
+    with pytest.raises(ValueError, match="sync must be True or False"):
+        rec.step(*_batch([3, 4, 5]), 1e-3, sync=1)
+    with pytest.raises(ValueError, match=r"report different lrs \[0.001, 0.002\]: pass "
+                                         r"sync=False for every micro-batch but the last"):
+        rec.step(*_batch([3, 4, 5]), 2e-3)
+    with pytest.raises(ValueError, match="shared=True needs the torch.distributed process group"):
+        rl.Recorder(model, DDPMScheduler(), images, shared=True)
+    with pytest.raises(ValueError, match="no folder to flush to"):
+        rl.Recorder(model, DDPMScheduler(), images).flush()
+    with pytest.raises(ValueError, match="flush_every must be >= 1, got 0"):
+        rl.Recorder(model, DDPMScheduler(), images, flush_every=0)
+
+
+def test_ema_weights_are_kept_and_chosen(fresh, tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    _, model, images = fresh
+    rec = rl.Recorder(model, DDPMScheduler(), images, folder=tmp_path / "run")
+    ema = EMAModel(model.parameters(), decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx, t, noise = _batch([0, 1, 2, 3, 4, 5])
+    diffusion_loss(model, DDPMScheduler(), images[idx], t, noise).mean().backward()
+    optimizer.step()
+    ema.step(model.parameters())
+    rec.step(idx, t, noise, 0.1)
+    with pytest.raises(ValueError, match="ema must be a diffusers EMAModel or the EMA model"):
+        rec.checkpoint(model, ema={"not": "an ema"})
+    with pytest.raises(ValueError, match="ema tracks 1 parameters, the model has"):
+        rec.checkpoint(model, ema=EMAModel([next(model.parameters())]))
+    rec.checkpoint(model, ema=ema)
+    run = rl.recorder.load(rec.close().path)
+    names = [n for n, _ in model.named_parameters()]
+    (c,) = run.checkpoints
+    for name, shadow, param in zip(names, ema.shadow_params, model.parameters()):
+        assert torch.equal(c.ema[name], shadow) and torch.equal(c.params[name], param.detach())
+    assert not all(torch.equal(c.ema[k], c.params[k]) for k in names)
+    ema_run = run.with_weights("ema")
+    assert ema_run.checkpoints[0].params is c.ema and run.with_weights("trained") is run
+    assert ema_run.fingerprint() != run.fingerprint()     # their scores get their own cache keys
+    assert torch.equal(next(ema_run.model_at(0).parameters()), ema.shadow_params[0])
+    with pytest.raises(ValueError, match="which must be one of \\('trained', 'ema'\\)"):
+        run.with_weights("average")
+    with pytest.raises(ValueError, match=r"Checkpoints \[0\] hold no EMA weights.*ema=ema_model"):
+        ema_run.with_weights("ema")
+
+
+def test_mixed_precision_noise_and_images(fresh):
+    """Under bf16 the loop draws bf16 noise (held exactly in float32: recorded) and trains on
+    bf16-rounded images (the recorder says to record those)."""
+    rec, model, images = fresh
+    idx, t, _ = _batch([0, 1, 2])
+    noise = torch.randn((3, 1, SIZE, SIZE)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"rounded to torch.bfloat16.*images.to\(torch.bfloat16\)"
+                                         r".to\(torch.float32\) to the Recorder"):
+        rec.step(idx, t, noise, 1e-3, images=images[idx].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="torch.float64, which torch.float32.*does not hold"):
+        rec.step(idx, t, torch.randn((3, 1, SIZE, SIZE), dtype=torch.float64), 1e-3)
+    with torch.no_grad():
+        replay = diffusion_loss(model, DDPMScheduler(), images[idx], t, noise.float()).mean()
+    with pytest.raises(ValueError, match=r"noise was torch.bfloat16, so its forward pass ran in "
+                                         r"reduced precision.*pass replay_tolerance=1e-2"):
+        rec.step(idx, t, noise, 1e-3, loss=replay.item() * 1.005)
+    rounded = rl.Recorder(model, DDPMScheduler(), images.to(torch.bfloat16).float())
+    rounded.step(idx, t, noise, 1e-3, images=images[idx].to(torch.bfloat16))
+    rounded.step(*_batch([3, 4, 5]), 1e-3)
+    rounded.checkpoint(model)
+    run = rounded.close()
+    assert run.log.noise.dtype == torch.float32 and torch.equal(run.log.noise[:3], noise.float())
+
+
+def test_the_command_line_refuses_ema_weights_a_run_does_not_hold(recorded, tmp_path, capsys):
+    _, _, case, folder = recorded
+    torch.save(torch.zeros(1, case["channels"], SIZE, SIZE), tmp_path / "q.pt")
+    with pytest.raises(SystemExit):
+        cli.main(["attribute", str(folder), str(tmp_path / "q.pt"), "--out",
+                     str(tmp_path / "s"), "--weights", "ema"])
+    assert "--weights: Checkpoints [0, 1] hold no EMA weights" in capsys.readouterr().err
