@@ -43,7 +43,7 @@ from .models import check_samples
 from .training import Run, load_or_train, train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "LossLedger", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
+           "LossLedger", "kept_subset", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
            "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds",
            "self_influence", "outlier_auc", "outlier_auc_interval", "outliers_in_top",
            "run_self_influence", "chapter_table", "format_table"]
@@ -115,6 +115,12 @@ def kept_without(n: int, removed) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def kept_subset(data: Dataset, kept) -> Dataset:
+    """The samples ``kept`` (indices or a boolean mask [N]) of ``data``, in index order."""
+    idx = _kept_indices(kept, len(data))
+    return data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
+
+
 def retrain_on(config: TrainConfig, data: Dataset, kept, progress: bool = False,
                root: Path | None = None) -> Run:
     """Train ``config`` (same seed) on exactly the samples ``kept`` of ``data``, in index order.
@@ -122,9 +128,7 @@ def retrain_on(config: TrainConfig, data: Dataset, kept, progress: bool = False,
     ``kept`` holds indices (or a boolean mask [N]); the run's data is ``data.subset(sorted kept)``.
     Cached by ``rl.load_or_train``: the same kept set is never trained twice.
     """
-    idx = _kept_indices(kept, len(data))
-    subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
-    return load_or_train(config, subset, progress=progress, root=root)
+    return load_or_train(config, kept_subset(data, kept), progress=progress, root=root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +296,7 @@ def _ledger_jobs(config: TrainConfig, data: Dataset, sets, seeds) -> list[tuple]
     """``LossLedger.loss_many`` jobs: every ``(kept, queries)`` of ``sets`` with every seed."""
     jobs = []
     for kept, queries in sets:
-        idx = _kept_indices(kept, len(data))
-        subset = data.subset(idx, name=f"{data.name}[{len(idx)} kept]")
+        subset = kept_subset(data, kept)
         jobs += [(config.replace(seed=s), subset, queries) for s in seeds]
     return jobs
 

@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -594,13 +595,13 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
     for j in range(rung.n_subsets):
         if sum("retrain" in c.what for c in checks) == n_retrains * len(queries):
             break
-        subset = data.subset(masks[j].nonzero().flatten(),
-                             name=f"{data.name}[{int(masks[j].sum())} kept]")
+        subset = cf.kept_subset(data, masks[j])
         key = ledger.key(config, subset, queries.images, opts)
         if key not in ledger.entries:
             continue
-        again = cf.run_query_loss(train(config, subset, progress=False), queries.images,
-                                  **opts)
+        with tempfile.TemporaryDirectory() as tmp:   # retrained by a fresh ledger's own path
+            again = cf.LossLedger(Path(tmp) / "again.json", owner=ledger.owner).loss(
+                config, subset, queries.images, opts)
         checks += [Reverification(f"retrain of subset {j}, query {q}",
                                   ledger.entries[key]["losses"][q], float(again[q]), 1e-3, True)
                    for q in range(len(queries))]
