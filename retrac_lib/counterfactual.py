@@ -21,9 +21,16 @@ differences come from the weights alone.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:   # not POSIX: the ledger's lock is a no-op there
+    fcntl = None
 
 import diffusers
 import numpy as np
@@ -193,6 +200,12 @@ class LossLedger:
     agree to float32 rounding only, so an entry's key also
     names its trainer and device type (except "single" on the CPU, whose keys predate them):
     entries of one are never read as the other's.
+
+    Several processes may share one file (two workers splitting a protocol, on one machine or a
+    shared disk): before each retrain the ledger reads the entries others have written since,
+    and each write merges under a lock file (``fcntl``; POSIX only), so nobody's entries are
+    lost and a stored number is never replaced. A write that fails (a full or read-only disk)
+    warns once and the run goes on with its losses in memory.
     """
 
     FORMAT = 1
@@ -205,16 +218,58 @@ class LossLedger:
         single = self.ensemble_size == 1 and self.device.type == "cpu"
         self.trainer = "single" if single else "ensemble"
         self.entries: dict[str, dict] = {}
-        if self.path.exists():
-            doc = cache.read_json(self.path)
-            if not isinstance(doc, dict) or doc.get("format") != self.FORMAT:
-                raise ValueError(f"{self.path}: not a loss ledger of format {self.FORMAT}; move "
-                                 "it away to start a new one.")
-            if doc.get("owner") != self.owner:
-                raise ValueError(f"{self.path} belongs to {doc.get('owner')!r}, not to "
-                                 f"{self.owner!r}: its retrains were made for another protocol. "
-                                 "Move it away or pass the ledger of this protocol.")
-            self.entries = doc["entries"]
+        self._write_failed = False
+        self._read_stored()
+
+    def _read_stored(self) -> None:
+        """Take in the file's entries (another process may have written some since); where
+        both hold a key, the stored entry wins."""
+        if not self.path.exists():
+            return
+        doc = cache.read_json(self.path)
+        if not isinstance(doc, dict) or doc.get("format") != self.FORMAT:
+            raise ValueError(f"{self.path}: not a loss ledger of format {self.FORMAT}; move "
+                             "it away to start a new one.")
+        if doc.get("owner") != self.owner:
+            raise ValueError(f"{self.path} belongs to {doc.get('owner')!r}, not to "
+                             f"{self.owner!r}: its retrains were made for another protocol. "
+                             "Move it away or pass the ledger of this protocol.")
+        self.entries = {**self.entries, **doc["entries"]}
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the ledger's lock file (``.NAME.lock`` beside it) while the block runs."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{self.path.name}.lock", "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _refresh(self) -> None:
+        """Read what other processes have stored since (under the lock)."""
+        try:
+            with self._locked():
+                self._read_stored()
+        except OSError as err:
+            self._warn_once(err)
+
+    def _save(self) -> None:
+        """Merge this ledger's entries into the file under the lock; a stored entry is kept
+        as stored. A failed write warns once; the entries stay in memory."""
+        try:
+            with self._locked():
+                self._read_stored()
+                cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
+                                                    "entries": self.entries})
+        except OSError as err:
+            self._warn_once(err)
+
+    def _warn_once(self, err: OSError) -> None:
+        if not self._write_failed:
+            warnings.warn(f"the loss ledger {self.path} cannot be read or written "
+                          f"({type(err).__name__}: {err}); retrains go on and their losses are "
+                          "returned, but a later run will train them again.", stacklevel=3)
+        self._write_failed = True
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -243,11 +298,30 @@ class LossLedger:
         and stored now (the file is rewritten atomically after every new entry)."""
         return self.loss_many([(config, subset, queries)], loss_options)[0]
 
+    def _train(self, jobs, loss_options: dict) -> None:
+        """Train ``jobs`` [(key, config, subset, queries)] (one, or one ensemble) and hold
+        their entries."""
+        if self.trainer == "single":
+            (k, c, s, q), = jobs
+            run = train(c, s, progress=False)
+            self.entries[k] = {"losses": run_query_loss(run, q, **loss_options).tolist(),
+                               "seconds": round(run.train_seconds, 3)}
+            return
+        ens = train_many([c for _, c, _, _ in jobs], [s for _, _, s, _ in jobs], self.device)
+        for m, (k, c, _, q) in enumerate(jobs):
+            with full_float32():   # as trained: no TF32 on a GPU
+                losses = query_loss(ens.model(m), ens.scheduler, q,
+                                    **{"loss": c.loss, **loss_options})
+            self.entries[k] = {"losses": losses.tolist(),
+                               "seconds": round(ens.train_seconds / len(jobs), 3),
+                               "trainer": self.trainer, "device": self.device.type,
+                               "ensemble": len(jobs)}
+
     def loss_many(self, jobs, loss_options: dict, progress: bool = False) -> list[torch.Tensor]:
         """Query losses [Q_j] of every job ``(config, subset, queries)``, training the missing
         ones with this ledger's trainer: one by one, or in ensembles of at most
         ``ensemble_size`` jobs that share their configuration but the seed and their subset's
-        size. The file is rewritten after every training."""
+        size. The file is merged and rewritten after every training."""
         keys = [self.key(c, s, q, loss_options, self.trainer, self.device) for c, s, q in jobs]
         missing = {k: job for k, job in zip(keys, jobs) if k not in self.entries}
         groups: dict[tuple, list] = {}
@@ -258,24 +332,11 @@ class LossLedger:
                   for a in range(0, len(g), self.ensemble_size)]
         with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
             for chunk in chunks:
-                if self.trainer == "single":
-                    (k, c, s, q), = chunk
-                    run = train(c, s, progress=False)
-                    self.entries[k] = {"losses": run_query_loss(run, q, **loss_options).tolist(),
-                                       "seconds": round(run.train_seconds, 3)}
-                else:
-                    ens = train_many([c for _, c, _, _ in chunk], [s for _, _, s, _ in chunk],
-                                     self.device)
-                    for m, (k, c, _, q) in enumerate(chunk):
-                        with full_float32():   # as trained: no TF32 on a GPU
-                            losses = query_loss(ens.model(m), ens.scheduler, q,
-                                                **{"loss": c.loss, **loss_options})
-                        self.entries[k] = {"losses": losses.tolist(),
-                                           "seconds": round(ens.train_seconds / len(chunk), 3),
-                                           "trainer": self.trainer, "device": self.device.type,
-                                           "ensemble": len(chunk)}
-                cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
-                                                    "entries": self.entries})
+                self._refresh()
+                todo = [job for job in chunk if job[0] not in self.entries]   # or done elsewhere
+                if todo:
+                    self._train(todo, loss_options)
+                    self._save()
                 bar.update(len(chunk))
         return [torch.tensor(self.entries[k]["losses"], dtype=torch.float64) for k in keys]
 

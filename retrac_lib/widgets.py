@@ -4,10 +4,17 @@ A slider never stands alone: each explorer here has a static figure in ``retrac_
 shows the same thing for a few fixed choices, because the rendered book has no kernel.
 Importing this module needs neither a display nor a kernel; ipywidgets is imported on use.
 
+Each explorer shows its figure as PNG bytes in an ``ipywidgets.Image``, not through an
+``Output`` widget: a notebook executor (nbclient, under nbmake and the book's build) mirrors
+an Output widget by sending messages to the kernel on the channel where it awaits the cell's
+reply, and a lost wake-up there has held a build for the whole cell timeout.
+
 * ``TimestepExplorer`` (chapter 2): pick a training sample and a checkpoint, see that sample's
   gradient norm across the timestep grid. Static counterpart: ``plots.bias.small_multiples``.
 """
 from __future__ import annotations
+
+import io
 
 import matplotlib.pyplot as plt
 
@@ -15,6 +22,14 @@ from . import diagnostics
 from .plots import log_axis
 
 __all__ = ["TimestepExplorer", "attribution_explorer"]
+
+
+def _png(fig, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes for an ``ipywidgets.Image``; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 class TimestepExplorer:
@@ -44,8 +59,8 @@ class TimestepExplorer:
                                   continuous_update=False)
         self.checkpoint = W.Dropdown(options=[(self._labels[k], k) for k in keys], value=start,
                                      description="checkpoint")
-        self.output = W.Output()
-        self.widget = W.VBox([W.HBox([self.sample, self.checkpoint]), self.output])
+        self.image = W.Image(format="png")
+        self.widget = W.VBox([W.HBox([self.sample, self.checkpoint]), self.image])
         self._curves: dict = {}
         self.figure = None
         self.sample.observe(self._changed, names="value")
@@ -64,17 +79,11 @@ class TimestepExplorer:
 
     def redraw(self):
         """Recompute (if needed) and redraw the plot for the current slider and dropdown."""
-        from IPython.display import clear_output, display
-
         i, c = int(self.sample.value), self.checkpoint.value
         current = self.curve(i, c)
         seen = [self._curves[(i, k)] for k in self._labels if (i, k) in self._curves and k != c]
-        fig = self._draw(i, current, seen)
-        with self.output:
-            clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
-        self.figure = fig
+        self.figure = self._draw(i, current, seen)
+        self.image.value = _png(self.figure)
 
     def _draw(self, i, current, seen):
         data = self.run.data
@@ -119,13 +128,12 @@ def attribution_explorer(results, run, queries, query_names=None, k: int = 8, ma
     ``plots.attribution.proponent_grid``. Static counterpart: ``plots.attribution.method_comparison``.
 
     Returns the ``ipywidgets.VBox`` to display, with its controls as attributes: ``.query``
-    (Dropdown), ``.method`` (ToggleButtons), ``.k`` (IntSlider), ``.output``, ``.redraw()`` and
-    ``.figure`` (the last figure drawn).
+    (Dropdown), ``.method`` (ToggleButtons), ``.k`` (IntSlider), ``.image`` (the figure as an
+    ``ipywidgets.Image``), ``.redraw()`` and ``.figure`` (the last figure drawn).
 
         rl.widgets.attribution_explorer({"tracin": res_t, "retrac": res_r}, run, queries)
     """
     import ipywidgets as W
-    from IPython.display import clear_output, display
 
     from .plots import METHOD_LABELS
     from .plots import attribution as aplots
@@ -148,23 +156,19 @@ def attribution_explorer(results, run, queries, query_names=None, k: int = 8, ma
     method = W.ToggleButtons(options=[(METHOD_LABELS.get(m, m), m) for m in results],
                              value=next(iter(results)), description="method")
     k_slider = W.IntSlider(value=k, min=1, max=max_k, description="k", continuous_update=False)
-    output = W.Output()
-    box = W.VBox([W.HBox([query, k_slider]), method, output])
+    image = W.Image(format="png")
+    box = W.VBox([W.HBox([query, k_slider]), method, image])
 
     def redraw(_change=None):
         q, m, kk = int(query.value), method.value, int(k_slider.value)
         fig = aplots.proponent_grid(results[m], run, queries, [q], k=kk, opponents=opponents,
                                     query_names=names,
                                     title=f"{METHOD_LABELS.get(m, m)}: top-{kk} proponents of {names[q]}")
-        with output:
-            clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
-        box.figure = fig
+        box.figure, image.value = fig, _png(fig)
 
     for control in (query, method, k_slider):
         control.observe(redraw, names="value")
-    box.query, box.method, box.k, box.output, box.redraw = query, method, k_slider, output, redraw
+    box.query, box.method, box.k, box.image, box.redraw = query, method, k_slider, image, redraw
     redraw()
     return box
 

@@ -319,3 +319,75 @@ def test_ledger_refuses_another_owner_and_another_format(tmp_path):
     rl.cache.write_json_atomic(path, {"format": 99, "owner": "rung-a", "entries": {}})
     with pytest.raises(ValueError, match="not a loss ledger of format 1"):
         cf.LossLedger(path, owner="rung-a")
+
+
+def _ledger_jobs(points_config, points, n):
+    """``n`` ledger jobs (config, kept subset, queries) on the moons, one per kept subset."""
+    masks = cf.random_subsets(len(points), n, seed=3)
+    return [(points_config, cf.kept_subset(points, m), points.images[:2]) for m in masks]
+
+
+LEDGER_OPTIONS = dict(timesteps=3, n_noise=1, loss="mse")
+
+
+def test_ledgers_sharing_a_file_read_each_others_entries_and_lose_none(
+        points_config, points, tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    first, second = cf.LossLedger(path, owner="t"), cf.LossLedger(path, owner="t")
+    one, two = _ledger_jobs(points_config, points, 2)
+    stored = first.loss_many([one], LEDGER_OPTIONS)[0]
+    with monkeypatch.context() as m:
+        m.setattr(cf, "train", lambda *a, **k: pytest.fail("trained what another ledger stored"))
+        assert torch.equal(second.loss_many([one], LEDGER_OPTIONS)[0], stored)
+    second.loss_many([two], LEDGER_OPTIONS)
+    first.loss_many([one], LEDGER_OPTIONS)   # nothing new: the file is not rewritten from memory
+    assert len(cf.LossLedger(path, owner="t")) == 2
+
+
+def test_a_failed_ledger_write_warns_once_and_keeps_the_losses(
+        points_config, points, tmp_path, monkeypatch):
+    jobs = _ledger_jobs(points_config, points, 2)
+    reference = cf.LossLedger(tmp_path / "good.json", owner="t").loss_many(jobs, LEDGER_OPTIONS)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cf.cache, "write_json_atomic", disk_full)
+    ledger = cf.LossLedger(tmp_path / "full.json", owner="t")
+    with pytest.warns(UserWarning, match=r"full\.json cannot be read or written.*No space") as w:
+        losses = ledger.loss_many(jobs, LEDGER_OPTIONS)
+    assert len(w) == 1 and not (tmp_path / "full.json").exists()
+    assert all(torch.equal(a, b) for a, b in zip(losses, reference))
+
+
+WORKER = """
+import sys, time
+import retrac_lib as rl
+from retrac_lib import counterfactual as cf
+
+def fake_train(self, jobs, loss_options):      # a retrain of 20 ms with a recognisable loss
+    time.sleep(0.02)
+    for k, *_ in jobs:
+        self.entries[k] = {"losses": [float(sys.argv[2])], "seconds": 0.02}
+
+cf.LossLedger._train = fake_train
+config = rl.TrainConfig(model="mlp", clip_sample=False, mlp_hidden=16, mlp_layers=1)
+points = rl.data.moons(n=24)
+masks = cf.random_subsets(24, 40, seed=int(sys.argv[2]))
+jobs = [(config, cf.kept_subset(points, m), points.images[:2]) for m in masks]
+cf.LossLedger(sys.argv[1], owner="t").loss_many(jobs, {})
+"""
+
+
+def test_two_processes_writing_one_ledger_keep_every_entry(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    path = tmp_path / "ledger.json"
+    workers = [subprocess.Popen([sys.executable, str(script), str(path), str(seed)])
+               for seed in (1, 2)]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0]
+    entries = cf.LossLedger(path, owner="t").entries
+    assert len(entries) == 80   # 40 subsets each, all different: no write lost another's
+    assert sorted({e["losses"][0] for e in entries.values()}) == [1.0, 2.0]

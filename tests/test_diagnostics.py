@@ -296,6 +296,8 @@ def test_explorer_redraws_the_chosen_sample_and_checkpoint(tiny_run, capsys):
 
     run = tiny_run
     explorer = TimestepExplorer(run, timesteps=5, sample=2)
+    first = bytes(explorer.image.value)
+    assert first.startswith(b"\x89PNG") and explorer.image.format == "png"
     assert explorer.checkpoint.value == 2 and explorer.sample.max == len(run.data) - 1
     assert [label for label, _ in explorer.checkpoint.options] == ["init", "epoch 1", "epoch 2", "epoch 3"]
     explorer.sample.value = 11
@@ -307,6 +309,8 @@ def test_explorer_redraws_the_chosen_sample_and_checkpoint(tiny_run, capsys):
     # The curve of sample 11 at the last checkpoint, visited before, stays in grey.
     assert "epoch 3 (visited)" in [ln.get_label() for ln in explorer.figure.axes[1].get_lines()]
     assert set(explorer._curves) == {(2, 2), (11, 2), (11, "init")}
+    redrawn = bytes(explorer.image.value)
+    assert redrawn.startswith(b"\x89PNG") and redrawn != first
     with pytest.raises(ValueError, match="sample 40 is not a training index"):
         TimestepExplorer(run, sample=40)
     capsys.readouterr()

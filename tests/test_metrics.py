@@ -217,8 +217,11 @@ def test_attribution_explorer_constructs_without_a_display(tiny_run):
     results = {m: rl.attribute(tiny_run, queries, m, timesteps=2, n_noise=1, progress=False)
                for m in ("tracin", "retrac")}
     box = widgets.attribution_explorer(results, tiny_run, queries, query_names=["a", "b"], k=3, max_k=5)
-    assert box.figure is not None
+    assert box.figure is not None and bytes(box.image.value).startswith(b"\x89PNG")
+    first = bytes(box.image.value)
     box.method.value, box.query.value, box.k.value = "retrac", 1, 5
+    redrawn = bytes(box.image.value)
+    assert redrawn.startswith(b"\x89PNG") and redrawn != first
     assert "top-5 proponents of b" in box.figure.texts[0].get_text() or \
         any("top-5" in t.get_text() for t in box.figure.texts)
     with pytest.raises(ValueError, match="expected \\[3 queries"):
