@@ -329,9 +329,10 @@ def study_command(parser, args) -> int:
     print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
     for r in ladder:
         probe = probes[r.name] = study.measure_cost(r, device=args.device, ensemble_size=size)
-        estimate = study.estimate_seconds(r, probe)
+        stored = study.stored_retrains(study.ledger_path(r, out), r, args.device, size)
+        estimate = study.estimate_seconds(r, probe, stored)
         estimates[r.name], parts[r.name] = estimate["total"], estimate
-        print("  " + study.describe_cost(r, probe, estimate)
+        print("  " + study.describe_cost(r, probe, estimate, stored)
               + ("" if r in selected else "  [not selected]"))
     chosen, skipped = study.plan(selected, args.budget_minutes, estimates)
     verb = "would run" if args.estimate_only else "runs"

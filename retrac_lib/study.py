@@ -536,9 +536,10 @@ def describe_result(doc: dict, ledger=None) -> str:
         book = cf.LossLedger(ledger, owner=doc["config_hash"])
         retrains = {"entries": len(book), "train_seconds": book.seconds()}
     n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
-    return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence, generated queries"
-            + "".join(f", {p}" for p in done)
-            + (f"; pending: {', '.join(pending)}" if pending else "; complete")
+    name = {"lds": "LDS", "removal": "removal"}
+    return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence, "
+            "generated queries" + "".join(f", {name[p]}" for p in done)
+            + (f"; pending: {', '.join(name[p] for p in pending)}" if pending else "; complete")
             + f"; {retrains.get('entries', 0)} retrains in its ledger "
               f"({retrains.get('train_seconds', 0) / 3600:.1f} h of training)")
 
@@ -684,18 +685,21 @@ def _grid(options: dict, n_checkpoints: int) -> tuple[int, int]:
     return c, options.get("timesteps", 100) * options.get("n_noise", 16)
 
 
-def estimate_seconds(rung: Rung, probe: Probe) -> dict:
+def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
     """Seconds of each part of ``run_rung`` extrapolated from ``probe``, and their ``total``.
 
     With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
     L = loss timesteps x draws, k removed, R random draws, m scored methods, C checkpoints:
     train S N E t_train (one full training per seed); lds M S (n_h E t_re + Q L t_fwd);
-    removal (m + R) Q S ((N - k) E t_re + L t_fwd) + S Q L t_fwd, where t_re is
-    ``probe.retrain_cost`` (``t_train`` unless the retrains train in ensembles); generation
-    n_gen steps t_fwd; bias N t_grad; attribution t_grad x the gradient passes of TracIn and
-    ReTrac (C (N + q draws) each) and D-TRAK (C_d |S_d| (N + q)) for the held-out (q = Q),
-    generated (2 n_gq) and self-influence (q = N) queries. An upper-side estimate: cached
-    retrains, repeated removal sets and the ghost engine make the real run faster.
+    removal (m + R) Q S ((N - k) E t_re + L t_fwd) + S (N E t_re + Q L t_fwd) (the full set
+    retrained once per seed), where t_re is ``probe.retrain_cost`` (``t_train`` unless the
+    retrains train in ensembles); generation n_gen steps t_fwd; bias N t_grad; attribution
+    t_grad x the gradient passes of TracIn and ReTrac (C (N + q draws) each) and D-TRAK
+    (C_d |S_d| (N + q)) for the held-out (q = Q), generated (2 n_gq) and self-influence (q = N)
+    queries. ``stored`` retrains already in the rung's ledger (``stored_retrains``) are taken
+    off the LDS's M S first, then the removal test's (m + R) Q S + S, in proportion. An
+    upper-side estimate otherwise: repeated removal sets and the ghost engine make the real
+    run faster.
     """
     cfg = rung.config
     n, e, s, q = rung.n_train, cfg.epochs, len(rung.seeds), rung.n_queries
@@ -716,10 +720,32 @@ def estimate_seconds(rung: Rung, probe: Probe) -> dict:
         "attribution": passes * t_g,
         "lds": rung.n_subsets * s * (n_half * e * t_re + q * loss_draws * t_f),
         "removal": ((len(METHODS) + rung.random_draws) * q * s
-                    * ((n - rung.k) * e * t_re + loss_draws * t_f) + s * q * loss_draws * t_f),
+                    * ((n - rung.k) * e * t_re + loss_draws * t_f)
+                    + s * (n * e * t_re + q * loss_draws * t_f)),
     }
+    n_lds, n_removal = retrain_counts(rung)
+    stored = validation.integer(stored, "stored", 0)
+    parts["lds"] *= max(0, n_lds - stored) / n_lds
+    parts["removal"] *= max(0, n_removal - max(0, stored - n_lds)) / n_removal
     parts["total"] = sum(parts.values())
     return parts
+
+
+def retrain_counts(rung: Rung) -> tuple[int, int]:
+    """Retrains of the rung's LDS (M S) and removal test ((m + R) Q S + S, the full set once
+    per seed), as ``estimate_seconds`` counts them."""
+    s = len(rung.seeds)
+    return (rung.n_subsets * s,
+            (len(METHODS) + rung.random_draws) * rung.n_queries * s + s)
+
+
+def stored_retrains(ledger_file, rung: Rung, device="cpu", ensemble_size: int = 1) -> int:
+    """Entries of the rung's ledger at ``ledger_file`` that a run with this device and
+    ensemble size would read (0 when there is no file yet)."""
+    ledger = cf.LossLedger(ledger_file, owner=rung.config_hash(), device=device,
+                           ensemble_size=ensemble_size)
+    return sum((e.get("trainer", "single"), e.get("device", "cpu"))
+               == (ledger.trainer, ledger.device.type) for e in ledger.entries.values())
 
 
 def estimate_cache_bytes(rung: Rung, probe: Probe) -> int:
@@ -760,8 +786,9 @@ def format_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
 
 
-def describe_cost(rung: Rung, probe: Probe, estimate: dict) -> str:
-    """The rung, its probe, its estimate and the cache space it needs, on two lines."""
+def describe_cost(rung: Rung, probe: Probe, estimate: dict, stored: int = 0) -> str:
+    """The rung, its probe, its estimate (after ``stored`` retrains of its ledger) and the
+    cache space it needs, on two lines."""
     parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in estimate.items() if k != "total")
     gib = estimate_cache_bytes(rung, probe) / 2 ** 30
     retrain = "" if probe.retrain_s is None else (
@@ -771,4 +798,8 @@ def describe_cost(rung: Rung, probe: Probe, estimate: dict) -> str:
             f"{rung.config.epochs} epochs; probe {1e3 * probe.train_s:.2f} ms per sample-epoch, "
             f"{1e3 * probe.grad_s:.2f} ms per gradient, {1e3 * probe.forward_s:.3f} ms per "
             f"forward ({probe.device}){retrain}\n    estimate {format_seconds(estimate['total'])} "
-            f"({parts}); cache up to {gib:.1f} GiB")
+            f"({parts}{_stored_note(rung, stored)}); cache up to {gib:.1f} GiB")
+
+
+def _stored_note(rung: Rung, stored: int) -> str:
+    return f"; {stored} of {sum(retrain_counts(rung))} retrains stored" if stored else ""
