@@ -1,7 +1,7 @@
 """Interactive explorers for the notebooks (need a running Jupyter kernel).
 
-A slider never stands alone: each explorer here has a static figure in ``retrac_lib.plots`` that
-shows the same thing for a few fixed choices, because the rendered book has no kernel.
+A slider never stands alone: each explorer here has a static figure in ``retrac_lib.book.plots``
+that shows the same thing for a few fixed choices, because the rendered book has no kernel.
 Importing this module needs neither a display nor a kernel; ipywidgets is imported on use.
 
 * ``TimestepExplorer`` (chapter 2): pick a training sample and a checkpoint, see that sample's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from . import diagnostics
+from .. import diagnostics
 from .plots import log_axis
 
 __all__ = ["TimestepExplorer", "attribution_explorer"]
@@ -122,7 +122,7 @@ def attribution_explorer(results, run, queries, query_names=None, k: int = 8, ma
     (Dropdown), ``.method`` (ToggleButtons), ``.k`` (IntSlider), ``.output``, ``.redraw()`` and
     ``.figure`` (the last figure drawn).
 
-        rl.widgets.attribution_explorer({"tracin": res_t, "retrac": res_r}, run, queries)
+        widgets.attribution_explorer({"tracin": res_t, "retrac": res_r}, run, queries)
     """
     import ipywidgets as W
     from IPython.display import clear_output, display
