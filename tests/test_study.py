@@ -378,3 +378,8 @@ def test_cli_ensemble_size_must_be_positive(capsys):
         cli.main(["study", "--ensemble-size", "0", "--estimate-only"])
     assert err.value.code == 2
     assert "--ensemble-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_committed_results_are_where_the_study_reads_them():
+    """``study.RESULTS`` is the package data folder the wheel ships (chapters 6 and 9 read it)."""
+    assert study.read_result(study.RESULTS / "n250.json")["rung"] == "n250"
