@@ -4,7 +4,7 @@ per member-step for M members at once, on a device, for the study's n250 rung mo
     RETRAC_CACHE=/tmp/rcache OMP_NUM_THREADS=1 python benchmarks/bench_ensemble.py --device cpu
     python benchmarks/bench_ensemble.py --device cuda --sizes 1,4,16,32,64 --steps 8
 
-The model and recipe are the n250 rung's (``rl.study``: the (8, 16, 32) UNet on 32x32 MNIST,
+The model and recipe are the n250 rung's (``retrac_lib.evaluation.study``: the (8, 16, 32) UNet on 32x32 MNIST,
 batch 32, Adam); the data the rung's first ``--steps`` x 32 digits. A step's cost is marginal:
 (seconds of 3 epochs - seconds of 1 epoch) / (2 x steps per epoch), after one warm-up, so
 building, stacking and moving the models and the recorder's first-step replay drop out. Wall
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import table  # noqa: E402
 
-from retrac_lib import study  # noqa: E402
+from retrac_lib.evaluation import study  # noqa: E402
 from retrac_lib.ensemble import train_many  # noqa: E402
 from retrac_lib.training import train  # noqa: E402
 

@@ -8,7 +8,7 @@ For each configuration it prints, as a Markdown table:
 
 * ``grads/s``: per-sample gradients per second, the best of ``--repeats`` timed calls after one
   warm-up call, for a batch of ``--batch`` training samples at their recorded timesteps and noise
-  (final checkpoint of the book's cached run: ``rl.book.digits_setup()`` / ``points_setup()``).
+  (final checkpoint of the book's cached run: ``setups.digits_setup()`` / ``points_setup()``).
 * ``peak MiB``: the extra memory the call needed at its peak, the returned [B, P] matrix included.
   On CUDA: ``torch.cuda.max_memory_allocated()`` during the call minus the allocation before it
   (exact, PyTorch's allocator). On CPU: the process's resident set size (``/proc/self/statm``),
@@ -32,6 +32,7 @@ import time
 import torch
 
 import retrac_lib as rl
+from retrac_lib.book import setups as book_setups
 from retrac_lib.grads import per_sample_grads_loop
 
 MiB = 2 ** 20
@@ -136,7 +137,8 @@ def main(argv=None):
         args.batch, args.loop_batch, args.chunks, args.repeats = 16, 8, [4, 16], 1
     print(f"engines: loop, {', '.join(engines())}")
 
-    setups = {"unet": ("digits UNet", rl.book.digits_setup), "mlp": ("moons MLP", rl.book.points_setup)}
+    setups = {"unet": ("digits UNet", book_setups.digits_setup),
+              "mlp": ("moons MLP", book_setups.points_setup)}
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           f"{' (smoke sizes)' if args.smoke else ''}\n")
     head = ("model", "P", "method", "chunk", "batch", "seconds", "grads/s", "peak MiB", "out MiB")

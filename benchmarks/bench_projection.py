@@ -22,7 +22,8 @@ import common  # noqa: E402
 from common import Timer, table  # noqa: E402
 
 import retrac_lib as rl  # noqa: E402
-from retrac_lib.metrics import spearman  # noqa: E402
+from retrac_lib.book import setups  # noqa: E402
+from retrac_lib.ranking import spearman  # noqa: E402
 
 
 def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -38,7 +39,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {common.threads()} thread(s), {common.load()}")
     run = rl.load_or_train(*common.contract_setup(), progress=False)
     queries = common.contract_queries()
-    opts = common.CONTRACT if args.contract else rl.book.attribution_options(smoke=False)
+    opts = common.CONTRACT if args.contract else setups.attribution_options(smoke=False)
     n, n_ckpt = len(run.data), len(run.checkpoints)
     p = sum(v.numel() for v in run.checkpoints[0].params.values())
     exact_mib = n_ckpt * n * p * 4 / 2 ** 20

@@ -5,8 +5,11 @@
     run = rl.load_or_train(rl.TrainConfig(), data)
     res = rl.attribute(run, queries, method="retrac")
 
-The names below are the stable public surface; the modules in ``_MODULES`` load on first use as
-``rl.<module>`` (ARCHITECTURE.md says which layer each belongs to).
+The names below are the stable public surface; the core modules in ``_MODULES`` load on first use
+as ``rl.<module>`` (ARCHITECTURE.md says which layer each belongs to). The evaluation
+(``retrac_lib.evaluation``) and the book's own modules (``retrac_lib.book``, the ``[book]`` extra)
+are imported explicitly: ``from retrac_lib.book import plots``. Importing ``retrac_lib`` loads
+neither, nor matplotlib or ipywidgets.
 """
 import importlib
 
@@ -14,14 +17,14 @@ from .attribution import AttributionResult, attribute, load_or_attribute
 from .config import TrainConfig, cache_dir, is_smoke
 from .grads import per_sample_grads
 from .recorder import Recorder
+from .runs import Run, load_run, save_run
 from .sampling import generate
-from .training import Run, load_or_train, load_run, save_run, train
+from .training import load_or_train, train
 
 _MODULES = (
-    "attribution", "baselines", "book", "cache", "checks", "claims", "config", "counterfactual",
-    "data", "diagnostics", "distributed", "dtrak", "ensemble", "features", "ghost", "grads",
-    "losses", "metrics", "models", "plots", "projection", "prose", "recipes", "recorder",
-    "sampling", "study", "timesteps", "training", "validation", "widgets",
+    "attribution", "cache", "config", "data", "diagnostics", "distributed", "dtrak", "ensemble",
+    "ghost", "grads", "losses", "models", "projection", "ranking", "recorder", "runs", "sampling",
+    "timesteps", "training", "validation",
 )
 
 __all__ = [

@@ -33,7 +33,8 @@ that they hold the same run, queries and options.
                                [--ensemble-size M] [--out retrac_lib/results/v1]
                                [--estimate-only]
 
-runs the scale ladder of ``retrac_lib.study``: it measures each rung's unit costs with a short
+runs the scale ladder of ``retrac_lib.evaluation.study`` (the one place the core loads
+``evaluation``, inside this command only): it measures each rung's unit costs with a short
 probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
 cheapest first, writes ``<rung>.json`` per finished rung to ``--out`` and says which did not run
 and how long each would take. ``--device cuda`` also trains the LDS and removal retrains there,
@@ -57,7 +58,7 @@ from . import config as rl_config
 from .attribution.sketch import projection_size
 from .cache import CacheError
 from .losses import LOSSES
-from .training import WEIGHTS
+from .runs import WEIGHTS
 from .timesteps import parse_timesteps
 
 QUERY_SUFFIXES = (".safetensors", ".npy", ".pt")
@@ -188,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the cost estimate (gradient passes, seconds measured on a few of "
                         "them, peak memory) and exit without computing or writing the scores")
-    s = commands.add_parser("study", help="run the scale ladder (retrac_lib.study) in a budget")
+    s = commands.add_parser("study", help="run the scale ladder (retrac_lib.evaluation.study) "
+                                          "in a budget")
     s.add_argument("rungs", nargs="*", metavar="RUNG", help="rungs to run (default: all)")
     s.add_argument("--budget-minutes", type=float, default=60.0,
                    help="run the cheapest rungs whose estimates fit in this many minutes")
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
 
 def study_command(parser, args) -> int:
     """``python -m retrac_lib study``: probe, estimate and plan every rung, then run the plan."""
-    from . import study   # the top layer, imported only for this command
+    from .evaluation import study   # evaluation, imported only for this command
 
     ladder = study.ladder()
     names = [r.name for r in ladder]

@@ -23,8 +23,8 @@ from .timesteps import parse_timesteps
 from .grads import check_batch, per_sample_grads
 from .losses import check_loss, diffusion_loss
 from . import validation
-from .metrics import spearman
-from .training import INIT
+from .ranking import spearman
+from .runs import INIT
 
 __all__ = [
     "INIT", "grad_norms", "sample_losses", "model_at", "checkpoint_label",

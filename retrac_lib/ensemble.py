@@ -29,7 +29,8 @@ from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
 from .models import build_model, build_scheduler
-from .training import TrainingDiverged, _lr_at, epoch_draws
+from .runs import TrainingDiverged
+from .training import _lr_at, epoch_draws
 
 __all__ = ["Ensemble", "train_many", "full_float32"]
 

@@ -13,7 +13,7 @@ A recording folder holds::
 Each file is written under a temporary name and renamed, and the journal is replaced after the
 files it lists, so it lists only complete files: a crash loses at most the steps since the last
 flush, and a file a killed flush left behind is not listed (``truncate`` removes it). ``finish``
-writes the run's own files (``training.RECORD_FILES``), then its manifest, from which moment
+writes the run's own files (``runs.RECORD_FILES``), then its manifest, from which moment
 the folder is a complete run, then removes the journal and the shards.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import cache
-from .training import RECORD_FILES, Checkpoint, write_run_header, write_run_records
+from .runs import RECORD_FILES, Checkpoint, write_run_header, write_run_records
 
 JOURNAL = "recording.json"
 INIT_FILE = "init.safetensors"

@@ -11,7 +11,7 @@ from .validation import float_samples
 
 LOSSES = ("mse", "l1", "square_norm")
 # "square_norm" is not a training loss: it is D-TRAK's output function ``mean eps_theta(x_t, t)^2``,
-# which ignores the true noise; chapter 5 attributes with its gradient (``rl.baselines``).
+# which ignores the true noise; chapter 5 attributes with its gradient (``evaluation.baselines``).
 
 
 def check_loss(loss: str) -> None:

@@ -58,7 +58,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
 from .models import ModelSpec, build_model, check_samples
-from .training import Checkpoint, Run, TrainingDiverged, TrainingLog, load_run, save_run
+from .runs import Checkpoint, Run, TrainingDiverged, TrainingLog, load_run, save_run
 
 IncompleteRunError = journal.IncompleteRunError
 UNLABELLED = -1

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import counterfactual as cf
 from retrac_lib import diagnostics as D
 from retrac_lib.attribution import sketch_training
+from retrac_lib.evaluation import counterfactual as cf
+from retrac_lib.evaluation import metrics
 from retrac_lib.losses import add_noise
 from retrac_lib.validation import OutOfRangeWarning
 
@@ -153,7 +154,7 @@ def test_training_indices_are_never_cast_or_wrapped(indices, error, message, tin
         cf.kept_without(40, indices)
     scores = torch.zeros(len(torch.as_tensor(indices).reshape(-1)) if not isinstance(indices, str) else 1, 40)
     with pytest.raises(error, match=message.replace("indices", "query_train_indices", 1)):
-        rl.metrics.self_rank(scores, indices)
+        metrics.self_rank(scores, indices)
 
 
 def test_training_indices_accept_ints_ranges_and_integer_tensors(tiny_run):

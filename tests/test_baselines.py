@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import baselines
+from retrac_lib.evaluation import baselines
 
 OPTS = dict(timesteps=3, n_noise=2, progress=False)
 

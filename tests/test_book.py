@@ -149,7 +149,8 @@ def test_sync_writes_badge_and_setup_cell_idempotently():
     assert nb.cells[0].source == f"# Title\n\n{badge}\n\n**What you will learn**"
     assert nb.cells[1].source.startswith(sync.SETUP_MARKER)
     assert '"google.colab" in sys.modules' in nb.cells[1].source
-    assert '%pip install -q "retrac-lib @ git+https://github.com/o/r@main"' in nb.cells[1].source
+    assert ('%pip install -q \\\n        "retrac-lib[book] @ git+https://github.com/o/r@main"'
+            in nb.cells[1].source)
     assert nb.cells[1].metadata["tags"] == ["remove-cell"]
     assert nb.cells[2].source == "import retrac_lib as rl"
     assert sync.sync_notebook(nb, "notebooks/01_x.ipynb", CFG) == nb

@@ -21,7 +21,7 @@ import torch
 
 import retrac_lib as rl
 from retrac_lib.cache import CacheError, CacheWarning
-from retrac_lib.training import TrainingDiverged
+from retrac_lib.runs import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTR = dict(timesteps=3, n_noise=2, progress=False)

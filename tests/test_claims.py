@@ -1,4 +1,4 @@
-"""Claims as checks (retrac_lib.claims), the wording helpers (retrac_lib.prose) and the page
+"""Claims as checks (retrac_lib.book.claims), the wording helpers (retrac_lib.book.prose) and the page
 extension that lists the claims (book/_ext/retrac_claims.py)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from book_tools import NOTEBOOKS, ROOT
 
-from retrac_lib import claims, prose
+from retrac_lib.book import claims, prose
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import counterfactual as cf
+from retrac_lib.evaluation import counterfactual as cf
 
 
 @pytest.fixture(scope="module")

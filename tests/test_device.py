@@ -5,15 +5,16 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 import retrac_lib as rl
+from retrac_lib.book import setups
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_chapters_use_a_gpu_exactly_when_one_is_present():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert rl.book.device() == expected
-    assert rl.book.attribution_options(smoke=True)["device"] == expected
-    assert rl.book.counterfactual_setup(smoke=True).attribution["device"] == expected
+    assert setups.device() == expected
+    assert setups.attribution_options(smoke=True)["device"] == expected
+    assert setups.counterfactual_setup(smoke=True).attribution["device"] == expected
 
 
 @cuda

@@ -12,7 +12,7 @@ import torch
 from retrac_lib import diagnostics as D
 from retrac_lib.grads import per_sample_grads_loop
 from retrac_lib.losses import diffusion_loss
-from retrac_lib.metrics import spearman
+from retrac_lib.ranking import spearman
 
 matplotlib.use("Agg")
 
@@ -248,7 +248,7 @@ def test_bias_over_training_summarizes_every_checkpoint(tiny_run):
 
 
 def test_figures_draw_the_measured_values(tiny_run):
-    from retrac_lib.plots import bias as P
+    from retrac_lib.book.plots import bias as P
 
     run = tiny_run
     history = D.bias_over_training(run, indices=range(12))
@@ -274,7 +274,7 @@ def test_figures_draw_the_measured_values(tiny_run):
 
 
 def test_points_figure(tiny_points_run):
-    from retrac_lib.plots import bias as P
+    from retrac_lib.book.plots import bias as P
 
     history = D.bias_over_training(tiny_points_run)
     fig = P.points_bias(tiny_points_run, history)
@@ -285,14 +285,14 @@ def test_points_figure(tiny_points_run):
 
 def test_widgets_import_without_a_display():
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND", "WAYLAND_DISPLAY")}
-    out = subprocess.run([sys.executable, "-c", "import retrac_lib.widgets as w; print(w.TimestepExplorer.__name__)"],
+    out = subprocess.run([sys.executable, "-c", "import retrac_lib.book.widgets as w; print(w.TimestepExplorer.__name__)"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "TimestepExplorer"
 
 
 def test_explorer_redraws_the_chosen_sample_and_checkpoint(tiny_run, capsys):
-    from retrac_lib.widgets import TimestepExplorer
+    from retrac_lib.book.widgets import TimestepExplorer
 
     run = tiny_run
     explorer = TimestepExplorer(run, timesteps=5, sample=2)

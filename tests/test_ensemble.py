@@ -15,7 +15,7 @@ import torch
 
 import retrac_lib as rl
 from retrac_lib import cache
-from retrac_lib import counterfactual as cf
+from retrac_lib.evaluation import counterfactual as cf
 from retrac_lib.ensemble import train_many
 
 LOSS_OPTS = dict(timesteps=10, n_noise=4, loss="mse")
@@ -191,5 +191,5 @@ def test_a_diverged_member_is_named(members):
     images = sets[1].images.clone()
     images[3] = 3e38   # finite, but its loss overflows
     broken = rl.data.Dataset("huge-digit", images, sets[1].labels)
-    with pytest.raises(rl.training.TrainingDiverged, match=r"member 1 \(seed 1\)"):
+    with pytest.raises(rl.runs.TrainingDiverged, match=r"member 1 \(seed 1\)"):
         train_many(configs[:2], [sets[0], broken])

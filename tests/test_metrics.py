@@ -1,4 +1,4 @@
-"""rl.metrics on tiny cases counted by hand, and its error messages.
+"""retrac_lib.evaluation.metrics on tiny cases counted by hand, and its error messages.
 
 The 3 x 5 score matrix below (3 queries, 5 training samples) has these top-2 proponents:
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import metrics
+from retrac_lib.evaluation import metrics
 
 SCORES = torch.tensor([
     [0.1, 0.8, -0.5, 0.0, 0.9],
@@ -208,10 +208,10 @@ def test_summary_on_a_real_attribution(tiny_run):
 
 
 def test_attribution_explorer_constructs_without_a_display(tiny_run):
-    """Chapter 4's explorer (in rl.widgets) builds and redraws from precomputed scores, headless."""
+    """Chapter 4's explorer (in retrac_lib.book.widgets) builds and redraws from precomputed scores, headless."""
     import matplotlib
     matplotlib.use("Agg")
-    from retrac_lib import widgets
+    from retrac_lib.book import widgets
 
     queries = tiny_run.data.images[:2]
     results = {m: rl.attribute(tiny_run, queries, m, timesteps=2, n_noise=1, progress=False)

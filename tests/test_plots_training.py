@@ -8,7 +8,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from retrac_lib.plots import training as plots  # noqa: E402
+from retrac_lib.book.plots import training as plots  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib.metrics import spearman
+from retrac_lib.ranking import spearman
 from retrac_lib.projection import BLOCK, CountSketch
 
 

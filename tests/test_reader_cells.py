@@ -30,8 +30,8 @@ def _problems(*sources, tags=None):
     'claims.check("ch1-x", "x is small", x < 1, f"{x}")',
     "import time\nt0 = time.perf_counter()",
     "from time import perf_counter",
-    "from retrac_lib import claims, prose",
-    "from retrac_lib.prose import pick",
+    "from retrac_lib.book import claims, prose",
+    "from retrac_lib.book.prose import pick",
     "import myst_nb",
 ])
 def test_plumbing_in_a_visible_cell_is_reported(source):
@@ -40,7 +40,7 @@ def test_plumbing_in_a_visible_cell_is_reported(source):
 
 
 def test_the_same_lines_in_a_form_cell_or_an_otter_test_cell_pass():
-    source = 'from retrac_lib import claims, prose\nprose.glue("ch1_x", "1")'
+    source = 'from retrac_lib.book import claims, prose\nprose.glue("ch1_x", "1")'
     assert _problems("#@title What this section states\n" + source) == []
     assert _problems(source, tags=["remove-cell"]) == []
 

@@ -2,7 +2,7 @@
 
 The setup cell installs ``retrac-lib`` (with the extras it names) and so its dependencies; a
 chapter that imports anything else (myst-nb, jupyter-book, a test tool) fails in Colab. Chapters
-glue through ``retrac_lib.prose``, which works without myst-nb. ``.ci/reader-install`` runs every
+glue through ``retrac_lib.book.prose``, which works without myst-nb. ``.ci/reader-install`` runs every
 chapter in a venv that holds exactly this; these checks fail in seconds, before it.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from book_tools import NOTEBOOKS, ROOT
 from packaging.requirements import Requirement
 
-SETUP_PIP = re.compile(r'%pip install -q "([^"]+)"')
+SETUP_PIP = re.compile(r'%pip install -q\s+(?:\\\n\s*)?"([^"]+)"')
 
 
 def _name(dist: str) -> str:
@@ -58,10 +58,11 @@ def _imports(nb: dict) -> set[str]:
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
+        source = "".join(cell["source"]).replace("\\\n", " ")   # continued lines as one
         code = "\n".join(  # a magic line becomes `pass`, keeping the block it sits in
             line[:len(line) - len(line.lstrip())] + "pass"
             if line.lstrip().startswith(("%", "!")) else line
-            for line in "".join(cell["source"]).splitlines())
+            for line in source.splitlines())
         for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.Import):
                 names.update(a.name.split(".")[0] for a in node.names)
@@ -82,11 +83,12 @@ def test_chapter_imports_only_what_the_colab_setup_installs(path):
         if not {_name(d) for d in providers.get(name, [])} & installed)
     assert not outside, (f"{path.name} imports {outside}, which the Colab setup cell "
                          f"({requirement}) does not install: use retrac_lib (e.g. "
-                         "retrac_lib.prose.glue for myst-nb's glue) or add a dependency.")
+                         "retrac_lib.book.prose.glue for myst-nb's glue) or add a dependency.")
 
 
 def test_readme_lists_the_readers_install():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["book"]
     declared = {_name(Requirement(d).name) for d in deps}
     readme = (ROOT / "README.md").read_text()
     match = re.search(r"A reader's install holds `retrac-lib` and its dependencies: ([^(]+)\(",
@@ -94,4 +96,4 @@ def test_readme_lists_the_readers_install():
     assert match, "README.md must say which packages a reader's install holds"
     listed = {_name(n) for n in re.findall(r"`([^`]+)`", match.group(1))}
     assert listed == declared, (f"README.md lists {sorted(listed)}; pyproject.toml's "
-                                f"dependencies are {sorted(declared)}")
+                                f"dependencies and [book] extra are {sorted(declared)}")

@@ -318,14 +318,14 @@ def test_a_failed_close_keeps_the_recording_for_another_folder(fresh, tmp_path):
 def test_a_diverged_user_loop_is_refused_not_saved(fresh, tmp_path):
     _, model, images = fresh
     rec = rl.Recorder(model, DDPMScheduler(), images, folder=tmp_path / "run")
-    with pytest.raises(rl.training.TrainingDiverged,
+    with pytest.raises(rl.runs.TrainingDiverged,
                        match=r"batch loss is nan.*lr=0.5.*The run was not completed"):
         rec.step(*_batch([0, 1]), 0.5, loss=float("nan"))
     assert rec.n_steps == 0
     rec.step(*_batch([0, 1, 2, 3, 4, 5]), 0.5)
     with torch.no_grad():
         next(model.parameters())[0] = float("inf")
-    with pytest.raises(rl.training.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
+    with pytest.raises(rl.runs.TrainingDiverged, match=r"weights \[.*\] are NaN or infinite"):
         rec.checkpoint(model)
     assert not rec.checkpoints
     with pytest.raises(rl.recorder.IncompleteRunError, match="never closed"):

@@ -24,7 +24,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-import retrac_lib.checks as checks
+import retrac_lib.book.checks as checks
 from book_tools import NOTEBOOKS, load_tool
 
 assign = load_tool("make_assignments")
@@ -365,7 +365,7 @@ def test_grade_submissions_with_otter_run(tmp_path, assignment):
     assert (target / "autograder" / "autograder.zip").exists()
 
 
-# The checks (retrac_lib.checks) that exercises and tests call.
+# The checks (retrac_lib.book.checks) that exercises and tests call.
 
 def _loop_grads(model, scheduler, x, t, noise, clean=False, target=None, scale=1.0):
     from retrac_lib.losses import add_noise

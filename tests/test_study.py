@@ -1,4 +1,4 @@
-"""The scale study (retrac_lib.study): a smoke rung end to end, provenance refusal, the cost
+"""The scale study (retrac_lib.evaluation.study): a smoke rung end to end, provenance refusal, the cost
 estimate and the plan, the feature baseline, and the ``study`` command."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import baselines, cli, features, study
-from retrac_lib import counterfactual as cf
+from retrac_lib import cli
+from retrac_lib.book import setups
+from retrac_lib.evaluation import baselines, features, study
+from retrac_lib.evaluation import counterfactual as cf
 
 PARTS = ("train", "feature_classifier", "generation", "bias", "attribution", "lds", "removal",
          "self_influence", "generated_queries")
@@ -208,7 +210,7 @@ def test_ladder_follows_the_issue():
         (240, 10), (960, 40), (3600, 150), (960, 40)]
     assert all(r.n_minority / r.n_train == 0.04 for r in full.values())
     assert all((r.n_subsets, len(r.seeds), r.n_queries) == (32, 3, 8) for r in full.values())
-    assert full["n1000"].config == rl.book.mnist_setup(smoke=False).config
+    assert full["n1000"].config == setups.mnist_setup(smoke=False).config
     assert full["n1000-long"].config.block_out_channels == (16, 32, 64)
     assert full["n1000-long"].config.epochs == 200
     data, is_min, queries = study.rung_data(full["n3750"])
@@ -374,7 +376,7 @@ def test_rung_records_its_run_and_retrains_and_trains_them_in_ensembles(smoke_re
                                                                         tmp_path):
     rung, result, path, run = smoke_result
     m = result["measurements"]
-    assert m["train"]["run_key"] == rl.training.run_key(run.config, run.data)
+    assert m["train"]["run_key"] == rl.runs.run_key(run.config, run.data)
     assert m["train"]["fingerprint"] == run.fingerprint()
     assert (m["train"]["trainer"], m["train"]["device"]) == ("single", "cpu")
     n = m["retrains"]["entries"]
@@ -398,3 +400,8 @@ def test_cli_ensemble_size_must_be_positive(capsys):
         cli.main(["study", "--ensemble-size", "0", "--estimate-only"])
     assert err.value.code == 2
     assert "--ensemble-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_committed_results_are_where_the_study_reads_them():
+    """``study.RESULTS`` is the package data folder the wheel ships (chapters 6 and 9 read it)."""
+    assert study.read_result(study.RESULTS / "n250.json")["rung"] == "n250"

@@ -6,9 +6,10 @@ The repository URL and branch live in one place, ``_config.yml`` (``repository.u
 * cell 1 of every notebook: the line holding ``<!-- colab-badge -->`` becomes an "Open in Colab"
   badge for that notebook (the marker stays at the end of the line, so re-running is idempotent;
   a cell without the marker gets the badge under its ``# Title`` line);
-* cell 2 of every notebook: the guarded setup cell that installs ``retrac_lib`` from the
-  repository when the notebook runs in Colab (inserted when missing), tagged ``remove-cell`` so
-  the rendered book, which does not need it, leaves it out;
+* cell 2 of every notebook: the guarded setup cell that installs ``retrac_lib`` with its
+  ``[book]`` extra (matplotlib, ipywidgets) from the repository when the notebook runs in Colab
+  (inserted when missing), tagged ``remove-cell`` so the rendered book, which does not need it,
+  leaves it out;
 * every code cell whose first line is a Colab form title (``#@title What this section states``):
   the tag ``remove-cell`` (the book shows only the sentences that cell glues) and Colab's
   ``cellView: form`` (Colab shows the title, not the code). Glue, pick, claim and timing lines
@@ -52,7 +53,7 @@ FORM_TITLE = "#@title "
 FORM_TAGS = ["remove-cell"]
 MAX_LINE = 88
 # What only the book's bookkeeping uses: glue and its wording, claims, timing.
-PLUMBING_MODULES = {"time", "retrac_lib.prose", "retrac_lib.claims", "myst_nb"}
+PLUMBING_MODULES = {"time", "retrac_lib.book.prose", "retrac_lib.book.claims", "myst_nb"}
 PLUMBING_NAMES = {"prose", "claims", "glue", "glue_all", "perf_counter", "process_time"}
 
 
@@ -91,7 +92,8 @@ def setup_source(cfg: dict) -> str:
         "import sys",
         "",
         'if "google.colab" in sys.modules:',
-        f'    %pip install -q "retrac-lib @ git+{cfg["url"]}@{cfg["branch"]}"',
+        "    %pip install -q \\",   # IPython joins a magic's backslash-continued lines
+        f'        "retrac-lib[book] @ git+{cfg["url"]}@{cfg["branch"]}"',
     ])
 
 

@@ -1,6 +1,6 @@
 """The page "What this book measured": every claim the chapters checked, from this build.
 
-Chapters state results through ``retrac_lib.claims.check``, which writes one JSON file per
+Chapters state results through ``retrac_lib.book.claims.check``, which writes one JSON file per
 chapter to ``$RETRAC_CLAIMS_DIR``. This extension
 
 * sets ``RETRAC_CLAIMS_DIR`` (unless it is set already) to ``claims/`` beside the HTML output
@@ -28,7 +28,7 @@ def _claims_module():
     root = Path(__file__).resolve().parents[2]
     if str(root) not in sys.path:   # the library of this checkout, as the notebooks import it
         sys.path.insert(0, str(root))
-    from retrac_lib import claims
+    from retrac_lib.book import claims
     return claims
 
 

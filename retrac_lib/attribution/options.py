@@ -15,8 +15,13 @@ from .. import validation
 from ..losses import check_loss
 from ..models import check_samples
 from ..timesteps import parse_timesteps, query_noise_draws
-from .sides import METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES
-from .sketch import projection_size
+
+METHODS = ("tracin", "retrac")
+# Where ReTrac normalizes the query side: after averaging the K draws of each timestep (the
+# paper's official code), each single (t, eps) draw, or once for the fully averaged vector.
+QUERY_NORMALIZATIONS = ("per_timestep", "per_draw", "cosine")
+TRAIN_SIDES = ("recorded", "fresh_noise", "timestep_average")
+ENGINES = ("auto", "ghost", "func")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +53,15 @@ class AttributionConfig:
     def from_dict(cls, d: dict) -> "AttributionConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-    def resolve(self, run, queries, query_noise=None, projection=None, allow_out_of_range=False
+    def resolve(self, run, queries, query_noise=None, allow_out_of_range=False
                 ) -> tuple["AttributionConfig", torch.Tensor, torch.Tensor]:
         """Validate these options for ``run`` and ``queries``; return the resolved config, the
         timestep grid [T'] and the shared query noise [T', K, *sample].
 
-        ``projection`` (None, an int ``k`` or a ``TrainingSketch``) sets ``projection`` and, for
-        a sketch, ``projection_seed``. Queries on another scale than the training data are
-        refused (``validation.data_range``), or with ``allow_out_of_range`` scored with a warning.
+        ``projection`` and ``projection_seed`` stay as given: ``scoring`` sets them from the
+        call's ``projection`` (``sketch.projection_size``). Queries on another scale than the
+        training data are refused (``validation.data_range``), or with ``allow_out_of_range``
+        scored with a warning.
         """
         run.require_log()
         if self.method not in METHODS:
@@ -88,9 +94,8 @@ class AttributionConfig:
         noise = (query_noise_draws(run.data.sample_shape, len(grid), n_noise, self.noise_seed)
                  if query_noise is None else
                  validation.query_noise(query_noise, len(grid), run.data.sample_shape, dtype))
-        k, seed = projection_size(projection, self.projection_seed)
         resolved = dataclasses.replace(
             self, checkpoints=checkpoints, timesteps=tuple(grid.tolist()), n_noise=noise.shape[1],
             normalization=self.normalization if self.method == "retrac" else "none", loss=loss,
-            projection=k, projection_seed=seed, noise_per_query=bool(self.noise_per_query))
+            noise_per_query=bool(self.noise_per_query))
         return resolved, grid, noise

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .. import cache, metrics
+from .. import cache, ranking
 from ..config import cache_dir
-from ..training import run_identity
+from ..runs import run_identity
 from .options import AttributionConfig
 
 
@@ -36,7 +36,7 @@ class AttributionResult:
 
     def top_k(self, k: int, largest: bool = True) -> torch.Tensor:
         """Indices [Q, k] of the ``k`` highest (or lowest) scoring training samples per query."""
-        return metrics.top_k(self.scores, k, largest)
+        return ranking.top_k(self.scores, k, largest)
 
     def proponents(self, k: int) -> torch.Tensor:
         """The ``k`` training samples whose training step most reduced each query's loss."""

@@ -23,7 +23,7 @@ from ..timesteps import per_query_noise_draws
 from .options import AttributionConfig
 from .results import AttributionResult, cache_key, cached
 from .sides import clamp_norm, query_vectors, resolve_engine, training_dots
-from .sketch import TrainingSketch, sketch_training
+from .sketch import TrainingSketch, projection_size, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
 # how to compute, not what: not in the key
@@ -116,8 +116,10 @@ def _refuse_unknown(given: dict, allowed) -> None:
 
 def _resolve(run, queries, method, query_noise, projection, options: dict, allow_out_of_range):
     _refuse_unknown(options, _OPTIONS)
-    return AttributionConfig(method=method, **options).resolve(run, queries, query_noise,
-                                                               projection, allow_out_of_range)
+    config = AttributionConfig(method=method, **options)
+    resolved, grid, noise = config.resolve(run, queries, query_noise, allow_out_of_range)
+    k, seed = projection_size(projection, config.projection_seed)
+    return dataclasses.replace(resolved, projection=k, projection_seed=seed), grid, noise
 
 
 def _timed_score(start, run, queries, resolved, projection, chunk_size=64, device=None,

@@ -13,13 +13,7 @@ import torch
 
 from .. import ghost
 from ..grads import grouped_grads
-
-METHODS = ("tracin", "retrac")
-# Where ReTrac normalizes the query side: after averaging the K draws of each timestep (the
-# paper's official code), each single (t, eps) draw, or once for the fully averaged vector.
-QUERY_NORMALIZATIONS = ("per_timestep", "per_draw", "cosine")
-TRAIN_SIDES = ("recorded", "fresh_noise", "timestep_average")
-ENGINES = ("auto", "ghost", "func")
+from .options import ENGINES
 
 
 def clamp_norm(norm: torch.Tensor) -> torch.Tensor:

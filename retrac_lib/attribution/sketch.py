@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from .. import models, validation
 from ..losses import check_loss
 from ..projection import CountSketch
+from ..runs import run_identity
 from ..timesteps import parse_timesteps
-from ..training import run_identity
-from .sides import TRAIN_SIDES, training_gradient_chunks
+from .options import TRAIN_SIDES
+from .sides import training_gradient_chunks
 
 
 @dataclasses.dataclass

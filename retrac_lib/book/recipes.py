@@ -9,7 +9,8 @@ import dataclasses
 
 import torch
 
-from . import diagnostics, metrics
+from .. import diagnostics
+from ..evaluation import metrics
 
 
 @dataclasses.dataclass(frozen=True)

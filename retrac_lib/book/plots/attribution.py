@@ -17,7 +17,7 @@ import torch
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.gridspec import GridSpec
 
-from .. import metrics
+from ...evaluation import metrics
 from . import (METHOD_COLORS, METHOD_LABELS, SMALL, image_grid, log_axis, page_panels, tile_size,
                to_numpy)
 

@@ -190,7 +190,7 @@ def sweep_panel(ax, sweeps, index: int, image=None):
 def small_multiples(run, sweeps, ncols: int = 3, title: str | None = None):
     """A panel per swept sample, each with its norm-vs-t curve at every checkpoint.
 
-    The static counterpart of ``retrac_lib.widgets.TimestepExplorer`` (which the rendered book
+    The static counterpart of ``retrac_lib.book.widgets.TimestepExplorer`` (which the rendered book
     cannot run): every (sample, checkpoint) choice of the explorer is one curve here.
     """
     indices = [int(i) for i in sweeps[0].indices]

@@ -17,7 +17,7 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
   checkpoint (``diagnostics``);
 * **attribution** of the held-out queries by ``METHODS``: tracin, retrac, dtrak, pixel and
   feature (``baselines.attribute_any``; "feature" is a CNN classifier's feature space,
-  ``rl.features``: no installed package ships pretrained image weights);
+  ``features``: no installed package ships pretrained image weights);
 * **LDS** over ``n_subsets`` retrained half-size subsets, averaged over the training seeds, with
   ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k``; the
   **self-influence** AUC of the minority with its interval; and **generated queries**: the
@@ -46,19 +46,21 @@ import diffusers
 import numpy as np
 import torch
 
-from . import __version__, cache, diagnostics, features, metrics, validation
+from .. import __version__, cache, diagnostics, validation
+from . import features, metrics
 from . import counterfactual as cf
-from .attribution.cost import fastest
+from ..attribution.cost import fastest
 from .baselines import attribute_any
-from .config import TrainConfig, cache_dir, is_smoke
-from .data import Dataset, mnist
-from .ensemble import train_many
-from .grads import per_sample_grads
-from .sampling import generate
-from .training import load_or_train, run_key, train
+from ..config import TrainConfig, cache_dir, is_smoke
+from ..data import Dataset, mnist
+from ..ensemble import train_many
+from ..grads import per_sample_grads
+from ..sampling import generate
+from ..runs import run_key
+from ..training import load_or_train, train
 
 FORMAT = 1
-RESULTS = Path(__file__).parent / "results" / "v1"   # committed; shipped in the wheel
+RESULTS = Path(__file__).parents[1] / "results" / "v1"   # committed; shipped in the wheel
 METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
 GRADIENT = ("tracin", "retrac", "dtrak")
 # paired differences reported for the LDS and the removal test: (a, b) is a - b per query

@@ -12,7 +12,7 @@
   ``rl.attribute(method="retrac", normalization="cosine")``, which it calls.
 * ``"pixel"``: nearest neighbours in pixel (or point) space, ``-|z - x_i|_2``.
 * ``"feature"``: nearest neighbours in the feature space of a small seeded CNN digit classifier
-  (``rl.features``; MNIST-shaped runs only), cosine similarity of its penultimate layer.
+  (``features``; MNIST-shaped runs only), cosine similarity of its penultimate layer.
 * ``"random"``: seeded standard-normal scores, the floor every method must beat.
 
 "cosine" takes every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from .attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
-from .dtrak import attribute_dtrak
-from .models import check_samples
+from ..attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
+from ..dtrak import attribute_dtrak
+from ..models import check_samples
 
 BASELINES = ("dtrak", "cosine", "pixel", "feature", "random")
 # Neighbour baselines score every training sample by its similarity to the query, so a training

@@ -11,7 +11,8 @@ collect them for one or several results of ``rl.attribute`` into the table chapt
   ``norm_influence_correlation``: are proponents the samples with large training-gradient norms?
 * Specificity: ``same_label_rate``, ``self_rank``: do proponents resemble the query?
 
-It imports only ``validation`` from ``retrac_lib``: results and runs are read by attribute.
+It imports only ``validation`` and ``ranking`` (``top_k``, ``rank``, ``spearman``, which the core
+uses too) from ``retrac_lib``: results and runs are read by attribute.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import dataclasses
 
 import torch
 
-from . import validation
+from .. import validation
+from ..ranking import rank, score_matrix, spearman, top_k
 
 __all__ = [
     "top_k", "appearance_counts", "distinct_proponents", "generally_influential",
@@ -31,14 +33,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _scores(scores, name: str = "scores") -> torch.Tensor:
-    scores = torch.as_tensor(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"{name} must be a [queries, training samples] matrix; got shape "
-                         f"{tuple(scores.shape)}.")
-    return scores
 
 
 def _top(top, n_train: int | None = None) -> torch.Tensor:
@@ -69,18 +63,6 @@ def _per_sample(values, n_train: int, name: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # top-k and how general it is
-
-
-def top_k(scores, k: int, largest: bool = True) -> torch.Tensor:
-    """Indices [Q, k] of each query's ``k`` highest (``largest``) or lowest scoring samples.
-
-    The same as ``AttributionResult.proponents(k)`` / ``.opponents(k)``, for a bare matrix.
-    """
-    scores = _scores(scores)
-    n = scores.shape[1]
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must lie between 1 and the number of training samples ({n}).")
-    return scores.topk(k, dim=1, largest=largest).indices
 
 
 def appearance_counts(top, n_train: int) -> torch.Tensor:
@@ -204,37 +186,6 @@ def norm_percentile(top, norms) -> float:
     return float(pct[top].mean())
 
 
-def rank(values) -> torch.Tensor:
-    """Ranks 1..n along the last dimension (1 = smallest), ties sharing their average rank."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    order = values.argsort(dim=-1)
-    sorted_v = values.gather(-1, order)
-    first = torch.ones_like(sorted_v, dtype=torch.bool)
-    first[..., 1:] = sorted_v[..., 1:] != sorted_v[..., :-1]
-    group = first.cumsum(-1) - 1                                   # tie-group id of each position
-    pos = torch.arange(1, values.shape[-1] + 1, dtype=torch.float64).expand_as(values)
-    n_groups = values.shape[-1]
-    total = torch.zeros(*values.shape[:-1], n_groups, dtype=torch.float64).scatter_add_(-1, group, pos)
-    count = torch.zeros_like(total).scatter_add_(-1, group, torch.ones_like(pos))
-    avg = total.gather(-1, group) / count.gather(-1, group)
-    return torch.empty_like(avg).scatter_(-1, order, avg)
-
-
-def spearman(a, b) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with ``b`` (the same row, or one shared row).
-
-    For two 1-D sequences, e.g. timesteps and gradient norms, ``float(spearman(t, norms))`` is
-    the single number chapter 2 reports (negative: norms are larger at small t).
-    """
-    ra, rb = rank(a), rank(b)
-    if ra.shape[-1] != rb.shape[-1]:
-        raise ValueError(f"spearman needs sequences of equal length; got {ra.shape[-1]} and "
-                         f"{rb.shape[-1]}.")
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    denom = (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-300)
-    return (ra * rb).sum(-1) / denom
-
-
 def norm_influence_correlation(scores, norms, absolute: bool = True) -> float:
     """Spearman correlation of influence with training-gradient norm, per query, averaged.
 
@@ -244,7 +195,7 @@ def norm_influence_correlation(scores, norms, absolute: bool = True) -> float:
     influence strength is the ranking by norm, whatever the query; near 0 means no relation.
     Chapter 3, "Why these digits: they were trained at large-norm timesteps".
     """
-    scores = _scores(scores)
+    scores = score_matrix(scores)
     norms = _per_sample(norms, scores.shape[1], "norms")
     values = scores.abs() if absolute else scores
     return float(spearman(values, norms.expand_as(values)).mean())
@@ -277,7 +228,7 @@ def self_rank(scores, query_train_indices) -> torch.Tensor:
     ``query_train_indices[q]``. The rank is 1 + the number of samples scoring strictly higher.
     Chapter 3, "Generated and training images as queries".
     """
-    scores = _scores(scores)
+    scores = score_matrix(scores)
     idx = validation.indices(query_train_indices, scores.shape[1], "query_train_indices")
     if len(idx) != scores.shape[0]:
         raise ValueError(f"{len(idx)} training indices for {scores.shape[0]} queries: pass the "

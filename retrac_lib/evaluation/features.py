@@ -6,7 +6,7 @@ at run time, which the study must not do), so the feature model is trained here:
 (``rl.data.mnist("train")``, 4,000 digits; never the test split the study queries come from), in
 seconds, and cached like a run. A training image's score for a query is the cosine similarity of
 their 64-dimensional features, ``cos(phi(z), phi(x_i))`` (``feature_scores``); the baseline
-``"feature"`` of ``rl.baselines`` serves it. It takes MNIST-shaped images [*, 1, 32, 32] only.
+``"feature"`` of ``baselines`` serves it. It takes MNIST-shaped images [*, 1, 32, 32] only.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cache, validation
-from .config import cache_dir, is_smoke
-from .data import Dataset, mnist
+from .. import cache, validation
+from ..config import cache_dir, is_smoke
+from ..data import Dataset, mnist
 
 FEATURE_DIM = 64
 IMAGE_SHAPE = (1, 32, 32)

@@ -1,7 +1,7 @@
 """Interactive explorers for the notebooks (need a running Jupyter kernel).
 
-A slider never stands alone: each explorer here has a static figure in ``retrac_lib.plots`` that
-shows the same thing for a few fixed choices, because the rendered book has no kernel.
+A slider never stands alone: each explorer here has a static figure in ``retrac_lib.book.plots``
+that shows the same thing for a few fixed choices, because the rendered book has no kernel.
 Importing this module needs neither a display nor a kernel; ipywidgets is imported on use.
 
 Each explorer shows its figure as PNG bytes in an ``ipywidgets.Image``, not through an
@@ -18,7 +18,7 @@ import io
 
 import matplotlib.pyplot as plt
 
-from . import diagnostics
+from .. import diagnostics
 from .plots import log_axis
 
 __all__ = ["TimestepExplorer", "attribution_explorer"]
@@ -131,7 +131,7 @@ def attribution_explorer(results, run, queries, query_names=None, k: int = 8, ma
     (Dropdown), ``.method`` (ToggleButtons), ``.k`` (IntSlider), ``.image`` (the figure as an
     ``ipywidgets.Image``), ``.redraw()`` and ``.figure`` (the last figure drawn).
 
-        rl.widgets.attribution_explorer({"tracin": res_t, "retrac": res_r}, run, queries)
+        widgets.attribution_explorer({"tracin": res_t, "retrac": res_r}, run, queries)
     """
     import ipywidgets as W
 

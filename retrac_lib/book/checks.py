@@ -7,7 +7,7 @@ diagnosis when it is not: wrong shape (transposed, summed over the batch, a dict
 rows), wrong sign, off by a constant factor (the ratio is printed), the wrong loss, a clean instead
 of a noised input, rows in the wrong order.
 
-    from retrac_lib import checks
+    from retrac_lib.book import checks
     checks.check_per_sample_grads(my_per_sample_grads)        # per-sample gradients
     checks.check_scores(my_scores, res.scores)                 # attribution scores, chapters 3-5
     checks.check_unit_rows(my_normalize)                       # ReTrac's normalization, chapter 4
@@ -21,11 +21,11 @@ import math
 
 import torch
 
-from .config import TrainConfig
-from .grads import per_sample_grads
-from .losses import add_noise, error_loss
-from .metrics import spearman
-from .models import build_model, build_scheduler
+from ..config import TrainConfig
+from ..grads import per_sample_grads
+from ..losses import add_noise, error_loss
+from ..models import build_model, build_scheduler
+from ..ranking import spearman
 
 
 def _fail(name: str, *lines: str) -> None:
@@ -163,7 +163,7 @@ def check_alphas_bar(fn, beta_start: float = 1e-4, beta_end: float = 0.02, T: in
 
 def tiny_batch(model: str = "unet", n: int = 4, seed: int = 0):
     """A small seeded model, scheduler and batch ``(x, t, noise)`` for checks and exercises."""
-    from .data import digits, moons
+    from ..data import digits, moons
 
     if model == "unet":
         config = TrainConfig(block_out_channels=(8, 16), norm_num_groups=8, seed=seed)

@@ -38,16 +38,17 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from . import cache, validation
-from .timesteps import parse_timesteps, query_noise_draws
+from .. import cache, validation
+from ..timesteps import parse_timesteps, query_noise_draws
 from .baselines import NEIGHBOURS, attribute_any
-from .config import TrainConfig
-from .data import Dataset
-from .ensemble import full_float32, train_many
-from .losses import diffusion_loss
+from ..config import TrainConfig
+from ..data import Dataset
+from ..ensemble import full_float32, train_many
+from ..losses import diffusion_loss
 from .metrics import text_table
-from .models import check_samples
-from .training import Run, load_or_train, train
+from ..models import check_samples
+from ..runs import Run
+from ..training import load_or_train, train
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
            "LossLedger", "kept_subset", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
@@ -184,7 +185,7 @@ def _seeds(config: TrainConfig, seeds) -> tuple[int, ...]:
 class LossLedger:
     """Query losses of retrained models in a small JSON file, keyed by what produced them.
 
-    A retraining protocol longer than one sitting (the scale ladder of ``rl.study``) passes a
+    A retraining protocol longer than one sitting (the scale ladder of ``study``) passes a
     ledger to ``subset_losses`` and ``removal_test``: each retrain's query losses and training
     seconds are written as soon as they are measured, so a killed run, or a later one on another
     machine with the file committed, resumes where it stopped. The retrained weights are not

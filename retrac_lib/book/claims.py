@@ -12,7 +12,7 @@ Each kernel rewrites the file of its chapter with the claims it has made, so a c
 chapter disappears from the page at its next build. Outside a book build the records stay in
 memory (``records()``).
 
-    from retrac_lib import claims
+    from retrac_lib.book import claims
     claims.check("ch4-distinct-proponents",
                  "ReTrac's top-10 lists hold more distinct training digits than TracIn's",
                  distinct["retrac"] > distinct["tracin"],
@@ -25,7 +25,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import is_smoke
+from ..config import is_smoke
 
 CLAIMS_ENV = "RETRAC_CLAIMS_DIR"
 NAME = re.compile(r"^(ch[0-9]+[a-z]?)-[a-z0-9]+(-[a-z0-9]+)*$")

@@ -9,8 +9,8 @@ import dataclasses
 
 import torch
 
-from .config import TrainConfig, is_smoke
-from .data import Dataset, digits, digits_with_outliers, mnist, moons
+from ..config import TrainConfig, is_smoke
+from ..data import Dataset, digits, digits_with_outliers, mnist, moons
 
 SMOKE_DIGITS = 96
 
@@ -108,7 +108,7 @@ class CounterfactualSetup:
 
     Every training set is retrained with each of ``seeds`` and the query losses averaged; the
     random removal is drawn ``random_draws`` times per query. ``loss_options`` go to
-    ``rl.counterfactual.query_loss``; ``attribution`` to ``rl.attribute``; ``dtrak`` to
+    ``evaluation.counterfactual.query_loss``; ``attribution`` to ``rl.attribute``; ``dtrak`` to
     ``rl.dtrak.attribute_dtrak``.
     """
 
