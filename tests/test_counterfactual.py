@@ -363,7 +363,7 @@ def test_a_failed_ledger_write_warns_once_and_keeps_the_losses(
 WORKER = """
 import sys, time
 import retrac_lib as rl
-from retrac_lib import counterfactual as cf
+from retrac_lib.evaluation import counterfactual as cf
 
 def fake_train(self, jobs, loss_options):      # a retrain of 20 ms with a recognisable loss
     time.sleep(0.02)
