@@ -23,12 +23,7 @@ from common import Timer, table  # noqa: E402
 
 import retrac_lib as rl  # noqa: E402
 from retrac_lib.book import setups  # noqa: E402
-from retrac_lib.ranking import spearman  # noqa: E402
-
-
-def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
-    ta, tb = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
-    return torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb)])
+from retrac_lib.ranking import spearman, top_k_overlap  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +54,7 @@ def main() -> None:
             rho = spearman(res.scores, exact[method])
             row[f"{method} rho mean"] = rho.mean().item()
             row[f"{method} rho min"] = rho.min().item()
-            row[f"{method} top-10 overlap"] = top_overlap(res.scores, exact[method]).mean().item()
+            row[f"{method} top-10 overlap"] = top_k_overlap(res.scores, exact[method]).mean().item()
             if k == 2048:
                 per_query[method] = rho
         rows.append(row)

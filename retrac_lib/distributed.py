@@ -116,8 +116,7 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *, shard: str 
     Every rank gets the whole result: scores [Q, N] in training-set order, equal to one process's.
     ``options`` are those of ``rl.attribute`` (``projection`` excepted).
     """
-    if shard not in SHARDS:
-        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}.")
+    validation.choice(shard, "shard", SHARDS)
     if options.get("train_slice") is not None:
         raise ValueError("distributed.attribute chooses each rank's train_slice itself.")
     if shard == "queries" and options.get("noise_per_query"):

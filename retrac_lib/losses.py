@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import validation
 from .validation import float_samples
 
 LOSSES = ("mse", "l1", "square_norm")
@@ -15,8 +16,7 @@ LOSSES = ("mse", "l1", "square_norm")
 
 
 def check_loss(loss: str) -> None:
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+    validation.choice(loss, "loss", LOSSES)
 
 
 def add_noise(scheduler, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Ranks of scores, which the core reads and the book measures: top-k, ranks, Spearman.
+"""Ranks of scores, which the core reads and the book measures: top-k, ranks, Spearman, the
+overlap of two rankings' top-k.
 
 ``AttributionResult.proponents`` and ``diagnostics`` use these; ``evaluation.metrics`` builds
 what the book reports on them. Plain tensors in, plain tensors out; no ``retrac_lib`` imports.
@@ -6,8 +7,9 @@ what the book reports on them. Plain tensors in, plain tensors out; no ``retrac_
 from __future__ import annotations
 
 import torch
+from scipy.stats import rankdata
 
-__all__ = ["score_matrix", "top_k", "rank", "spearman"]
+__all__ = ["score_matrix", "top_k", "top_k_overlap", "rank", "spearman"]
 
 
 def score_matrix(scores, name: str = "scores") -> torch.Tensor:
@@ -31,21 +33,23 @@ def top_k(scores, k: int, largest: bool = True) -> torch.Tensor:
     return scores.topk(k, dim=1, largest=largest).indices
 
 
+def top_k_overlap(a, b, k: int = 10) -> torch.Tensor:
+    """Share [Q] of each query's top-``k`` samples under scores ``a`` [Q, N] that are also in
+    its top-``k`` under ``b`` (``k`` at most N)."""
+    a, b = score_matrix(a, "a"), score_matrix(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must score the same queries and samples; got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}.")
+    k = min(k, a.shape[1])
+    ta, tb = top_k(a, k), top_k(b, k)
+    return (ta[:, :, None] == tb[:, None, :]).any(-1).double().mean(-1)
+
+
 def rank(values) -> torch.Tensor:
-    """Ranks 1..n along the last dimension (1 = smallest), ties sharing their average rank."""
+    """Ranks 1..n along the last dimension (1 = smallest), ties sharing their average rank
+    (SciPy's ``rankdata``)."""
     values = torch.as_tensor(values, dtype=torch.float64)
-    order = values.argsort(dim=-1)
-    sorted_v = values.gather(-1, order)
-    first = torch.ones_like(sorted_v, dtype=torch.bool)
-    first[..., 1:] = sorted_v[..., 1:] != sorted_v[..., :-1]
-    group = first.cumsum(-1) - 1                                   # tie-group id of each position
-    pos = torch.arange(1, values.shape[-1] + 1, dtype=torch.float64).expand_as(values)
-    n_groups = values.shape[-1]
-    total = torch.zeros(*values.shape[:-1], n_groups, dtype=torch.float64)
-    total = total.scatter_add_(-1, group, pos)
-    count = torch.zeros_like(total).scatter_add_(-1, group, torch.ones_like(pos))
-    avg = total.gather(-1, group) / count.gather(-1, group)
-    return torch.empty_like(avg).scatter_(-1, order, avg)
+    return torch.from_numpy(rankdata(values.detach().cpu().numpy(), axis=-1))
 
 
 def spearman(a, b) -> torch.Tensor:
@@ -59,5 +63,7 @@ def spearman(a, b) -> torch.Tensor:
         raise ValueError(f"spearman needs sequences of equal length; got {ra.shape[-1]} and "
                          f"{rb.shape[-1]}.")
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    denom = (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-300)
+    # one square root of the product, so equal (or reversed) rankings give exactly +1 (-1);
+    # a constant side (no ranking) gives 0
+    denom = ((ra * ra).sum(-1) * (rb * rb).sum(-1)).sqrt().clamp_min(1e-300)
     return (ra * rb).sum(-1) / denom

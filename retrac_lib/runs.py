@@ -146,8 +146,7 @@ class Run:
         ``Recorder.checkpoint(model, ema=...)``: the weights a diffusers loop with ``--use_ema``
         saves and samples with). The log, lrs and checkpoint weights stay the same; scores of
         the two differ (chapter 8 measures by how much), and their cache keys too."""
-        if which not in WEIGHTS:
-            raise ValueError(f"which must be one of {WEIGHTS}, got {which!r}.")
+        validation.choice(which, "which", WEIGHTS)
         if which == "trained":
             return self
         missing = [c.index for c in self.checkpoints if c.ema is None]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
+from retrac_lib import ranking
 from retrac_lib.evaluation import metrics
 
 SCORES = torch.tensor([
@@ -98,11 +99,24 @@ def test_rank_and_spearman_handle_ties():
     assert metrics.rank(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
     assert metrics.rank(torch.tensor([[2.0, 1.0], [1.0, 1.0]])).tolist() == [[2, 1], [1.5, 1.5]]
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert float(metrics.spearman(x, x ** 3)) == pytest.approx(1.0)
-    assert float(metrics.spearman(x, -x)) == pytest.approx(-1.0)
+    assert float(metrics.spearman(x, x ** 3)) == 1.0 and float(metrics.spearman(x, -x)) == -1.0
+    assert float(metrics.spearman(x, torch.ones(4))) == 0.0   # a constant side ranks nothing
     scipy_stats = pytest.importorskip("scipy.stats")
     a, b = torch.randn(2, 30, generator=torch.Generator().manual_seed(0)).round(decimals=1)
     assert float(metrics.spearman(a, b)) == pytest.approx(scipy_stats.spearmanr(a, b)[0], abs=1e-9)
+    rows = torch.randn(5, 30, generator=torch.Generator().manual_seed(1)).round(decimals=1)
+    expected = [scipy_stats.spearmanr(r, b)[0] for r in rows]   # each row against one shared b
+    assert metrics.spearman(rows, b).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_top_k_overlap_by_hand():
+    a = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    # query 0: top-2 {0, 1} against {0, 2}: one shared; query 1: the same ranking
+    assert ranking.top_k_overlap(a, b, k=2).tolist() == [0.5, 1.0]
+    assert ranking.top_k_overlap(a, b, k=9).tolist() == [1.0, 1.0]   # k capped at N
+    with pytest.raises(ValueError, match=r"same queries and samples; got shapes \(2, 4\) and"):
+        ranking.top_k_overlap(a, b[:, :3])
 
 
 def test_norm_influence_correlation():

@@ -64,13 +64,9 @@ class AttributionConfig:
         scored with a warning.
         """
         run.require_log()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
-        if self.normalization not in QUERY_NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {QUERY_NORMALIZATIONS}, "
-                             f"got {self.normalization!r}.")
-        if self.train_side not in TRAIN_SIDES:
-            raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {self.train_side!r}.")
+        validation.choice(self.method, "method", METHODS)
+        validation.choice(self.normalization, "normalization", QUERY_NORMALIZATIONS)
+        validation.choice(self.train_side, "train_side", TRAIN_SIDES)
         loss = self.loss or run.config.loss
         check_loss(loss)
         checkpoints = validation.checkpoints(self.checkpoints, len(run.checkpoints))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ghost
+from .. import ghost, validation
 from ..grads import grouped_grads
 from .options import ENGINES
 
@@ -34,8 +34,7 @@ def check_finite(g: torch.Tensor, what: str, offset: int, checkpoint: int) -> No
 
 def resolve_engine(engine: str, model) -> str:
     """The gradient engine to use: "auto" is "ghost" when it covers every layer of ``model``."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    validation.choice(engine, "engine", ENGINES)
     if engine == "ghost":
         ghost.check_supported(model)
     if engine == "auto":

@@ -93,8 +93,7 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     Streams the gradients in chunks of ``chunk_size`` (memory: one chunk x P plus the C x N x k
     result); the options mean what they mean in ``attribute``.
     """
-    if train_side not in TRAIN_SIDES:
-        raise ValueError(f"train_side must be one of {TRAIN_SIDES}, got {train_side!r}.")
+    validation.choice(train_side, "train_side", TRAIN_SIDES)
     k, seed = projection_size(k, seed)
     chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
     validation.integer(noise_seed, "noise_seed")

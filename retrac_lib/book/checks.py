@@ -25,7 +25,7 @@ from ..config import TrainConfig
 from ..grads import per_sample_grads
 from ..losses import add_noise, error_loss
 from ..models import build_model, build_scheduler
-from ..ranking import spearman
+from ..ranking import spearman, top_k_overlap
 
 
 def _fail(name: str, *lines: str) -> None:
@@ -232,19 +232,6 @@ def check_per_sample_grads(fn, loss: str = "mse", model: str = "unet", seed: int
         f"({expected.shape[1]:,} parameters, timesteps {t.tolist()}).")
 
 
-def rank_correlation(a, b) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b``."""
-    return spearman(torch.as_tensor(a), torch.as_tensor(b))
-
-
-def topk_overlap(a, b, k: int = 10) -> torch.Tensor:
-    """Share of each row's top-k (largest) entries of ``a`` that are also in ``b``'s top-k."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    k = min(k, a.shape[-1])
-    ta, tb = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices
-    return torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb)])
-
-
 def check_scores(answer, reference, k: int = 10, rtol: float = 1e-3,
                  min_rank_correlation: float = 0.999, scale_matters: bool = True) -> None:
     """Check attribution scores [Q, N] (queries x training samples) against a reference.
@@ -271,8 +258,8 @@ def check_scores(answer, reference, k: int = 10, rtol: float = 1e-3,
     if scale_matters and _close(ans, ref, rtol, 1e-12):
         _ok(name, f"scores match the reference ({ref.shape[0]} queries x {ref.shape[1]} samples).")
         return
-    rho = rank_correlation(ans, ref)
-    overlap = topk_overlap(ans, ref, k)
+    rho = spearman(ans, ref)
+    overlap = top_k_overlap(ans, ref, k)
     if bool((rho >= min_rank_correlation).all()):
         ratio = _ratio(ans, ref)
         if not scale_matters:

@@ -11,6 +11,7 @@ import torch
 
 from .. import diagnostics
 from ..evaluation import metrics
+from ..ranking import spearman, top_k_overlap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +37,7 @@ def agreement(a, b, k: int = 10) -> Agreement:
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"agreement needs two score matrices of the same shape [Q, N]; got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}.")
-    top_a, top_b = metrics.top_k(a, k), metrics.top_k(b, k)
-    overlap = torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(top_a, top_b)])
-    return Agreement(metrics.spearman(a, b), overlap, k)
+    return Agreement(spearman(a, b), top_k_overlap(a, b, k), k)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .. import validation
 from ..attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
 from ..dtrak import attribute_dtrak
 from ..models import check_samples
@@ -42,8 +43,7 @@ _GRADIENT_OPTIONS = {
 
 
 def _check(method: str) -> None:
-    if method not in BASELINES:
-        raise ValueError(f"method must be one of {BASELINES}, got {method!r}.")
+    validation.choice(method, "method", BASELINES)
 
 
 def _gradient_options(method: str, options: dict) -> dict:

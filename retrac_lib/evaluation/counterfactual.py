@@ -33,22 +33,21 @@ except ImportError:   # not POSIX: the ledger's lock is a no-op there
     fcntl = None
 
 import diffusers
-import numpy as np
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from .. import cache, validation
-from ..timesteps import parse_timesteps, query_noise_draws
-from .baselines import NEIGHBOURS, attribute_any
 from ..config import TrainConfig
 from ..data import Dataset
 from ..ensemble import full_float32, train_many
 from ..losses import diffusion_loss
-from .metrics import text_table
 from ..models import check_samples
+from ..ranking import spearman
 from ..runs import Run
+from ..timesteps import parse_timesteps, query_noise_draws
 from ..training import load_or_train, train
+from .baselines import NEIGHBOURS, attribute_any
+from .metrics import text_table
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
            "LossLedger", "kept_subset", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
@@ -279,8 +278,7 @@ class LossLedger:
     def key(cls, config: TrainConfig, subset: Dataset, queries: torch.Tensor,
             loss_options: dict, trainer: str = "single", device="cpu") -> str:
         """The entry key of ``config`` trained on ``subset`` by ``trainer`` on ``device``."""
-        if trainer not in cls.TRAINERS:
-            raise ValueError(f"trainer must be one of {cls.TRAINERS}, got {trainer!r}.")
+        validation.choice(trainer, "trainer", cls.TRAINERS)
         payload = {"kind": "retrain-loss", "config": config.to_dict(),
                    "data": subset.fingerprint(), "queries": cache.tensor_fingerprint(queries),
                    "loss_options": loss_options, "diffusers": diffusers.__version__}
@@ -576,12 +574,8 @@ def lds(scores: torch.Tensor, masks: torch.Tensor,
                              "a diverged retrain or attribution cannot be ranked; fix or drop it "
                              "instead of letting it count as LDS 0.")
     predicted = masks.double() @ scores.T                                       # [M, Q]
-    per_query = []
-    for q in range(scores.shape[0]):
-        a, b = predicted[:, q].numpy(), -losses[:, q].numpy()
-        rho = spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else 0.0
-        per_query.append(float(rho))
-    return LDSResult(torch.tensor(per_query, dtype=torch.float64), predicted, losses)
+    per_query = spearman(predicted.T, -losses.T.double())   # 0 where either side is constant
+    return LDSResult(per_query, predicted, losses)
 
 
 # ---------------------------------------------------------------------------------------------
