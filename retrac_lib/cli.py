@@ -224,7 +224,7 @@ def _options(parser, args, run, queries) -> dict:
                                                           len(run.checkpoints)))
     check("--chunk-size", lambda: validation.chunk_size(args.chunk_size))
     check("--projection", lambda: projection_size(args.projection, args.projection_seed))
-    device = args.device or distributed.default_device()
+    device = args.device or validation.default_device()
     check("--device", lambda: validation.device(device))
     options = dict(
         checkpoints=args.checkpoints, timesteps=args.timesteps, n_noise=args.n_noise,

@@ -45,16 +45,9 @@ def init(backend: str | None = None) -> bool:
         return False
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":  # NCCL's collectives run on the current device: this rank's GPU
-        torch.cuda.set_device(default_device())
+        torch.cuda.set_device(validation.default_device())
     dist.init_process_group(backend)
     return True
-
-
-def default_device() -> str:
-    """``cuda:<LOCAL_RANK>`` when a GPU is present, otherwise the CPU."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return "cpu"
 
 
 def shard_ranges(n: int, world: int, align: int = 1) -> list[range]:

@@ -253,6 +253,16 @@ def checkpoints(value, n_checkpoints: int) -> tuple[int, ...]:
     return tuple(resolved)
 
 
+def default_device() -> str:
+    """Where to compute when nobody says: ``cuda:<LOCAL_RANK>`` with a GPU (``cuda:0`` outside
+    ``torchrun``; a Colab GPU runtime), else the CPU. The chapters' attribution and
+    ``python -m retrac_lib`` use it; training stays on the CPU, so a run is the same run on
+    either, and scores agree with the CPU's to float32 tolerance."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
 def device(value) -> torch.device:
     """A device that can hold data and is present on this machine (None = the CPU)."""
     if value is None:

@@ -10,9 +10,10 @@ from retrac_lib.book import setups
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_chapters_use_a_gpu_exactly_when_one_is_present():
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert setups.device() == expected
+def test_chapters_use_a_gpu_exactly_when_one_is_present(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert rl.validation.default_device() == expected
     assert setups.attribution_options(smoke=True)["device"] == expected
     assert setups.counterfactual_setup(smoke=True).attribution["device"] == expected
 

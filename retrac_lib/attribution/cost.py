@@ -94,7 +94,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     per_checkpoint = time.perf_counter() - resolved   # loading each checkpoint's weights
     engine = resolve_engine(engine, model)
     n_t = max(1, min(len(grid), 4 * chunk_size // config.n_noise))   # one query chunk of draws
-    sample, n = run.data.sample_shape, len(run.data)
+    n = len(run.data)
     span = range(0, min(chunk_size, n))
     per_sample = len(grid) if config.train_side == "timestep_average" else 1
     peak = _Peak(device)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..config import TrainConfig, is_smoke
 from ..data import Dataset, digits, digits_with_outliers, mnist, moons
+from ..validation import default_device
 
 SMOKE_DIGITS = 96
 
@@ -50,13 +49,6 @@ def points_setup(smoke: bool | None = None) -> tuple[TrainConfig, Dataset]:
                         checkpoint_every=50), moons(n=512))
 
 
-def device() -> str:
-    """Where the chapters compute attribution gradients: "cuda" when a GPU is present (a Colab GPU
-    runtime), else "cpu". Scores agree with the CPU's to float32 tolerance, so cached results are
-    shared; training stays on the CPU, so a run is the same run on either runtime."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def attribution_options(smoke: bool | None = None) -> dict:
     """Query-side sizes (and the device) the chapters use with ``rl.attribute`` /
     ``rl.load_or_attribute``.
@@ -66,7 +58,7 @@ def attribution_options(smoke: bool | None = None) -> dict:
     """
     smoke = is_smoke() if smoke is None else smoke
     sizes = dict(timesteps=4, n_noise=2) if smoke else dict(timesteps=25, n_noise=8)
-    return dict(sizes, device=device())
+    return dict(sizes, device=default_device())
 
 
 def recipe_options(smoke: bool | None = None) -> dict:
@@ -135,7 +127,7 @@ def dtrak_options(smoke: bool | None = None) -> dict:
     ``S``), a 2048-dimensional projection (smoke: 4 timesteps, 64 dimensions)."""
     smoke = is_smoke() if smoke is None else smoke
     sizes = dict(timesteps=4, proj_dim=64) if smoke else dict(timesteps=10, proj_dim=2048)
-    return dict(sizes, checkpoints=[-1], damping=0.1, device=device())
+    return dict(sizes, checkpoints=[-1], damping=0.1, device=default_device())
 
 
 def counterfactual_setup(smoke: bool | None = None) -> CounterfactualSetup:
