@@ -31,9 +31,9 @@ from . import validation
 from .attribution import AttributionConfig, AttributionResult
 from .grads import grouped_grads
 from .models import check_samples
+from .projection import GaussianProjection
 
 OUTPUT_FUNCTION = "square_norm"
-ROW_BLOCK = 4096     # parameter rows of P generated per block
 
 
 def uniform_timesteps(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -42,37 +42,6 @@ def uniform_timesteps(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     if k > num_train_timesteps:
         raise ValueError(f"timesteps={k} exceeds the {num_train_timesteps} timesteps of the schedule.")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // k)[:k]
-
-
-class GaussianProjection:
-    """A seeded dense projection ``P`` [dim, k] with independent N(0, 1/k) entries, so that
-    ``E <xP, yP> = <x, y>``. Rows are generated block by block from the seed, never stored whole."""
-
-    def __init__(self, dim: int, k: int, seed: int = 0):
-        self.dim = validation.integer(dim, "dim", 1)
-        self.k = validation.integer(k, "proj_dim", 1)
-        self.seed = validation.integer(seed, "seed")
-
-    def block(self, b: int) -> torch.Tensor:
-        """Rows ``b * ROW_BLOCK`` up to the next block boundary (or ``dim``) of ``P``."""
-        a = b * ROW_BLOCK
-        rows = min(ROW_BLOCK, self.dim - a)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
-        return torch.randn(rows, self.k, generator=gen) / self.k ** 0.5
-
-    def matrix(self) -> torch.Tensor:
-        """The whole ``P`` [dim, k] (for tests and small models)."""
-        return torch.cat([self.block(b) for b in range(-(-self.dim // ROW_BLOCK))])
-
-    def __call__(self, g: torch.Tensor) -> torch.Tensor:
-        if g.ndim != 2 or g.shape[1] != self.dim:
-            raise ValueError(f"GaussianProjection expects [B, {self.dim}] gradients; got {tuple(g.shape)}.")
-        out = torch.zeros(len(g), self.k, dtype=g.dtype, device=g.device)
-        for b in range(-(-self.dim // ROW_BLOCK)):
-            a = b * ROW_BLOCK
-            p = self.block(b).to(g.device, g.dtype)
-            out += g[:, a:a + len(p)] @ p
-        return out
 
 
 def averaged_gradients(model, scheduler, x: torch.Tensor, timesteps: torch.Tensor, seed: int,

@@ -1,4 +1,5 @@
-"""Random projections of gradients, for scoring large training sets in bounded memory.
+"""Random projections of gradients: ``CountSketch`` for scoring large training sets in bounded
+memory, and D-TRAK's dense ``GaussianProjection``.
 
 Exact scores never need all N x P training gradients at once (``rl.attribute`` streams them in
 chunks), but scoring *many* query sets against the same run recomputes them every time. Storing
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from . import validation
+
 BLOCK = 1 << 20          # coordinates hashed per generator call
+ROW_BLOCK = 4096         # rows of a GaussianProjection's matrix generated per block
 _CACHE_LIMIT = 1 << 25   # keep the hash in memory up to this many coordinates (256 MiB as int64)
 
 
@@ -72,3 +76,34 @@ class CountSketch:
             part = flat[:, a:a + len(buckets)] * signs.to(g.device, g.dtype)
             out.index_add_(1, buckets.to(g.device), part)
         return out.reshape(*g.shape[:-1], self.k)
+
+
+class GaussianProjection:
+    """A seeded dense projection ``P`` [dim, k] with independent N(0, 1/k) entries, so that
+    ``E <xP, yP> = <x, y>``. Rows are generated block by block from the seed, never stored whole."""
+
+    def __init__(self, dim: int, k: int, seed: int = 0):
+        self.dim = validation.integer(dim, "dim", 1)
+        self.k = validation.integer(k, "proj_dim", 1)
+        self.seed = validation.integer(seed, "seed")
+
+    def block(self, b: int) -> torch.Tensor:
+        """Rows ``b * ROW_BLOCK`` up to the next block boundary (or ``dim``) of ``P``."""
+        a = b * ROW_BLOCK
+        rows = min(ROW_BLOCK, self.dim - a)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        return torch.randn(rows, self.k, generator=gen) / self.k ** 0.5
+
+    def matrix(self) -> torch.Tensor:
+        """The whole ``P`` [dim, k] (for tests and small models)."""
+        return torch.cat([self.block(b) for b in range(-(-self.dim // ROW_BLOCK))])
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        if g.ndim != 2 or g.shape[1] != self.dim:
+            raise ValueError(f"GaussianProjection expects [B, {self.dim}] gradients; got {tuple(g.shape)}.")
+        out = torch.zeros(len(g), self.k, dtype=g.dtype, device=g.device)
+        for b in range(-(-self.dim // ROW_BLOCK)):
+            a = b * ROW_BLOCK
+            p = self.block(b).to(g.device, g.dtype)
+            out += g[:, a:a + len(p)] @ p
+        return out

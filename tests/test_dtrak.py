@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import dtrak
+from retrac_lib import dtrak, projection
+from retrac_lib.projection import GaussianProjection
 from retrac_lib.grads import per_sample_grads_loop
 
 
@@ -29,12 +30,12 @@ def test_whitened_scores_by_hand_and_in_both_spaces(generator):
 
 
 def test_gaussian_projection_is_seeded_blockwise_and_preserves_inner_products(monkeypatch, generator):
-    monkeypatch.setattr(dtrak, "ROW_BLOCK", 7)          # several blocks for a 20-dim input
-    p = dtrak.GaussianProjection(20, 3000, seed=1)
+    monkeypatch.setattr(projection, "ROW_BLOCK", 7)          # several blocks for a 20-dim input
+    p = GaussianProjection(20, 3000, seed=1)
     g = torch.randn(4, 20, generator=generator)
     assert torch.allclose(p(g), g @ p.matrix(), atol=1e-5)
-    assert torch.equal(p.matrix(), dtrak.GaussianProjection(20, 3000, seed=1).matrix())
-    assert not torch.equal(p.matrix(), dtrak.GaussianProjection(20, 3000, seed=2).matrix())
+    assert torch.equal(p.matrix(), GaussianProjection(20, 3000, seed=1).matrix())
+    assert not torch.equal(p.matrix(), GaussianProjection(20, 3000, seed=2).matrix())
     pg = p(g)
     assert torch.allclose(pg @ pg.T, g @ g.T, rtol=0.15, atol=0.3 * g.norm(dim=1).max() ** 2 / 5)
     with pytest.raises(ValueError, match=r"\[B, 20\]"):
@@ -56,7 +57,7 @@ def test_attribute_dtrak_matches_a_slow_reference(tiny_points_run):
         return torch.stack(rows).double()
 
     g, gq = features(run.data.images, seed), features(q, seed + 1)
-    proj = dtrak.GaussianProjection(g.shape[1], k, seed).matrix().double()
+    proj = GaussianProjection(g.shape[1], k, seed).matrix().double()
     phi, phi_q = g @ proj, gq @ proj
     lam = 0.5 * phi.square().sum() / min(phi.shape)
     expected = phi_q @ torch.linalg.inv(phi.T @ phi + lam * torch.eye(k, dtype=torch.float64)) @ phi.T
