@@ -370,7 +370,12 @@ def fake_train(self, jobs, loss_options):      # a retrain of 20 ms with a recog
     for k, *_ in jobs:
         self.entries[k] = {"losses": [float(sys.argv[2])], "seconds": 0.02}
 
+def slow_write(*args, _write=cf.cache.write_json_atomic):   # widen the read-merge-write window
+    time.sleep(0.03)
+    _write(*args)
+
 cf.LossLedger._train = fake_train
+cf.cache.write_json_atomic = slow_write
 config = rl.TrainConfig(model="mlp", clip_sample=False, mlp_hidden=16, mlp_layers=1)
 points = rl.data.moons(n=24)
 masks = cf.random_subsets(24, 40, seed=int(sys.argv[2]))
