@@ -31,14 +31,16 @@ that they hold the same run, queries and options.
 
     python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
                                [--ensemble-size M] [--out retrac_lib/results/v1]
-                               [--estimate-only]
+                               [--estimate-only] [--from-end]
 
 runs the scale ladder of ``retrac_lib.evaluation.study`` (the one place the core loads
 ``evaluation``, inside this command only): it measures each rung's unit costs with a short
 probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
 cheapest first, writes ``<rung>.json`` per finished rung to ``--out`` and says which did not run
 and how long each would take. ``--device cuda`` also trains the LDS and removal retrains there,
-32 at once (``--ensemble-size``). ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
+32 at once (``--ensemble-size``). A second process started with ``--from-end`` shares the
+rung's ledger with a first one and trains the missing retrains from the other end, so the two
+meet in the middle. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
 """
 from __future__ import annotations
 
@@ -205,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
                         "working folder, the repository root)")
     s.add_argument("--estimate-only", action="store_true",
                    help="print the probes and estimates, run nothing")
+    s.add_argument("--from-end", action="store_true",
+                   help="train the missing retrains last to first: a second process sharing "
+                        "the ledger with a first one, on another core or machine")
     return parser
 
 
@@ -352,7 +357,8 @@ def study_command(parser, args) -> int:
             estimate = {k: round(v, 1) for k, v in parts[r.name].items()}
             write = lambda part: study.write_result({**part, "estimate_seconds": estimate}, out)
             path = write(study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out),
-                                        on_part=write, ensemble_size=size))
+                                        on_part=write, ensemble_size=size,
+                                        from_end=args.from_end))
             print(f"{r.label}: written to {path}")
     for r in skipped:
         print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "

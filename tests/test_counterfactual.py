@@ -344,6 +344,24 @@ def test_ledgers_sharing_a_file_read_each_others_entries_and_lose_none(
     assert len(cf.LossLedger(path, owner="t")) == 2
 
 
+def test_a_ledger_from_the_end_trains_the_missing_retrains_last_to_first(
+        points_config, points, tmp_path, monkeypatch):
+    jobs = _ledger_jobs(points_config, points, 4)
+    keys = [cf.LossLedger.key(c, s, q, LEDGER_OPTIONS) for c, s, q in jobs]
+    order = []
+
+    def record(self, todo, loss_options):
+        for k, *_ in todo:
+            order.append(k)
+            self.entries[k] = {"losses": [0.0, 0.0], "seconds": 0.0}
+
+    monkeypatch.setattr(cf.LossLedger, "_train", record)
+    first = cf.LossLedger(tmp_path / "a.json", owner="t")
+    first.loss_many(jobs[:1], LEDGER_OPTIONS)             # job 0 is stored already
+    cf.LossLedger(tmp_path / "a.json", owner="t", from_end=True).loss_many(jobs, LEDGER_OPTIONS)
+    assert order == [keys[0], keys[3], keys[2], keys[1]]
+
+
 def test_a_failed_ledger_write_warns_once_and_keeps_the_losses(
         points_config, points, tmp_path, monkeypatch):
     jobs = _ledger_jobs(points_config, points, 2)

@@ -259,16 +259,19 @@ def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path,
                                                          monkeypatch):
     _, result, _, _ = smoke_result
     monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
-    ran = []
-    ledgers = []
-    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part, ensemble_size: (
-        ran.append(rung.name), ledgers.append(ledger), json.loads(json.dumps(result)))[-1])
+    ran, ledgers, ends = [], [], []
+    monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part, ensemble_size,
+                        from_end: (ran.append(rung.name), ledgers.append(ledger),
+                                   ends.append(from_end), json.loads(json.dumps(result)))[-1])
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
                      str(out)]) == 0   # 4.2 s: n250 (3.58 s) fits, n1000 the same once more not
     text = capsys.readouterr().out
     assert ran == ["n250"] and "budget 0.07 min: runs n250" in text
-    assert ledgers == [out / "ledger" / "n250-smoke.json"]
+    assert ledgers == [out / "ledger" / "n250-smoke.json"] and ends == [False]
+    assert cli.main(["study", "n250", "--budget-minutes", "1", "--out", str(out),
+                     "--from-end"]) == 0
+    assert ends == [False, True]
     assert "n1000-smoke: not run (estimated 4 s, over the budget)" in text
     doc = study.read_result(out / "n250-smoke.json")
     assert doc["measurements"] == json.loads(json.dumps(result["measurements"]))

@@ -204,15 +204,19 @@ class LossLedger:
     Several processes may share one file (two workers splitting a protocol, on one machine or a
     shared disk): before each retrain the ledger reads the entries others have written since,
     and each write merges under a lock file (``fcntl``; POSIX only), so nobody's entries are
-    lost and a stored number is never replaced. A write that fails (a full or read-only disk)
-    warns once and the run goes on with its losses in memory.
+    lost and a stored number is never replaced. A second process made with ``from_end=True``
+    trains the missing retrains last to first, so two workers meet in the middle instead of
+    training the same ones. A write that fails (a full or read-only disk) warns once and the run
+    goes on with its losses in memory.
     """
 
     FORMAT = 1
     TRAINERS = ("single", "ensemble")
 
-    def __init__(self, path, owner: str, *, device="cpu", ensemble_size: int = 1):
+    def __init__(self, path, owner: str, *, device="cpu", ensemble_size: int = 1,
+                 from_end: bool = False):
         self.path, self.owner = Path(path), str(owner)
+        self.from_end = validation.flag(from_end, "from_end")
         self.device = validation.device(device)
         self.ensemble_size = validation.integer(ensemble_size, "ensemble_size", 1)
         single = self.ensemble_size == 1 and self.device.type == "cpu"
@@ -329,6 +333,8 @@ class LossLedger:
             groups.setdefault(group, []).append((k, c, s, q))
         chunks = [g[a:a + self.ensemble_size] for g in groups.values()
                   for a in range(0, len(g), self.ensemble_size)]
+        if self.from_end:
+            chunks.reverse()
         with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
             for chunk in chunks:
                 self._refresh()

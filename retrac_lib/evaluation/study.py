@@ -324,7 +324,8 @@ def _timed(seconds: dict, part: str):
 
 
 def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None,
-             ledger=None, on_part=None, ensemble_size: int | None = None) -> dict:
+             ledger=None, on_part=None, ensemble_size: int | None = None,
+             from_end: bool = False) -> dict:
     """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
     provenance that ``write_result`` adds. The rung's own run and the feature classifier are
     cached in ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in
@@ -336,10 +337,13 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     before the LDS and before the removal test, so a rung stopped in its retrains keeps what
     it measured. The retrains train on ``device`` in ensembles of ``ensemble_size``
     (``ensemble_size_for``); ``measurements["retrains"]`` records the trainer, device type and
-    ensemble size, ``measurements["train"]`` the rung's own run (cache key, fingerprint, CPU)."""
+    ensemble size, ``measurements["train"]`` the rung's own run (cache key, fingerprint, CPU).
+    ``from_end`` trains the missing retrains last to first (``LossLedger``): a second process
+    sharing the ledger with a first one halves the retraining time on a second core."""
     device = str(validation.device(device or "cpu"))
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash(), device=device,
-                           ensemble_size=ensemble_size_for(device, ensemble_size))
+                           ensemble_size=ensemble_size_for(device, ensemble_size),
+                           from_end=from_end)
     seconds, out = {}, {}
     log = print if progress else (lambda *a, **k: None)
     data, is_min, queries = rung_data(rung)
