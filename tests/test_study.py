@@ -408,3 +408,25 @@ def test_cli_ensemble_size_must_be_positive(capsys):
 def test_committed_results_are_where_the_study_reads_them():
     """``study.RESULTS`` is the package data folder the wheel ships (chapters 6 and 9 read it)."""
     assert study.read_result(study.RESULTS / "n250.json")["rung"] == "n250"
+
+
+def test_ladder_figure_draws_every_stored_measure_with_its_interval():
+    import matplotlib
+    matplotlib.use("Agg")
+    from retrac_lib.book.plots import study as splots
+
+    doc = study.read_result(study.RESULTS / "n250.json")
+    m = doc["measurements"]
+    partial = {k: v for k, v in m.items() if k not in ("lds", "removal")}
+    fig = splots.ladder_methods({"n250": m, "next": partial}, study.METHODS)
+    removal = fig.axes[3]
+    dots = [line.get_xdata()[0] for line in removal.get_lines() if line.get_marker() == "o"]
+    assert dots == [m["removal"]["paired_pct"][f"{x}-random"]["mean"] for x in study.METHODS]
+    bars = [tuple(line.get_xdata()) for line in removal.get_lines()
+            if line.get_marker() != "o" and len(line.get_xdata()) == 2
+            and line.get_linestyle() == "-"]
+    assert bars == [(m["removal"]["paired_pct"][f"{x}-random"]["low"],
+                     m["removal"]["paired_pct"][f"{x}-random"]["high"]) for x in study.METHODS]
+    assert "not yet measured: next" in removal.get_title()
+    assert "not yet measured" not in fig.axes[1].get_title()
+    matplotlib.pyplot.close(fig)

@@ -1,13 +1,15 @@
 """Figures of the scale ladder's stored results (chapter 9): each method's same-label rate,
-self-influence AUC of the planted minority and LDS, rung by rung, with their intervals."""
+self-influence AUC of the planted minority, LDS and removal test, rung by rung, with their
+intervals."""
 from __future__ import annotations
 
 from . import METHOD_COLORS, METHOD_LABELS, SMALL, page_panels
 
 PANELS = (   # (part, title, x-axis label, reference line)
-    ("attribution", "same-label rate of the top 10", "share of proponents", None),
-    ("self_influence", "self-influence AUC of the planted zeros", "AUC (0.5: chance)", 0.5),
-    ("lds", "LDS (mean over queries)", "Spearman correlation", 0.0),
+    ("attribution", "same-label rate\nof the top 10", "share of proponents", None),
+    ("self_influence", "self-influence AUC\nof the planted zeros", "AUC (0.5: chance)", 0.5),
+    ("lds", "LDS\n(mean over queries)", "Spearman correlation", 0.0),
+    ("removal", "removal: loss rise\nbeyond random", "percentage points", 0.0),
 )
 
 
@@ -21,6 +23,9 @@ def _value(measurements: dict, part: str, method: str) -> tuple[float, float, fl
     if part == "self_influence":
         m = measurements[part][method]
         return m["auc"], *m["auc_interval"]
+    if part == "removal":
+        m = measurements[part]["paired_pct"][f"{method}-random"]
+        return m["mean"], m["low"], m["high"]
     m = measurements[part]["per_method"][method]
     return m["mean"], m["mean"] - m["sem"], m["mean"] + m["sem"]
 
@@ -28,9 +33,10 @@ def _value(measurements: dict, part: str, method: str) -> tuple[float, float, fl
 def ladder_methods(measurements: dict[str, dict], methods) -> object:
     """One panel per measure (``PANELS``): a row of ``methods`` per rung (``measurements``
     maps a rung name to its stored measurements), a dot at the value and a bar for its
-    interval (bootstrap for the AUC, +-1 standard error for the LDS). A measure a rung has
+    interval (bootstrap for the AUC, +-1 standard error for the LDS, the paired bootstrap
+    interval against random removal for the removal test's loss rise). A measure a rung has
     not measured yet is left out of that rung's row and said in the panel."""
-    fig, axes = page_panels(len(PANELS), 3.0, 0.55 + 0.42 * len(measurements) * len(methods))
+    fig, axes = page_panels(len(PANELS), 2.2, 0.55 + 0.42 * len(measurements) * len(methods))
     rows = [(rung, m) for rung in measurements for m in methods]
     for ax, (part, title, xlabel, reference) in zip(axes, PANELS):
         missing = [rung for rung in measurements if part not in measurements[rung]]
@@ -50,7 +56,8 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
                      fontsize=9)
         ax.set_xlabel(xlabel, fontsize=SMALL)
         ax.tick_params(axis="x", labelsize=SMALL)
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
+    for ax in axes:
+        if not ax.get_subplotspec().is_first_col():
+            ax.set_yticklabels([])
     fig.tight_layout()
     return fig
