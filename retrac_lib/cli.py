@@ -175,8 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, default=None, help="default: the run's training loss")
     p.add_argument("--checkpoints", type=int, nargs="+", help="checkpoint indices (default all)")
     p.add_argument("--train-side", choices=attribution.TRAIN_SIDES, default="recorded")
-    p.add_argument("--normalization", choices=attribution.QUERY_NORMALIZATIONS,
-                   default="per_timestep")
+    p.add_argument("--normalization", choices=attribution.QUERY_NORMALIZATIONS, default=None,
+                   help="ReTrac's query-side placement (default per_timestep)")
     p.add_argument("--projection", type=int, metavar="K", default=None,
                    help="score in a K-dimensional CountSketch of the gradients (default exact)")
     p.add_argument("--projection-seed", type=int, default=0)
@@ -247,7 +247,7 @@ def _options(parser, args, run, queries) -> dict:
         options["query_noise"] = check("--query-noise", lambda: validation.query_noise(
             load_tensor(args.query_noise, "query_noise", "[K, *sample] or [T', K, *sample]"),
             len(grid), run.data.sample_shape, dtype))
-    check("--engine", lambda: attribution.sides.resolve_engine(args.engine, run.model_at(0)))
+    check("--engine", lambda: attribution.engine_for(args.engine, run.model_at(0)))
     return options
 
 

@@ -22,18 +22,35 @@ scored by.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 from . import validation
-from .attribution import AttributionConfig, AttributionResult
+from .attribution import AttributionResult
 from .grads import grouped_grads
 from .models import check_samples
 from .projection import GaussianProjection
 
 OUTPUT_FUNCTION = "square_norm"
+
+
+@dataclasses.dataclass(frozen=True)
+class DTrakConfig:
+    """Every choice behind a D-TRAK score matrix (``attribute_dtrak``'s options, resolved)."""
+
+    checkpoints: tuple[int, ...]
+    timesteps: tuple[int, ...]     # the set S
+    proj_dim: int
+    damping: float
+    seed: int
+    output_function: str = OUTPUT_FUNCTION
+    method = "dtrak"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
 
 
 def uniform_timesteps(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -107,7 +124,6 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
         project = GaussianProjection(train.shape[1], proj_dim, seed)
         phi, phi_q = project(train).cpu(), project(query).cpu()
         scores += whitened_scores(phi_q, phi, damping_lambda(phi, damping)) / len(idx)
-    config = AttributionConfig("dtrak", idx, tuple(grid.tolist()), 1, seed, "timestep_average",
-                               "none", OUTPUT_FUNCTION, projection=proj_dim, projection_seed=seed)
+    config = DTrakConfig(tuple(idx), tuple(grid.tolist()), proj_dim, damping, seed)
     weights = torch.full((len(idx),), 1 / len(idx), dtype=torch.float64)
     return AttributionResult(scores, config, weights, norms, time.perf_counter() - start)

@@ -171,6 +171,7 @@ CASES = [
     ("retrac-all-l1-TK",           "unet",  "retrac", None,      "l1",   "TK",    "per_timestep"),
     ("retrac-all-per_draw-TK",     "unet",  "retrac", None,      "mse",  "TK",    "per_draw"),
     ("retrac-all-cosine-K",        "unet",  "retrac", None,      "mse",  "K",     "cosine"),
+    ("cosine-all-TK",              "unet",  "cosine", None,      "mse",  "TK",    None),
     ("points-tracin-all-mse-TK",   "mlp",   "tracin", None,      "mse",  "TK",    "per_timestep"),
     ("points-retrac-all-l1-K",     "mlp",   "retrac", None,      "l1",   "K",     "per_timestep"),
     ("points-retrac-per_draw-TK",  "mlp",   "retrac", [0, 2],    "mse",  "TK",    "per_draw"),
@@ -197,8 +198,12 @@ def test_scores_equal_slow_reference(case, tiny_run, reweighted_run, tiny_points
         timesteps = 3
     used = list(range(len(run.checkpoints))) if ckpts is None else ckpts
     eff_loss = loss or run.config.loss
-    expected, norms = ref_scores(run, queries, used, grid, ref_noise, eff_loss, method, normalization)
-    for engine in ("ghost", "func"):  # both gradient engines against the same reference
+    # the cosine method is ReTrac normalizing the averaged query vector once
+    ref_method, ref_normalization = (("retrac", "cosine") if method == "cosine" else
+                                     (method, normalization))
+    expected, norms = ref_scores(run, queries, used, grid, ref_noise, eff_loss, ref_method,
+                                 ref_normalization)
+    for engine in ("ghost", "func", "loop"):  # every gradient engine against the reference
         res = _attribute(run, queries, method, checkpoints=ckpts, timesteps=timesteps, n_noise=K,
                          query_noise=query_noise, normalization=normalization, loss=loss,
                          engine=engine)
@@ -245,12 +250,12 @@ def test_timestep_gradients_average_each_timesteps_draws(tiny_run):
 
 
 def _spy_training_rows(monkeypatch, run, edit):
-    """Patch attribution.grouped_grads so that ``edit(out, row, i)`` sees every training row.
+    """Patch the func engine's grouped_grads so that ``edit(out, row, i)`` sees every training row.
 
     Training calls are those whose samples x[:, 0] are all training images; ``i`` is the training
     index of row ``row``. Returns a list that collects the training indices seen.
     """
-    original = rl.attribution.sides.grouped_grads
+    original = rl.attribution.engines.grouped_grads
     signature = inspect.signature(original)
     images = run.data.images.flatten(1)
     seen = []
@@ -271,7 +276,7 @@ def _spy_training_rows(monkeypatch, run, edit):
             assert not matches.any(), "a call mixes training samples with other samples"
         return out
 
-    monkeypatch.setattr(rl.attribution.sides, "grouped_grads", wrapper)
+    monkeypatch.setattr(rl.attribution.engines, "grouped_grads", wrapper)
     return seen
 
 
@@ -467,7 +472,7 @@ def test_missing_checkpoint(tiny_run, digit_queries):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("method", "trak", r"method must be one of \('tracin', 'retrac'\), got 'trak'"),
+    ("method", "trak", r"method must be one of \('tracin', 'retrac', 'cosine'\), got 'trak'"),
     ("normalization", "l2", r"normalization must be one of .*'per_timestep'.*got 'l2'"),
     ("train_side", "fresh", r"train_side must be one of .*'recorded'.*got 'fresh'"),
     ("loss", "huber", r"loss must be one of \('mse', 'l1', 'square_norm'\), got 'huber'"),

@@ -266,7 +266,7 @@ def test_queries_on_another_scale_are_refused_before_computing(
 
     cached = lambda *a, **kw: rl.load_or_attribute(*a, root=tmp_path, **kw)  # noqa: E731
     with monkeypatch.context() as m:
-        m.setattr(rl.attribution.scoring, "_score", never)
+        m.setattr(rl.attribution.scoring, "score", never)
         for scaled, hint in [((digit_queries + 1) * 127.5, "/ 127.5 - 1"),
                              ((digit_queries + 1) / 2, r"\* 2 - 1")]:
             for call in (rl.attribute, cached):

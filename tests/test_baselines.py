@@ -63,7 +63,7 @@ def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, t
         raise AssertionError("the second call must come from the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(rl.attribution.scoring, "_score", no_computing)
+        m.setattr(rl.attribution.scoring, "score", no_computing)
         again = baselines.load_or_attribute_baseline(tiny_points_run, q, "cosine", **OPTS)
         assert torch.equal(first.scores, again.scores) and again.config.method == "cosine"
         assert again.seconds == first.seconds  # the saved timing, not a new one
@@ -77,7 +77,7 @@ def test_bad_method_or_clashing_options_are_refused(tiny_points_run):
     q = tiny_points_run.data.images[:1]
     with pytest.raises(ValueError, match="method must be one of"):
         baselines.attribute_baseline(tiny_points_run, q, "trak")
-    with pytest.raises(ValueError, match="fixes"):
+    with pytest.raises(ValueError, match="fixes normalization='cosine'"):
         baselines.attribute_baseline(tiny_points_run, q, "cosine", normalization="per_timestep", **OPTS)
     with pytest.raises(ValueError, match="queries"):
         baselines.attribute_baseline(tiny_points_run, torch.zeros(2, 3), "pixel")

@@ -64,7 +64,7 @@ def test_attribute_dtrak_matches_a_slow_reference(tiny_points_run):
     assert torch.allclose(res.scores, expected, rtol=1e-3, atol=1e-6 * expected.abs().max())
     assert torch.allclose(res.train_grad_norms[0].double(), g.norm(dim=1), rtol=1e-4)
     assert res.config.method == "dtrak" and res.config.timesteps == (0, 250, 500, 750)
-    assert res.config.projection == k and res.scores.shape == (3, len(run.data))
+    assert res.config.proj_dim == k and res.scores.shape == (3, len(run.data))
 
 
 def test_attribute_dtrak_refuses_bad_input(tiny_points_run):

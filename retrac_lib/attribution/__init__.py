@@ -1,9 +1,13 @@
 """Diffusion-TracIn and Diffusion-ReTrac (chapters 3 and 4), one job per module.
 
-* ``options``: ``AttributionConfig``, every choice behind a score matrix, validated by ``resolve``,
-  and the names of those choices (``METHODS``, ``TRAIN_SIDES``, ...);
+* ``options``: ``AttributionConfig``, every choice behind a score matrix, and the names of those
+  choices (``METHODS``, ``TRAIN_SIDES``, ...);
+* ``methods``: one object per method (``TracIn``, ``ReTrac``, ``Cosine``), owning its
+  normalizations;
+* ``engines``: how gradients are computed (``"func"``, ``"ghost"``, ``"loop"``), one protocol;
 * ``sides``: the query vectors and the training gradients streamed against them;
-* ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``;
+* ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``, through one
+  ``ScoringPlan`` validated at the door;
 * ``results``: ``AttributionResult`` and its cache format;
 * ``sketch``: training gradients stored once, CountSketch-projected;
 * ``cost``: what an ``attribute`` call will cost, measured on a few of its passes.
@@ -11,14 +15,17 @@
 The timestep grid and the query noise draws live one layer below, in ``retrac_lib.timesteps``.
 """
 from .cost import CostEstimate, estimate
+from .engines import Engine, engine_for
+from .methods import Cosine, ReTrac, TracIn, method_for
 from .options import ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult
-from .scoring import attribute, load_or_attribute
-from .sides import query_vectors, timestep_gradients
+from .scoring import ScoringPlan, attribute, load_or_attribute, plan, score
+from .sides import TrainingGradients, query_vectors, timestep_gradients
 from .sketch import TrainingSketch, sketch_training
 
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
-    "TrainingSketch", "sketch_training", "CostEstimate", "estimate",
+    "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac", "Cosine",
+    "method_for", "Engine", "engine_for", "ScoringPlan", "plan", "score", "TrainingGradients",
 ]

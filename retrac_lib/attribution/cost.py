@@ -22,8 +22,8 @@ except ImportError:   # not on Windows
     resource = None
 
 from .. import validation
-from .scoring import _resolve
-from .sides import query_vectors, resolve_engine, training_dots, training_gradient_chunks
+from .scoring import plan
+from .sides import query_vectors
 from .sketch import TrainingSketch
 
 MIB = 2 ** 20
@@ -34,7 +34,7 @@ class CostEstimate:
     """Counts of gradient evaluations, seconds extrapolated from measured passes, and memory."""
 
     config: object              # the resolved ``AttributionConfig``
-    engine: str                 # the resolved engine, "func" or "ghost"
+    engine: str                 # the resolved engine: "func", "ghost" or "loop"
     query_draws: int            # loss-gradient evaluations on the query side, C x Q x T' x K
     training_gradients: int     # per-sample training gradients, C x N x M (0: a given sketch)
     seconds_per_query_draw: float
@@ -84,46 +84,44 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     """The cost of ``attribute(run, queries, method, ...)`` with the same arguments, from one
     chunk of query draws and one chunk of training gradients; nothing else is computed."""
     start = time.perf_counter()
-    config, grid, noise = _resolve(run, queries, method, query_noise, projection, options,
-                                   allow_out_of_range)
-    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
+    p = plan(run, queries, method, query_noise, projection, options,
+             dict(chunk_size=chunk_size, device=device, engine=engine,
+                  allow_out_of_range=allow_out_of_range))
+    config, grid, noise, chunk_size = p.config, p.grid, p.noise, p.chunk_size
     repeats = validation.integer(repeats, "repeats", 1)
     c = config.checkpoints[0]
     resolved = time.perf_counter()
-    model = run.model_at(c).to(device)
+    model = run.model_at(c).to(p.device)
     per_checkpoint = time.perf_counter() - resolved   # loading each checkpoint's weights
-    engine = resolve_engine(engine, model)
     n_t = max(1, min(len(grid), 4 * chunk_size // config.n_noise))   # one query chunk of draws
     n = len(run.data)
     span = range(0, min(chunk_size, n))
     per_sample = len(grid) if config.train_side == "timestep_average" else 1
-    peak = _Peak(device)
+    peak = _Peak(p.device)
 
     def query_pass():
-        return query_vectors(model, run.scheduler, queries[:1], grid[:n_t], noise[:n_t], method,
-                             config.normalization, config.loss, 4 * chunk_size, c, engine)
+        return query_vectors(model, run.scheduler, queries[:1], grid[:n_t], noise[:n_t], p.method,
+                             config.loss, 4 * chunk_size, c, p.engine)
 
-    q_seconds, vectors = fastest(query_pass, repeats, device)
+    q_seconds, vectors = fastest(query_pass, repeats, p.device)
     if isinstance(projection, TrainingSketch):
         t_seconds, measured = 0.0, 0
     else:
         def training_pass():
             if config.projection:   # sketch_training forms the rows
-                chunks = training_gradient_chunks(run, model, c, config.train_side, grid,
-                                                  config.noise_seed, config.loss, chunk_size, span)
+                chunks = p.training.rows(model, c, chunk_size, span)
             else:
-                chunks = training_dots(run, model, c, config.train_side, grid, config.noise_seed,
-                                       config.loss, chunk_size, vectors.expand(len(queries), -1),
-                                       engine, span)
+                chunks = p.training.dots(model, c, vectors.expand(len(queries), -1), chunk_size,
+                                         p.engine, span)
             return list(chunks)
 
-        t_seconds, _ = fastest(training_pass, repeats, device)
+        t_seconds, _ = fastest(training_pass, repeats, p.device)
         measured = len(span) * per_sample
     n_c = len(config.checkpoints)
     result_bytes = (8 * len(queries) * n + 4 * n_c * n
                     + (0 if config.noise_per_query else noise.numel() * noise.element_size()))
     return CostEstimate(
-        config, engine, n_c * len(queries) * len(grid) * config.n_noise,
+        config, p.engine.name, n_c * len(queries) * len(grid) * config.n_noise,
         0 if isinstance(projection, TrainingSketch) else n_c * n * per_sample,
         q_seconds / (n_t * config.n_noise), t_seconds / measured if measured else 0.0,
         n_t * config.n_noise, measured, resolved - start + n_c * per_checkpoint, *peak.read(),

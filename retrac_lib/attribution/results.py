@@ -28,7 +28,7 @@ class AttributionResult:
     """
 
     scores: torch.Tensor
-    config: AttributionConfig
+    config: AttributionConfig   # a baseline's own config for D-TRAK and the neighbour baselines
     checkpoint_weights: torch.Tensor
     train_grad_norms: torch.Tensor
     seconds: float = 0.0
@@ -59,6 +59,9 @@ class AttributionResult:
         ``exist_ok=True`` (the cache, where a concurrent writer of the same entry may finish
         first) keeps the existing folder instead.
         """
+        if not isinstance(self.config, AttributionConfig):
+            raise TypeError(f"Only rl.attribute results are saved; the {self.config.method!r} "
+                            "baseline is cheap to recompute (rl.evaluation.baselines).")
         tensors = {"scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
                    "train_grad_norms": self.train_grad_norms}
         if self.query_noise is not None:

@@ -5,9 +5,11 @@ For training sample ``x_i``, query ``z`` and checkpoints ``c`` with weights ``w_
 * TracIn:  ``I(x_i, z) = sum_c w_c < g_c(x_i), (1/|T'|) sum_t m_c(z, t) >``
 * ReTrac:  ``I(x_i, z) = sum_c w_c < g_c(x_i)/|g_c(x_i)|, (1/|T'|) sum_t m_c(z, t)/|m_c(z, t)| >``
 
-Chapter 3, "TracIn by hand, for one checkpoint", computes the first in a few lines of tensor code
-and checks ``attribute`` against it; chapter 4, "Re-normalizing the dot product", derives the
-second. ``sides`` computes the two factors at scale.
+A call is validated once, at the door, into a ``ScoringPlan`` (``plan``); ``score`` then adds
+up the checkpoints: the method object (``methods``) owns each formula's normalizations, ``sides``
+computes the query vectors and streams the training gradients against them. Chapter 3, "TracIn
+by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one checkpoint", compute both
+in a few lines of tensor code and check ``attribute`` against them.
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import cache, validation
-from ..timesteps import per_query_noise_draws
-from .options import AttributionConfig
+from ..losses import check_loss
+from ..models import check_samples
+from ..timesteps import parse_timesteps, per_query_noise_draws, query_noise_draws
+from .engines import Engine, engine_for
+from .methods import ReTrac, TracIn, method_for
+from .options import TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult, cache_key, cached
-from .sides import clamp_norm, query_vectors, resolve_engine, training_dots
+from .sides import TrainingGradients, query_vectors
 from .sketch import TrainingSketch, projection_size, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
@@ -38,7 +44,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
 
     Args:
         queries: [Q, *sample] images or points (training images, held-out or generated ones).
-        method: "tracin" (Diffusion-TracIn) or "retrac" (Diffusion-ReTrac).
+        method: "tracin" (Diffusion-TracIn), "retrac" (Diffusion-ReTrac) or "cosine" (the
+            gradient cosine, ReTrac's "cosine" placement; ``methods`` has the formulas).
         query_noise: the K query noise draws, [K, *sample] (reused at every timestep) or
             [T', K, *sample]; by default they are drawn from ``noise_seed``, the same for every
             query and checkpoint. ``result.query_noise`` [T', K, *sample] holds those used
@@ -56,7 +63,8 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
         engine: "func" forms per-sample gradient rows with ``torch.func`` (the readable path the
             chapters teach); "ghost" takes dot products and norms from layer factors without
             forming rows (``retrac_lib.ghost``, chapter 7; faster, same scores to float32
-            rounding); "auto" (default) uses "ghost" when the model's layers allow it.
+            rounding); "loop" takes one plain backward pass per draw (the slow reference);
+            "auto" (default) uses "ghost" when the model's layers allow it.
         allow_out_of_range: score queries on another scale than the training images (beyond
             their range, such as 0..255 pixels on a [-1, 1] run) with an ``OutOfRangeWarning``
             instead of the ``ValueError`` (``validation.data_range``); the scores and their
@@ -70,18 +78,17 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
             for every query and checkpoint, as the paper's official code draws it);
             ``train_side`` ("recorded", "fresh_noise" or "timestep_average"); ``normalization``
             (ReTrac's query-side placement: "per_timestep", "per_draw" or "cosine"; ignored by
-            TracIn); ``loss`` ("mse" or "l1", default the run's); ``projection_seed``.
+            TracIn and cosine); ``loss`` ("mse" or "l1", default the run's); ``projection_seed``.
     """
     start = time.perf_counter()
-    train_slice = _train_slice(train_slice, len(run.data), projection)
-    resolved = _resolve(run, queries, method, query_noise, projection, options, allow_out_of_range)
-    return _timed_score(start, run, queries, resolved, projection, chunk_size, device, progress,
-                        train_slice, engine)
+    how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine,
+               allow_out_of_range=allow_out_of_range, train_slice=train_slice)
+    return score(plan(run, queries, method, query_noise, projection, options, how), start)
 
 
 def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: Path | None = None,
                       *, query_noise: torch.Tensor | None = None, projection=None,
-                      allow_out_of_range: bool = False, **kwargs) -> AttributionResult:
+                      **kwargs) -> AttributionResult:
     """``attribute`` with a cache: the saved result for exactly this run, queries and options.
 
     The key (``results.cache_key``) covers the run's configuration and data (and a recorded run's
@@ -92,19 +99,77 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
         raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
     start = time.perf_counter()
     options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
-    _refuse_unknown(kwargs, _HOW + ("train_slice",))
-    resolved = _resolve(run, queries, method, query_noise, projection, options, allow_out_of_range)
-    payload = cache_key(run, queries, resolved[2], resolved[0])
+    the_plan = plan(run, queries, method, query_noise, projection, options, kwargs)
+    payload = cache_key(run, queries, the_plan.noise, the_plan.config)
     folder, result = cached(payload, root)
     if result is not None:
-        if result.query_noise is None and not resolved[0].noise_per_query:
-            result.query_noise = resolved[2]   # saved before results held it: the key's noise
+        if result.query_noise is None and not the_plan.config.noise_per_query:
+            result.query_noise = the_plan.noise   # saved before results held it: the key's noise
         return result
     can_save = cache.prepare(folder)
-    result = _timed_score(start, run, queries, resolved, projection, **kwargs)
+    result = score(the_plan, start)
     if can_save:
         cache.try_save(lambda: result.save(folder, key=payload, exist_ok=True), folder)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringPlan:
+    """Everything an ``attribute`` call computes, validated once: the resolved ``config`` (saved
+    with the scores, part of their cache key), its method and engine objects, the query grid
+    [T'] and shared query noise [T', K, *sample], the training side, and how to compute."""
+
+    run: object
+    queries: torch.Tensor
+    config: AttributionConfig
+    method: TracIn | ReTrac
+    engine: Engine
+    grid: torch.Tensor
+    noise: torch.Tensor
+    training: TrainingGradients
+    projection: int | TrainingSketch | None
+    chunk_size: int
+    device: torch.device
+    progress: bool
+    train_slice: range | None
+
+
+def plan(run, queries, method: str, query_noise, projection, options: dict,
+         how: dict) -> ScoringPlan:
+    """Validate an ``attribute`` call (its ``options`` name what the scores depend on, ``how``
+    how to compute them) and resolve what the defaults leave open: all checkpoints, the run's
+    loss, the grid's timesteps, the query noise drawn from ``noise_seed``.
+
+    Queries on another scale than the training data are refused (``validation.data_range``), or
+    with ``allow_out_of_range`` scored with a warning.
+    """
+    _refuse_unknown(options, _OPTIONS)
+    _refuse_unknown(how, _HOW + ("train_slice",))
+    how = {**dict(chunk_size=64, device=None, progress=True, engine="auto",
+                  allow_out_of_range=False, train_slice=None), **how}
+    config = AttributionConfig(method=method, **options)
+    run.require_log()
+    the_method = method_for(config.method, config.normalization)
+    validation.choice(config.train_side, "train_side", TRAIN_SIDES)
+    loss = config.loss or run.config.loss
+    check_loss(loss)
+    checkpoints = validation.checkpoints(config.checkpoints, len(run.checkpoints))
+    model = run.model_at(checkpoints[0])
+    _check_queries(queries, run, model, how["allow_out_of_range"])
+    grid, noise = _query_noise(config, run, queries, query_noise, model)
+    k, seed = projection_size(projection, config.projection_seed)
+    config = dataclasses.replace(
+        config, checkpoints=checkpoints, timesteps=tuple(grid.tolist()), n_noise=noise.shape[1],
+        normalization=the_method.normalization, loss=loss,
+        noise_per_query=bool(config.noise_per_query), projection=k, projection_seed=seed)
+    if isinstance(projection, TrainingSketch):
+        projection.check_matches(run, config)
+    train_slice = _train_slice(how["train_slice"], len(run.data), projection)
+    return ScoringPlan(
+        run, queries, config, the_method, engine_for(how["engine"], model), grid, noise,
+        TrainingGradients(run, config.train_side, grid, config.noise_seed, loss), projection,
+        validation.chunk_size(how["chunk_size"]), validation.device(how["device"]),
+        bool(how["progress"]), train_slice)
 
 
 def _refuse_unknown(given: dict, allowed) -> None:
@@ -114,75 +179,92 @@ def _refuse_unknown(given: dict, allowed) -> None:
                         f"{', '.join(_HOW)}, train_slice and the options {', '.join(_OPTIONS)}.")
 
 
-def _resolve(run, queries, method, query_noise, projection, options: dict, allow_out_of_range):
-    _refuse_unknown(options, _OPTIONS)
-    config = AttributionConfig(method=method, **options)
-    resolved, grid, noise = config.resolve(run, queries, query_noise, allow_out_of_range)
-    k, seed = projection_size(projection, config.projection_seed)
-    return dataclasses.replace(resolved, projection=k, projection_seed=seed), grid, noise
+def _check_queries(queries, run, model, allow_out_of_range) -> None:
+    check_samples(model, validation.tensor(queries, "queries"), "queries")
+    validation.float_samples(queries, "queries", next(model.parameters()).dtype)
+    if len(queries) == 0:
+        raise ValueError("queries is empty: pass at least one query, shape [Q, *sample] with "
+                         "Q >= 1.")
+    validation.data_range(queries, run.data.images, "queries",
+                          validation.flag(allow_out_of_range, "allow_out_of_range"))
 
 
-def _timed_score(start, run, queries, resolved, projection, chunk_size=64, device=None,
-                 progress=True, train_slice=None, engine="auto") -> AttributionResult:
-    """``_score`` for ``_resolve``'s output, timed from ``start``; the arguments of how to compute
-    are checked here."""
-    chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
-    result = _score(run, queries, *resolved, projection, chunk_size, device, progress,
-                    train_slice, engine)
-    result.seconds = time.perf_counter() - start
-    return result
+def _query_noise(config: AttributionConfig, run, queries, query_noise, model):
+    """The grid [T'] and the shared query noise [T', K, *sample]: ``query_noise`` checked, or
+    drawn from ``noise_seed``."""
+    n_noise = validation.n_noise(config.n_noise)
+    validation.integer(config.noise_seed, "noise_seed")
+    if config.noise_per_query and query_noise is not None:
+        raise ValueError("noise_per_query=True draws fresh noise for every query; pass either it "
+                         "or query_noise, not both.")
+    grid = parse_timesteps(config.timesteps, run.scheduler.config.num_train_timesteps)
+    shape = run.data.sample_shape
+    if query_noise is not None:
+        dtype = next(model.parameters()).dtype
+        return grid, validation.query_noise(query_noise, len(grid), shape, dtype)
+    validation.grid_memory(len(grid), n_noise, shape,
+                           len(queries) if config.noise_per_query else 1)
+    return grid, query_noise_draws(shape, len(grid), n_noise, config.noise_seed)
 
 
-def _score(run, queries, config: AttributionConfig, grid, noise, projection, chunk_size, device,
-           progress, train_slice, engine) -> AttributionResult:
-    """The scores for a resolved ``config``: query vectors per checkpoint, training gradients
-    streamed against them (or read from a sketch)."""
-    method = config.method
-    engine = resolve_engine(engine, run.model_at(config.checkpoints[0]))
-    n = len(run.data)
-    scores = torch.zeros(len(queries), n, dtype=torch.float64)
+def score(plan: ScoringPlan, start: float | None = None) -> AttributionResult:
+    """The scores of a ``plan``: for every checkpoint, the query vectors and the training side's
+    dot products with them (exact, or from a CountSketch), normalized by the method and weighted
+    by the checkpoint. ``result.seconds`` counts from ``start`` (default: now)."""
+    start = time.perf_counter() if start is None else start
+    p, config = plan, plan.config
+    n = len(p.run.data)
+    scores = torch.zeros(len(p.queries), n, dtype=torch.float64)
     norms = torch.zeros(len(config.checkpoints), n)
-    weights = run.checkpoint_weights()[list(config.checkpoints)]
-    sketch = projection
-    if config.projection and not isinstance(projection, TrainingSketch):
-        sketch = sketch_training(run, config.projection, checkpoints=config.checkpoints,
-                                 timesteps=grid, train_side=config.train_side, loss=config.loss,
-                                 noise_seed=config.noise_seed, seed=config.projection_seed,
-                                 chunk_size=chunk_size, device=device, progress=progress)
-    if config.projection:
-        sketch.check_matches(run, config)
-    n_scored = n if train_slice is None else len(train_slice)
-    steps_per_checkpoint = 1 + (0 if config.projection else -(-n_scored // chunk_size))
-    bar = tqdm(total=len(config.checkpoints) * steps_per_checkpoint, desc=method,
-               disable=not progress)
+    weights = p.run.checkpoint_weights()[list(config.checkpoints)]
+    sketch = _sketch(p)
+    n_scored = n if p.train_slice is None else len(p.train_slice)
+    steps_per_checkpoint = 1 + (0 if sketch else -(-n_scored // p.chunk_size))
+    bar = tqdm(total=len(config.checkpoints) * steps_per_checkpoint, desc=config.method,
+               disable=not p.progress)
     for j, c in enumerate(config.checkpoints):
-        model = run.model_at(c).to(device)
-        if config.noise_per_query:
-            noise = per_query_noise_draws(run.data.sample_shape, len(queries), len(grid),
-                                          config.n_noise, config.noise_seed, c)
-        v = query_vectors(model, run.scheduler, queries, grid, noise, method,
-                          config.normalization, config.loss, 4 * chunk_size, c, engine)
+        model = p.run.model_at(c).to(p.device)
+        v = query_vectors(model, p.run.scheduler, p.queries, p.grid, _noise_at(p, c), p.method,
+                          config.loss, 4 * p.chunk_size, c, p.engine)
         bar.update()
-        if config.projection:
+        if sketch:
             s = sketch.checkpoints.index(c)
-            g, norms[j] = sketch.sketches[s], sketch.norms[s]
-            if method == "retrac":  # S is linear: S(g / |g|) = S(g) / |g|
-                g = g / clamp_norm(norms[j])[:, None]
-            sv = sketch.projector()(v.cpu())
-            scores += weights[j] * (sv @ g.T).double()
+            norms[j] = sketch.norms[s]
+            dots = sketch.projector()(v.cpu()) @ sketch.sketches[s].T   # S is linear
+            scores += weights[j] * p.method.training_scores(dots, norms[j]).double()
             continue
-        for idx, norm, dots in training_dots(run, model, c, config.train_side, grid,
-                                             config.noise_seed, config.loss, chunk_size, v,
-                                             engine, train_slice):
+        for idx, norm, dots in p.training.dots(model, c, v, p.chunk_size, p.engine,
+                                               p.train_slice):
             norms[j, idx] = norm.cpu()
-            if method == "retrac":  # <v, g/|g|> = <v, g>/|g|, without a normalized copy of g
-                dots = dots / clamp_norm(norm)
-            scores[:, idx] += weights[j] * dots.double().cpu()
+            scores[:, idx] += weights[j] * p.method.training_scores(dots, norm).double().cpu()
             bar.update()
     bar.close()
-    return AttributionResult(scores, config, weights, norms,
+    return AttributionResult(scores, config, weights, norms, time.perf_counter() - start,
                              query_noise=None if config.noise_per_query else
-                             noise.detach().cpu().contiguous())
+                             p.noise.detach().cpu().contiguous())
+
+
+def _noise_at(plan: ScoringPlan, c: int) -> torch.Tensor:
+    """The query noise at checkpoint ``c``: the shared draws, or with ``noise_per_query`` fresh
+    draws [Q, T', K, *sample] for every query."""
+    config = plan.config
+    if not config.noise_per_query:
+        return plan.noise
+    return per_query_noise_draws(plan.run.data.sample_shape, len(plan.queries), len(plan.grid),
+                                 config.n_noise, config.noise_seed, c)
+
+
+def _sketch(plan: ScoringPlan) -> TrainingSketch | None:
+    """The plan's sketch of the training gradients: the one passed, one built for a projection
+    size ``k``, or None for exact scores."""
+    config = plan.config
+    if not config.projection or isinstance(plan.projection, TrainingSketch):
+        return plan.projection if config.projection else None
+    return sketch_training(plan.run, config.projection, checkpoints=config.checkpoints,
+                           timesteps=plan.grid, train_side=config.train_side, loss=config.loss,
+                           noise_seed=config.noise_seed, seed=config.projection_seed,
+                           chunk_size=plan.chunk_size, device=plan.device,
+                           progress=plan.progress)
 
 
 def _train_slice(train_slice, n: int, projection) -> range | None:

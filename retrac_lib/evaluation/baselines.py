@@ -8,8 +8,8 @@
   through the damped inverse feature kernel (``rl.dtrak.attribute_dtrak``, which takes its own
   options: checkpoints, timesteps, proj_dim, damping, seed, device).
 * ``"cosine"``: plain gradient cosine of the DDPM loss, without ReTrac's per-timestep
-  normalization: ``cos(g_c(x_i), mean_t m_c(z, t))`` summed over checkpoints. This is exactly
-  ``rl.attribute(method="retrac", normalization="cosine")``, which it calls.
+  normalization: ``cos(g_c(x_i), mean_t m_c(z, t))`` summed over checkpoints. This is
+  ``rl.attribute(method="cosine")`` (``attribution.methods.Cosine``), which it calls.
 * ``"pixel"``: nearest neighbours in pixel (or point) space, ``-|z - x_i|_2``.
 * ``"feature"``: nearest neighbours in the feature space of a small seeded CNN digit classifier
   (``features``; MNIST-shaped runs only), cosine similarity of its penultimate layer.
@@ -18,7 +18,8 @@
 "cosine" takes every option of ``rl.attribute`` (checkpoints, timesteps, n_noise, ...);
 ``pixel``, ``feature`` and ``random`` accept and ignore them (``random`` uses ``seed``;
 ``feature`` takes ``classifier``, a ``features.ClassifierConfig``, default the smoke-aware
-``features.classifier_config()``).
+``features.classifier_config()``). Their results carry a ``BaselineConfig``, D-TRAK's a
+``dtrak.DTrakConfig``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import time
 import torch
 
 from .. import validation
-from ..attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
+from ..attribution import AttributionResult, attribute, load_or_attribute
 from ..dtrak import attribute_dtrak
 from ..models import check_samples
 
@@ -36,27 +37,21 @@ BASELINES = ("dtrak", "cosine", "pixel", "feature", "random")
 # Neighbour baselines score every training sample by its similarity to the query, so a training
 # image is trivially its own best match (``counterfactual.self_influence`` treats them apart).
 NEIGHBOURS = ("pixel", "feature")
-# How each gradient baseline maps onto rl.attribute's options.
-_GRADIENT_OPTIONS = {
-    "cosine": dict(normalization="cosine"),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """What a neighbour or random baseline's scores depend on: its name and seed."""
+
+    method: str
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _check(method: str) -> None:
     validation.choice(method, "method", BASELINES)
-
-
-def _gradient_options(method: str, options: dict) -> dict:
-    fixed = _GRADIENT_OPTIONS[method]
-    clash = {k: options[k] for k in fixed if k in options and options[k] != fixed[k]}
-    if clash:
-        raise ValueError(f"The {method!r} baseline fixes {fixed}; do not pass {clash}.")
-    return {**options, **fixed}
-
-
-def _renamed(result: AttributionResult, method: str) -> AttributionResult:
-    result.config = dataclasses.replace(result.config, method=method)
-    return result
 
 
 def _non_gradient(run, queries: torch.Tensor, method: str, seed: int,
@@ -74,8 +69,7 @@ def _non_gradient(run, queries: torch.Tensor, method: str, seed: int,
     else:
         gen = torch.Generator().manual_seed(seed)
         scores = torch.randn((len(queries), len(train)), generator=gen, dtype=torch.float64)
-    config = AttributionConfig(method, (), (), 0, seed, "none", "none", "none")
-    return AttributionResult(scores, config, torch.zeros(0, dtype=torch.float64),
+    return AttributionResult(scores, BaselineConfig(method, seed), torch.zeros(0, dtype=torch.float64),
                              torch.zeros(0, len(train)), time.perf_counter() - start)
 
 
@@ -94,9 +88,8 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
     _check(method)
     if method == "dtrak":
         return attribute_dtrak(run, queries, seed=seed, **options)
-    if method in _GRADIENT_OPTIONS:
-        return _renamed(attribute(run, queries, "retrac", **_gradient_options(method, options)),
-                        method)
+    if method == "cosine":
+        return attribute(run, queries, method, **options)
     return _non_gradient(run, queries, method, seed, options.get("classifier"))
 
 
@@ -105,9 +98,8 @@ def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak"
     """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel,
     feature and random scores are cheap at the book's scale and recomputed)."""
     _check(method)
-    if method in _GRADIENT_OPTIONS:
-        result = load_or_attribute(run, queries, "retrac", **_gradient_options(method, options))
-        return _renamed(result, method)
+    if method == "cosine":
+        return load_or_attribute(run, queries, method, **options)
     return attribute_baseline(run, queries, method, seed=seed, **options)
 
 
@@ -115,7 +107,7 @@ def attribute_any(run, queries: torch.Tensor, method: str, *, cached: bool = Tru
                   **options) -> AttributionResult:
     """One entry point for every method of the book: "tracin" and "retrac" through
     ``rl.attribute`` (or its cache), the baselines through ``attribute_baseline``."""
-    if method in ("tracin", "retrac"):
+    if method in ("tracin", "retrac"):   # "cosine" is both a method and a baseline
         fn = load_or_attribute if cached else attribute
         return fn(run, queries, method, **options)
     fn = load_or_attribute_baseline if cached else attribute_baseline

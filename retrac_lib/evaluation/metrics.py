@@ -251,7 +251,7 @@ def summary(result, run, query_labels=None, k: int = 10, share: float = 0.5,
     result used; the recorded timesteps pool every (proponent, checkpoint) pair.
     Chapter 4, "Every metric, both methods".
     """
-    if not result.config.checkpoints:
+    if not len(result.checkpoint_weights):
         raise ValueError(f"summary needs a gradient-based result with checkpoints; the "
                          f"{result.config.method!r} baseline has none (no timesteps or norms).")
     n = len(run.data.labels)
