@@ -79,7 +79,7 @@ class AttributionConfig:
         validation.data_range(queries, run.data.images, "queries",
                               validation.flag(allow_out_of_range, "allow_out_of_range"))
         n_noise = validation.n_noise(self.n_noise)
-        validation.integer(self.noise_seed, "noise_seed")
+        validation.integer(self.noise_seed, "noise_seed", 0)
         if self.noise_per_query and query_noise is not None:
             raise ValueError("noise_per_query=True draws fresh noise for every query; pass either it "
                              "or query_noise, not both.")

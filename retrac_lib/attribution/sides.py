@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ghost, validation
+from .. import ghost, seeding, validation
 from ..grads import grouped_grads
 from .options import ENGINES
 
@@ -103,7 +103,7 @@ def training_draws(run, c: int, train_side: str, timesteps: torch.Tensor,
     (M = |T'|): one seeded draw at every grid timestep, averaged (an image-level variant).
     """
     n, shape = len(run.data), run.data.sample_shape
-    gen = torch.Generator().manual_seed(noise_seed + 1_000_003 * (c + 1))
+    gen = seeding.generator(noise_seed, seeding.TRAINING_NOISE, c, name="noise_seed")
     if train_side == "timestep_average":
         t = timesteps.expand(n, -1)
         return t, torch.randn((n, len(timesteps), *shape), generator=gen)

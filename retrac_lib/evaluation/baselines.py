@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from .. import validation
+from .. import seeding, validation
 from ..attribution import AttributionConfig, AttributionResult, attribute, load_or_attribute
 from ..dtrak import attribute_dtrak
 from ..models import check_samples
@@ -72,7 +72,7 @@ def _non_gradient(run, queries: torch.Tensor, method: str, seed: int,
         model = features.load_or_train_classifier(classifier)
         scores = features.feature_scores(queries, run.data.images, model)
     else:
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeding.generator(seed)
         scores = torch.randn((len(queries), len(train)), generator=gen, dtype=torch.float64)
     config = AttributionConfig(method, (), (), 0, seed, "none", "none", "none")
     return AttributionResult(scores, config, torch.zeros(0, dtype=torch.float64),
