@@ -31,6 +31,9 @@ from safetensors.torch import load_file, save_file
 # optimizer, model definitions, gradient or scoring code) change, so old entries are not reused.
 # A new stored field that old entries load without, the numbers unchanged, needs no bump
 # (AttributionResult.query_noise: None on load, filled in from the key by load_or_attribute).
+# Random draws have a version of their own, seeding.DRAWS_VERSION: only the keys of what its
+# streams draw (attribution results, study rungs' result hashes) include it, so a change of
+# those draws recomputes them and keeps every trained run and retrain-loss ledger entry.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"

@@ -66,7 +66,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every", "num_train_timesteps",
                      "norm_num_groups", "mlp_hidden", "mlp_layers", "layers_per_block", "seed"):
             value = validation.integer(getattr(self, name), f"TrainConfig.{name}",
-                                       None if name == "seed" else 1)
+                                       0 if name == "seed" else 1)
             object.__setattr__(self, name, value)
         if self.model == "unet":
             if not self.block_out_channels:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import validation
+from . import seeding, validation
 from .cache import tensor_fingerprint
 
 
@@ -149,7 +149,7 @@ def checkerboards(n: int, size: int = 8, block: int = 2, jitter: float = 0.2,
     """``n`` checkerboards [n, 1, size, size] in [-1, 1]: one pattern (squares of ``block``
     pixels) with seeded pixel noise of standard deviation ``jitter``, an image family no digit
     resembles and small variations of it, so a model can learn to generate it."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     ij = torch.arange(size)
     board = ((ij[:, None] // block + ij[None, :] // block) % 2).float() * 2 - 1
     images = board + jitter * torch.randn((n, size, size), generator=gen)
@@ -171,7 +171,7 @@ def digits_with_outliers(n_digits: int = 300, n_outliers: int = 15, seed: int = 
     odd = checkerboards(n_outliers, seed=seed)
     images = torch.cat([base.images, odd])
     labels = torch.cat([base.labels, torch.full((n_outliers,), OUTLIER_LABEL, dtype=torch.long)])
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(labels), generator=seeding.generator(seed))
     return Dataset("digits+outliers", images[order], labels[order])
 
 
@@ -281,5 +281,5 @@ def cifar_airplanes_with_mnist_zeros(cifar_folder, n_airplanes: int = 5000, n_ze
     images = torch.cat([planes.images[:n_airplanes], zeros[:n_zeros].expand(-1, 3, -1, -1)])
     labels = torch.cat([torch.zeros(n_airplanes, dtype=torch.long),
                         torch.full((n_zeros,), OUTLIER_LABEL, dtype=torch.long)])
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(labels), generator=seeding.generator(seed))
     return Dataset("cifar-airplanes+mnist-zeros", images[order].contiguous(), labels[order])

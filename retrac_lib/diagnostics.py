@@ -22,7 +22,7 @@ import torch
 from .timesteps import parse_timesteps
 from .grads import check_batch, per_sample_grads
 from .losses import check_loss, diffusion_loss
-from . import validation
+from . import seeding, validation
 from .ranking import spearman
 from .runs import INIT
 
@@ -99,13 +99,13 @@ def checkpoint_keys(run, include_init: bool = True) -> list:
 def sample_noise(sample_shape, indices, n_noise: int = 1, seed: int = 0) -> torch.Tensor:
     """Seeded noise [S, K, *sample]: training sample ``i`` always gets the same K draws.
 
-    Each sample's draws come from its own ``torch.Generator`` seeded with
-    ``1_000_003 * seed + i``, so a sample's curve does not depend on which other samples were
-    chosen with it (the widget and the static figure agree).
+    Each sample's draws come from its own generator, the stream
+    ``seeding.generator(seed, seeding.SAMPLE_NOISE, i)``, so a sample's curve does not depend on
+    which other samples were chosen with it (the widget and the static figure agree).
     """
     n_noise = validation.n_noise(n_noise)
     out = [torch.randn((n_noise, *sample_shape),
-                       generator=torch.Generator().manual_seed(1_000_003 * seed + int(i)))
+                       generator=seeding.generator(seed, seeding.SAMPLE_NOISE, i))
            for i in validation.indices(indices, None).tolist()]
     return torch.stack(out) if out else torch.empty((0, n_noise, *sample_shape))
 

@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import validation
+from . import seeding, validation
 from .attribution import AttributionResult
 from .grads import grouped_grads
 from .models import check_samples
@@ -62,10 +62,11 @@ def uniform_timesteps(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
 
 
 def averaged_gradients(model, scheduler, x: torch.Tensor, timesteps: torch.Tensor, seed: int,
-                       chunk_size: int = 64) -> torch.Tensor:
+                       chunk_size: int = 64, purpose: int | None = None) -> torch.Tensor:
     """``(1/|S|) sum_{t in S} grad f(theta; x, t, eps_t)`` [B, P] for every sample of ``x``, one
-    seeded noise draw per sample and timestep (``f`` = D-TRAK's output function)."""
-    gen = torch.Generator().manual_seed(seed)
+    seeded noise draw per sample and timestep (``f`` = D-TRAK's output function), drawn from
+    ``seed`` or, with a ``purpose``, from that stream of it (``seeding.generator``)."""
+    gen = seeding.generator(seed, purpose)
     noise = torch.randn((len(x), len(timesteps), *x.shape[1:]), generator=gen)
     xs = x[:, None].expand(-1, len(timesteps), *x.shape[1:])
     ts = timesteps[None].expand(len(x), -1)
@@ -102,7 +103,8 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
         timesteps: ``|S|``, the number of timesteps of ``uniform_timesteps``.
         proj_dim: ``k`` of the Gaussian projection.
         damping: ``lambda`` relative to the kernel's mean non-zero eigenvalue (``damping_lambda``).
-        seed: seeds the projection and the noise draws (training side ``seed``, queries ``seed + 1``).
+        seed: seeds the projection and the noise draws (the training side ``seed`` itself, the
+            queries its stream ``seeding.DTRAK_QUERY_NOISE``).
         progress: a progress bar over the checkpoints.
 
     ``train_grad_norms`` holds the norms of the unprojected training features.
@@ -110,7 +112,7 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
     start = time.perf_counter()
     device = validation.device(device)
     damping = validation.real(damping, "damping", positive=True)
-    validation.integer(seed, "seed")
+    validation.integer(seed, "seed", 0)
     check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
     grid = uniform_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
     idx = validation.checkpoints(checkpoints, len(run.checkpoints))
@@ -119,7 +121,8 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
     for j, c in enumerate(tqdm(idx, desc="dtrak", disable=not progress)):
         model = run.model_at(c).to(device)
         train = averaged_gradients(model, run.scheduler, run.data.images, grid, seed, chunk_size)
-        query = averaged_gradients(model, run.scheduler, queries, grid, seed + 1, chunk_size)
+        query = averaged_gradients(model, run.scheduler, queries, grid, seed, chunk_size,
+                                   seeding.DTRAK_QUERY_NOISE)
         norms[j] = train.norm(dim=1).cpu()
         project = GaussianProjection(train.shape[1], proj_dim, seed)
         phi, phi_q = project(train).cpu(), project(query).cpu()

@@ -24,7 +24,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from . import validation
+from . import seeding, validation
 from .config import TrainConfig
 from .data import Dataset
 from .losses import diffusion_loss
@@ -90,7 +90,7 @@ def train_many(configs, datasets, device="cpu", progress: bool = False) -> Ensem
     scheduler = build_scheduler(config)
     images = torch.stack([d.images for d in datasets]).to(device)          # [M, N, *shape]
     member = torch.arange(len(configs), device=device)[:, None]
-    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    gens = [seeding.generator(c.seed) for c in configs]
     draws = (step for _ in range(config.epochs)      # each member's own draws, as train's
              for step in zip(*(epoch_draws(c, n, shape, g) for c, g in zip(configs, gens))))
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)

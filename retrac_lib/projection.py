@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import validation
+from . import seeding, validation
 
 BLOCK = 1 << 20          # coordinates hashed per generator call
 ROW_BLOCK = 4096         # rows of a GaussianProjection's matrix generated per block
@@ -34,7 +34,8 @@ class CountSketch:
         for name, value in (("dim", dim), ("k", k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CountSketch {name} must be a positive integer, got {value!r}.")
-        self.dim, self.k, self.seed = dim, k, int(seed)
+        self.dim, self.k = dim, k
+        self.seed = validation.integer(seed, "seed", 0)
         self._blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
@@ -49,7 +50,7 @@ class CountSketch:
         n = min(BLOCK, self.dim - a)
         if n <= 0:
             raise IndexError(f"Block {block} lies beyond dim={self.dim}.")
-        gen = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + block) % (1 << 63))
+        gen = seeding.generator(self.seed, seeding.COUNTSKETCH_HASH, block)
         buckets = torch.randint(0, self.k, (n,), generator=gen)
         signs = torch.randint(0, 2, (n,), generator=gen).mul_(2).sub_(1).float()
         if self.dim <= _CACHE_LIMIT:
@@ -85,13 +86,13 @@ class GaussianProjection:
     def __init__(self, dim: int, k: int, seed: int = 0):
         self.dim = validation.integer(dim, "dim", 1)
         self.k = validation.integer(k, "proj_dim", 1)
-        self.seed = validation.integer(seed, "seed")
+        self.seed = validation.integer(seed, "seed", 0)
 
     def block(self, b: int) -> torch.Tensor:
         """Rows ``b * ROW_BLOCK`` up to the next block boundary (or ``dim``) of ``P``."""
         a = b * ROW_BLOCK
         rows = min(ROW_BLOCK, self.dim - a)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        gen = seeding.generator(self.seed, seeding.GAUSSIAN_PROJECTION, b)
         return torch.randn(rows, self.k, generator=gen) / self.k ** 0.5
 
     def matrix(self) -> torch.Tensor:

@@ -6,6 +6,8 @@ import copy
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
+from . import seeding
+
 
 @torch.no_grad()
 def generate(model, scheduler, n: int, steps: int = 100, seed: int = 0) -> torch.Tensor:
@@ -14,7 +16,7 @@ def generate(model, scheduler, n: int, steps: int = 100, seed: int = 0) -> torch
     Images go through diffusers' ``DDPMPipeline``; 2-D points through the scheduler's ``step`` loop.
     """
     scheduler = copy.deepcopy(scheduler)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     model = model.eval()
     if isinstance(model, UNet2DModel):
         pipe = DDPMPipeline(unet=model, scheduler=scheduler)

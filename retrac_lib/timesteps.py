@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import validation
+from . import seeding, validation
 
 
 def timestep_grid(n: int = 100, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -27,14 +27,16 @@ def parse_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
 
 def query_noise_draws(sample_shape, n_timesteps: int, n_noise: int, seed: int) -> torch.Tensor:
     """Seeded noise [T', K, *sample]: the same draws for every query and checkpoint."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed, name="noise_seed")
     return torch.randn((n_timesteps, n_noise, *sample_shape), generator=gen)
 
 
 def per_query_noise_draws(sample_shape, n_queries: int, n_timesteps: int, n_noise: int, seed: int,
                           checkpoint: int) -> torch.Tensor:
     """Seeded noise [Q, T', K, *sample]: fresh draws for every query and checkpoint, as the
-    paper's official code draws them (``attribute(..., noise_per_query=True)``)."""
-    return torch.stack([query_noise_draws(sample_shape, n_timesteps, n_noise,
-                                          seed + 7919 * (q + 1) + 1_000_003 * (checkpoint + 1))
-                        for q in range(n_queries)])
+    paper's official code draws them (``attribute(..., noise_per_query=True)``), each from its
+    own stream of ``seed`` (``seeding.PER_QUERY_NOISE``, checkpoint, query)."""
+    shape = (n_timesteps, n_noise, *sample_shape)
+    return torch.stack([torch.randn(shape, generator=seeding.generator(
+        seed, seeding.PER_QUERY_NOISE, checkpoint, q, name="noise_seed"))
+        for q in range(n_queries)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from . import cache, seeding
 from .config import TrainConfig, cache_dir
 from .data import Dataset
 from .losses import diffusion_loss
@@ -50,7 +50,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> Run:
     scheduler = build_scheduler(config)
     recorder = Recorder(model, scheduler, data, config=config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = seeding.generator(config.seed)
     n, bs = len(data), config.batch_size
     total = config.epochs * math.ceil(n / bs)
     with tqdm(total=total, desc="training", disable=not progress) as bar:

@@ -174,6 +174,7 @@ def test_training_indices_accept_ints_ranges_and_integer_tensors(tiny_run):
     ("lr", "1e-3", TypeError, r"TrainConfig.lr must be a real number"),
     ("lr", float("nan"), ValueError, r"TrainConfig.lr must be finite"),
     ("seed", 0.5, TypeError, r"TrainConfig.seed must be an integer"),
+    ("seed", -1, ValueError, r"TrainConfig.seed must be >= 0, got -1"),
     ("beta_schedule", "cosine", ValueError, r"beta_schedule='cosine' is not one of"),
 ])
 def test_config_fields_are_checked_not_coerced(field, value, error, message):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib import dtrak, projection
+from retrac_lib import dtrak, projection, seeding
 from retrac_lib.projection import GaussianProjection
 from retrac_lib.grads import per_sample_grads_loop
 
@@ -49,14 +49,14 @@ def test_attribute_dtrak_matches_a_slow_reference(tiny_points_run):
     res = dtrak.attribute_dtrak(run, q, checkpoints=[1], timesteps=4, proj_dim=k, damping=0.5, seed=seed)
     model, grid = run.model_at(1), torch.tensor([0, 250, 500, 750])
 
-    def features(x, noise_seed):
-        noise = torch.randn((len(x), 4, 2), generator=torch.Generator().manual_seed(noise_seed))
+    def features(x, *stream):
+        noise = torch.randn((len(x), 4, 2), generator=seeding.generator(seed, *stream))
         rows = [torch.stack([per_sample_grads_loop(model, run.scheduler, x[i:i + 1], grid[j:j + 1],
                                                    noise[i, j:j + 1], loss="square_norm")[0]
                              for j in range(4)]).mean(0) for i in range(len(x))]
         return torch.stack(rows).double()
 
-    g, gq = features(run.data.images, seed), features(q, seed + 1)
+    g, gq = features(run.data.images), features(q, seeding.DTRAK_QUERY_NOISE)
     proj = GaussianProjection(g.shape[1], k, seed).matrix().double()
     phi, phi_q = g @ proj, gq @ proj
     lam = 0.5 * phi.square().sum() / min(phi.shape)

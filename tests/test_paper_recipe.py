@@ -8,7 +8,8 @@ from test_attribution import ref_scores, rel_err
 
 import retrac_lib as rl
 from retrac_lib.book import recipes, setups
-from retrac_lib.timesteps import per_query_noise_draws, query_noise_draws
+from retrac_lib import seeding
+from retrac_lib.timesteps import per_query_noise_draws
 
 GRID, K = [5, 400, 990], 2
 
@@ -23,7 +24,8 @@ def test_noise_per_query_equals_reference_with_each_querys_own_draws(method, tin
     expected = torch.zeros_like(res.scores)
     for q in range(len(queries)):       # each query alone, each checkpoint with its own draws
         for c in ckpts:
-            noise = query_noise_draws(queries.shape[1:], len(GRID), K, 3 + 7919 * (q + 1) + 1_000_003 * (c + 1))
+            gen = seeding.generator(3, seeding.PER_QUERY_NOISE, c, q)
+            noise = torch.randn((len(GRID), K, *queries.shape[1:]), generator=gen)
             expected[q] += ref_scores(tiny_run, queries[q:q + 1], [c], GRID, noise,
                                       tiny_run.config.loss, method)[0][0]
     assert rel_err(res.scores, expected) <= 1e-4

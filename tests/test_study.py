@@ -247,7 +247,7 @@ def test_cli_estimate_counts_the_retrains_its_ledger_holds(tmp_path, capsys, mon
     entries = {f"key{i}": {"losses": [1.0], "seconds": 1.0} for i in range(17)}
     entries["gpu"] = {"losses": [1.0], "seconds": 1.0, "trainer": "ensemble", "device": "cuda"}
     rl.cache.write_json_atomic(study.ledger_path(rung, out), {
-        "format": cf.LossLedger.FORMAT, "owner": rung.config_hash(), "entries": entries})
+        "format": cf.LossLedger.FORMAT, "owner": rung.ledger_owner(), "entries": entries})
     assert study.stored_retrains(study.ledger_path(rung, out), rung) == 17   # not the GPU's
     assert cli.main(["study", "n250", "--estimate-only", "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -403,6 +403,23 @@ def test_cli_ensemble_size_must_be_positive(capsys):
         cli.main(["study", "--ensemble-size", "0", "--estimate-only"])
     assert err.value.code == 2
     assert "--ensemble-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_committed_ledgers_stay_owned_by_their_rungs_when_the_draws_change(monkeypatch):
+    """A ledger's owner hashes the rung without ``seeding.DRAWS_VERSION`` (retrains draw from
+    plain seeds): the committed ledgers open, while a result's hash names the draws."""
+    paths = sorted((study.RESULTS / "ledger").glob("*.json"))
+    assert paths
+    for path in paths:
+        rung = study.get_rung(path.stem, smoke=False)
+        assert len(cf.LossLedger(path, owner=rung.ledger_owner())) > 0
+        assert rung.ledger_owner() != rung.config_hash()
+        assert rung.config_hash() == study.config_hash(rung.to_dict())
+    configuration = study.get_rung("n250", smoke=False).to_dict()
+    current, owner = study.config_hash(configuration), study.ledger_owner(configuration)
+    monkeypatch.setattr(study.seeding, "DRAWS_VERSION", 1)
+    assert study.config_hash(configuration) != current
+    assert study.ledger_owner(configuration) == owner
 
 
 def test_committed_results_are_where_the_study_reads_them():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cache, ranking
+from .. import cache, ranking, seeding
 from ..config import cache_dir
 from ..runs import run_identity
 from .options import AttributionConfig
@@ -85,14 +85,16 @@ class AttributionResult:
 
 def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: AttributionConfig) -> dict:
     """What a cached score matrix depends on: the run's configuration and data, the query and
-    query-noise values and the resolved config.
+    query-noise values, the resolved config and ``seeding.DRAWS_VERSION`` (the streams that
+    draw training-side and per-query noise and CountSketch hashes).
 
     The run enters through ``run_identity`` (recorded runs also by the digest of their weights
     and log).
     """
     return {"kind": "attribution", **run_identity(run),
             "queries": cache.tensor_fingerprint(queries),
-            "noise": cache.tensor_fingerprint(noise), "config": config.to_dict()}
+            "noise": cache.tensor_fingerprint(noise), "config": config.to_dict(),
+            "draws": seeding.DRAWS_VERSION}
 
 
 def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionResult | None]:

@@ -193,7 +193,7 @@ def _query_noise(config: AttributionConfig, run, queries, query_noise, model):
     """The grid [T'] and the shared query noise [T', K, *sample]: ``query_noise`` checked, or
     drawn from ``noise_seed``."""
     n_noise = validation.n_noise(config.n_noise)
-    validation.integer(config.noise_seed, "noise_seed")
+    validation.integer(config.noise_seed, "noise_seed", 0)
     if config.noise_per_query and query_noise is not None:
         raise ValueError("noise_per_query=True draws fresh noise for every query; pass either it "
                          "or query_noise, not both.")

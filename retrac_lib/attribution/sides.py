@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from .. import seeding
 from ..grads import grouped_grads
 from .engines import Engine, FuncEngine
 
@@ -91,7 +92,7 @@ class TrainingGradients:
         """Timesteps [N, M] and noise [N, M, *sample] of every training sample at
         checkpoint ``c``."""
         n, shape = len(self.run.data), self.run.data.sample_shape
-        gen = torch.Generator().manual_seed(self.noise_seed + 1_000_003 * (c + 1))
+        gen = seeding.generator(self.noise_seed, seeding.TRAINING_NOISE, c, name="noise_seed")
         if self.train_side == "timestep_average":
             t = self.timesteps.expand(n, -1)
             return t, torch.randn((n, len(self.timesteps), *shape), generator=gen)

@@ -73,8 +73,9 @@ def _identity(run) -> str:
     return ":".join(run_identity(run).values())
 
 
-def projection_size(projection, seed) -> tuple[int, int]:
-    """``(k, seed)`` of ``projection``: None (exact: ``(0, 0)``), an int ``k`` or a sketch."""
+def projection_size(projection, seed, name: str = "projection_seed") -> tuple[int, int]:
+    """``(k, seed)`` of ``projection``: None (exact: ``(0, 0)``), an int ``k`` or a sketch;
+    ``seed`` (called ``name`` in errors) must be a non-negative integer."""
     if projection is None:
         return 0, 0
     if isinstance(projection, TrainingSketch):
@@ -82,7 +83,7 @@ def projection_size(projection, seed) -> tuple[int, int]:
     if isinstance(projection, bool) or not isinstance(projection, int) or projection < 1:
         raise ValueError(f"projection must be None, a positive int k or a TrainingSketch; "
                          f"got {projection!r}.")
-    return projection, int(seed)
+    return projection, validation.integer(seed, name, 0)
 
 
 def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side: str = "recorded",
@@ -94,9 +95,9 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     result); the options mean what they mean in ``attribute``.
     """
     validation.choice(train_side, "train_side", TRAIN_SIDES)
-    k, seed = projection_size(k, seed)
+    k, seed = projection_size(k, seed, "seed")
     chunk_size, device = validation.chunk_size(chunk_size), validation.device(device)
-    validation.integer(noise_seed, "noise_seed")
+    validation.integer(noise_seed, "noise_seed", 0)
     run.require_log()
     loss = loss or run.config.loss
     check_loss(loss)

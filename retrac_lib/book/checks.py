@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .. import seeding
 from ..config import TrainConfig
 from ..grads import per_sample_grads
 from ..losses import add_noise, error_loss
@@ -172,7 +173,7 @@ def tiny_batch(model: str = "unet", n: int = 4, seed: int = 0):
         config = TrainConfig(model="mlp", clip_sample=False, mlp_hidden=16, mlp_layers=2, seed=seed)
         x = moons(n=max(n, 8)).images[:n]
     net = build_model(config, tuple(x.shape[1:]))
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     t = torch.linspace(5, config.num_train_timesteps - 5, n).long()
     noise = torch.randn(x.shape, generator=gen)
     return net, build_scheduler(config), x, t, noise
@@ -288,7 +289,7 @@ def check_unit_rows(fn) -> None:
     ``fn(G)`` must return ``G[i] / |G[i]|`` for each row, leaving all-zero rows at zero (no NaN).
     """
     name = "check_unit_rows"
-    gen = torch.Generator().manual_seed(0)
+    gen = seeding.generator(0)
     g = torch.randn(5, 7, generator=gen, dtype=torch.float64) * torch.tensor(
         [[0.01], [1.0], [30.0], [2.0], [0.5]], dtype=torch.float64)
     g_zero = torch.cat([g, torch.zeros(1, 7, dtype=torch.float64)])

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .. import validation
+from .. import seeding, validation
 from ..attribution import AttributionResult, attribute, load_or_attribute
 from ..dtrak import attribute_dtrak
 from ..models import check_samples
@@ -67,7 +67,7 @@ def _non_gradient(run, queries: torch.Tensor, method: str, seed: int,
         model = features.load_or_train_classifier(classifier)
         scores = features.feature_scores(queries, run.data.images, model)
     else:
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeding.generator(seed)
         scores = torch.randn((len(queries), len(train)), generator=gen, dtype=torch.float64)
     return AttributionResult(scores, BaselineConfig(method, seed), torch.zeros(0, dtype=torch.float64),
                              torch.zeros(0, len(train)), time.perf_counter() - start)

@@ -36,7 +36,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache, validation
+from .. import cache, seeding, validation
 from ..config import TrainConfig
 from ..data import Dataset
 from ..ensemble import full_float32, train_many
@@ -69,7 +69,7 @@ def query_loss(model, scheduler, queries: torch.Tensor, timesteps=100, n_noise: 
     same ``n_noise`` seeded draws are used for every query and every model.
     """
     n_noise, chunk_size = validation.n_noise(n_noise), validation.chunk_size(chunk_size)
-    validation.integer(seed, "seed")
+    validation.integer(seed, "seed", 0)
     check_samples(model, validation.tensor(queries, "queries"), "queries")
     validation.float_samples(queries, "queries", next(model.parameters()).dtype)
     n_train_t = scheduler.config.num_train_timesteps
@@ -369,7 +369,7 @@ def _ledger_jobs(config: TrainConfig, data: Dataset, sets, seeds) -> list[tuple]
 
 def random_removals(n: int, n_queries: int, draws: int, k: int, seed: int = 0) -> torch.Tensor:
     """``draws`` seeded random sets of ``k`` of ``n`` samples per query: [Q, draws, k], sorted."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     return torch.stack([torch.stack([torch.randperm(n, generator=gen)[:k].sort().values
                                      for _ in range(draws)]) for _ in range(n_queries)])
 
@@ -473,7 +473,7 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, *, n_boot: int = 10000,
         raise ValueError(f"level must lie in (0, 1), got {level}.")
     n_boot = validation.integer(n_boot, "n_boot", 1)
     diff = a - b
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     idx = torch.randint(0, len(diff), (n_boot, len(diff)), generator=gen)
     low, high = _central_interval(diff[idx].mean(1), level)
     return PairedDifference(diff, float(diff.mean()), low, high, level)
@@ -496,7 +496,7 @@ def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torc
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
     n, m = validation.integer(n, "n", 1), validation.integer(m, "m", 1)
     size = max(1, round(fraction * n))
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     masks = torch.zeros(m, n, dtype=torch.bool)
     for j in range(m):
         masks[j, torch.randperm(n, generator=gen)[:size]] = True
@@ -637,7 +637,7 @@ def outlier_auc_interval(values: torch.Tensor, is_outlier: torch.Tensor, *, n_bo
     a, b = values[is_outlier], values[~is_outlier]
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Need at least two outliers and two inliers for an interval.")
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed)
     aucs = [_auc(a[torch.randint(0, len(a), (len(a),), generator=gen)],
                  b[torch.randint(0, len(b), (len(b),), generator=gen)])
             for _ in range(validation.integer(n_boot, "n_boot", 1))]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import cache, validation
+from .. import cache, seeding, validation
 from ..config import cache_dir, is_smoke
 from ..data import Dataset, mnist
 
@@ -98,7 +98,7 @@ def _training_digits(config: ClassifierConfig) -> Dataset:
     if config.n_train is None:
         return data
     n = validation.integer(config.n_train, "ClassifierConfig.n_train", 1)
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:n]
+    pick = torch.randperm(len(data), generator=seeding.generator(config.seed))[:n]
     return data.subset(pick.sort().values)
 
 
@@ -108,7 +108,7 @@ def train_classifier(config: ClassifierConfig) -> Classifier:
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         net = DigitNet()
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = seeding.generator(config.seed)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     net.train()
     for _ in range(config.epochs):

@@ -46,7 +46,7 @@ import diffusers
 import numpy as np
 import torch
 
-from .. import __version__, cache, diagnostics, validation
+from .. import __version__, cache, diagnostics, seeding, validation
 from . import features, metrics
 from . import counterfactual as cf
 from ..attribution.cost import fastest
@@ -160,12 +160,25 @@ class Rung:
         return json.loads(json.dumps(d))   # tuples -> lists, as the JSON file stores them
 
     def config_hash(self) -> str:
-        """Hash of ``to_dict()`` (and of ``cache.FORMAT_VERSION``, through ``cache.key_for``)."""
+        """Hash of ``to_dict()`` (and of ``cache.FORMAT_VERSION``, through ``cache.key_for``,
+        and ``seeding.DRAWS_VERSION``)."""
         return config_hash(self.to_dict())
+
+    def ledger_owner(self) -> str:
+        """The owner of the rung's retrain ledger (``ledger_owner``)."""
+        return ledger_owner(self.to_dict())
 
 
 def config_hash(configuration: dict) -> str:
-    """The hash a result file stores for its rung configuration."""
+    """The hash a result file stores for its rung configuration: its attribution draws from
+    ``seeding``'s streams, so the hash names their version."""
+    return cache.key_for({"kind": "study-rung", "rung": configuration,
+                          "draws": seeding.DRAWS_VERSION})
+
+
+def ledger_owner(configuration: dict) -> str:
+    """The owner of a rung's retrain ledger: the configuration's hash without the draws
+    version (retrains draw from plain seeds), so committed ledgers outlive a change of draws."""
     return cache.key_for({"kind": "study-rung", "rung": configuration})
 
 
@@ -341,7 +354,7 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     ``from_end`` trains the missing retrains last to first (``LossLedger``): a second process
     sharing the ledger with a first one halves the retraining time on a second core."""
     device = str(validation.device(device or "cpu"))
-    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash(), device=device,
+    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner(), device=device,
                            ensemble_size=ensemble_size_for(device, ensemble_size),
                            from_end=from_end)
     seconds, out = {}, {}
@@ -539,7 +552,7 @@ def describe_result(doc: dict, ledger=None) -> str:
     pending = doc.get("pending") or []
     retrains = m.get("retrains", {})
     if ledger is not None and Path(ledger).exists():
-        book = cf.LossLedger(ledger, owner=doc["config_hash"])
+        book = cf.LossLedger(ledger, owner=ledger_owner(doc["configuration"]))
         retrains = {"entries": len(book), "train_seconds": book.seconds()}
     n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
     name = {"lds": "LDS", "removal": "removal"}
@@ -594,7 +607,7 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
     for key in ("nearest_minority_share", "classifier_minority_share", "nearest_label_tv"):
         checks.append(Reverification(key.replace("_", " "), stored["quality"][key],
                                      quality[key], 2 / rung.n_generated, False))
-    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.config_hash())
+    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
     masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
                               seed=rung.subset_seed)
     config = rung.config.replace(seed=rung.seeds[0])
@@ -748,7 +761,7 @@ def retrain_counts(rung: Rung) -> tuple[int, int]:
 def stored_retrains(ledger_file, rung: Rung, device="cpu", ensemble_size: int = 1) -> int:
     """Entries of the rung's ledger at ``ledger_file`` that a run with this device and
     ensemble size would read (0 when there is no file yet)."""
-    ledger = cf.LossLedger(ledger_file, owner=rung.config_hash(), device=device,
+    ledger = cf.LossLedger(ledger_file, owner=rung.ledger_owner(), device=device,
                            ensemble_size=ensemble_size)
     return sum((e.get("trainer", "single"), e.get("device", "cpu"))
                == (ledger.trainer, ledger.device.type) for e in ledger.entries.values())

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ... import seeding
 from . import PAGE_WIDTH, METHOD_COLORS, image_grid, page_panels, tile_size, to_numpy
 
 GENERATED_COLOR = "#222222"   # samples drawn from a trained model (not a method, so not in METHOD_COLORS)
@@ -50,7 +51,7 @@ def forward_process(scheduler, x, timesteps, noise=None, seed: int = 0):
     x = torch.as_tensor(x).float()
     t = torch.as_tensor(list(timesteps), dtype=torch.long)
     if noise is None:
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=seeding.generator(seed))
     xs = x.expand(len(t), *x.shape)
     x_t = scheduler.add_noise(xs, noise.expand_as(xs), t)
     abar = scheduler.alphas_cumprod
