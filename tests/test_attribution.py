@@ -485,6 +485,30 @@ def test_unknown_options(option, value, message, tiny_run, digit_queries):
         rl.attribute(tiny_run, digit_queries, progress=False, **kw)
 
 
+def test_every_name_has_one_object_and_every_object_a_name():
+    """The registries behind method_for and engine_for are the option names the door checks."""
+    att = rl.attribution
+    assert set(att.methods.BY_NAME) == set(att.METHODS)
+    assert set(att.engines.BY_NAME) == set(att.ENGINES) - {"auto"}
+    assert set(att.methods._RETRAC_GROUPS) == set(att.QUERY_NORMALIZATIONS)
+    assert att.method_for("retrac") == att.ReTrac("per_timestep")
+    assert att.method_for("cosine") == att.method_for("cosine", "cosine") == att.Cosine()
+    with pytest.raises(ValueError, match="cosine method fixes normalization='cosine'"):
+        att.method_for("cosine", "per_draw")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        att.method_for("tracin", "per_query")
+
+
+def test_how_to_compute_is_checked_on_a_cache_hit_too(tiny_run, digit_queries, tmp_path):
+    kw = dict(timesteps=3, n_noise=K, progress=False, root=tmp_path)
+    rl.load_or_attribute(tiny_run, digit_queries, "tracin", **kw)
+    assert len(list((tmp_path / "attributions").iterdir())) == 1
+    with pytest.raises(ValueError, match="engine must be one of"):
+        rl.load_or_attribute(tiny_run, digit_queries, "tracin", engine="fast", **kw)
+    with pytest.raises(ValueError, match="chunk_size"):
+        rl.load_or_attribute(tiny_run, digit_queries, "tracin", chunk_size=0, **kw)
+
+
 def test_nan_or_inf_query_names_the_query(tiny_run, digit_queries):
     for bad in (float("nan"), float("inf")):
         q = digit_queries.clone()

@@ -81,3 +81,14 @@ def test_bad_method_or_clashing_options_are_refused(tiny_points_run):
         baselines.attribute_baseline(tiny_points_run, q, "cosine", normalization="per_timestep", **OPTS)
     with pytest.raises(ValueError, match="queries"):
         baselines.attribute_baseline(tiny_points_run, torch.zeros(2, 3), "pixel")
+
+
+def test_baseline_results_say_what_they_lack(tiny_points_run, tmp_path):
+    q = tiny_points_run.data.images[:2]
+    res = baselines.attribute_baseline(tiny_points_run, q, "pixel")
+    assert res.config == baselines.BaselineConfig("pixel", 0)
+    with pytest.raises(ValueError, match="'pixel' baseline scores no checkpoints"):
+        res.recorded_timesteps(tiny_points_run)
+    with pytest.raises(TypeError, match="Only rl.attribute results are saved"):
+        res.save(tmp_path / "pixel")
+    assert not (tmp_path / "pixel").exists()

@@ -3,9 +3,9 @@
 * ``options``: ``AttributionConfig``, every choice behind a score matrix, and the names of those
   choices (``METHODS``, ``TRAIN_SIDES``, ...);
 * ``methods``: one object per method (``TracIn``, ``ReTrac``, ``Cosine``), owning its
-  normalizations;
+  normalizations, and the query vectors they define;
 * ``engines``: how gradients are computed (``"func"``, ``"ghost"``, ``"loop"``), one protocol;
-* ``sides``: the query vectors and the training gradients streamed against them;
+* ``sides``: the training gradients, streamed against the query vectors;
 * ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``, through one
   ``ScoringPlan`` validated at the door;
 * ``results``: ``AttributionResult`` and its cache format;
@@ -16,16 +16,16 @@ The timestep grid and the query noise draws live one layer below, in ``retrac_li
 """
 from .cost import CostEstimate, estimate
 from .engines import Engine, engine_for
-from .methods import Cosine, ReTrac, TracIn, method_for
+from .methods import Cosine, ReTrac, TracIn, method_for, query_vectors
 from .options import ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult
-from .scoring import ScoringPlan, attribute, load_or_attribute, plan, score
-from .sides import TrainingGradients, query_vectors, timestep_gradients
+from .scoring import ScoringPlan, attribute, load_or_attribute, score
+from .sides import TrainingGradients, timestep_gradients
 from .sketch import TrainingSketch, sketch_training
 
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
     "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac", "Cosine",
-    "method_for", "Engine", "engine_for", "ScoringPlan", "plan", "score", "TrainingGradients",
+    "method_for", "Engine", "engine_for", "ScoringPlan", "score", "TrainingGradients",
 ]

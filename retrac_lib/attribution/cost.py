@@ -22,9 +22,8 @@ except ImportError:   # not on Windows
     resource = None
 
 from .. import validation
-from .scoring import plan
-from .sides import query_vectors
-from .sketch import TrainingSketch
+from .methods import query_vectors
+from .scoring import ScoringPlan
 
 MIB = 2 ** 20
 
@@ -84,16 +83,16 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     """The cost of ``attribute(run, queries, method, ...)`` with the same arguments, from one
     chunk of query draws and one chunk of training gradients; nothing else is computed."""
     start = time.perf_counter()
-    p = plan(run, queries, method, query_noise, projection, options,
-             dict(chunk_size=chunk_size, device=device, engine=engine,
-                  allow_out_of_range=allow_out_of_range))
+    p = ScoringPlan.resolve(run, queries, method, query_noise, projection, options,
+                            dict(chunk_size=chunk_size, device=device, engine=engine,
+                                 allow_out_of_range=allow_out_of_range))
     config, grid, noise, chunk_size = p.config, p.grid, p.noise, p.chunk_size
     repeats = validation.integer(repeats, "repeats", 1)
     c = config.checkpoints[0]
     resolved = time.perf_counter()
     model = run.model_at(c).to(p.device)
     per_checkpoint = time.perf_counter() - resolved   # loading each checkpoint's weights
-    n_t = max(1, min(len(grid), 4 * chunk_size // config.n_noise))   # one query chunk of draws
+    n_t = max(1, min(len(grid), p.query_chunk // config.n_noise))   # one query chunk of draws
     n = len(run.data)
     span = range(0, min(chunk_size, n))
     per_sample = len(grid) if config.train_side == "timestep_average" else 1
@@ -101,10 +100,10 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
 
     def query_pass():
         return query_vectors(model, run.scheduler, queries[:1], grid[:n_t], noise[:n_t], p.method,
-                             config.loss, 4 * chunk_size, c, p.engine)
+                             config.loss, p.query_chunk, c, p.engine)
 
     q_seconds, vectors = fastest(query_pass, repeats, p.device)
-    if isinstance(projection, TrainingSketch):
+    if p.sketch is not None:   # the training side is stored: nothing to measure
         t_seconds, measured = 0.0, 0
     else:
         def training_pass():
@@ -122,7 +121,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
                     + (0 if config.noise_per_query else noise.numel() * noise.element_size()))
     return CostEstimate(
         config, p.engine.name, n_c * len(queries) * len(grid) * config.n_noise,
-        0 if isinstance(projection, TrainingSketch) else n_c * n * per_sample,
+        0 if p.sketch is not None else n_c * n * per_sample,
         q_seconds / (n_t * config.n_noise), t_seconds / measured if measured else 0.0,
         n_t * config.n_noise, measured, resolved - start + n_c * per_checkpoint, *peak.read(),
         result_bytes)

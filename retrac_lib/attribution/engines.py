@@ -101,4 +101,7 @@ def engine_for(name: str, model) -> Engine:
         ghost.check_supported(model)
     if name == "auto":
         name = "func" if ghost.unsupported_layers(model) else "ghost"
-    return {"func": FuncEngine, "ghost": GhostEngine, "loop": LoopEngine}[name]()
+    return BY_NAME[name]()
+
+
+BY_NAME = {e.name: e for e in (FuncEngine, GhostEngine, LoopEngine)}   # ``ENGINES`` but "auto"

@@ -17,9 +17,11 @@ their weights and what happens to the training side:
 * ``Cosine``: ReTrac's ``"cosine"`` placement under a name of its own, the gradient cosine
   ``cos(g_c(x_i), v_c(z))`` (chapter 5's baseline).
 
-``sides`` computes the groups' gradients with a gradient engine (``engines``); ``scoring``
-adds the checkpoints up. Chapter 3, "TracIn by hand, for one checkpoint", and chapter 4,
-"ReTrac by hand, for one checkpoint", write both formulas as a few lines of tensor code.
+``query_vectors`` forms ``v_c(z)`` from the groups' gradients, which a gradient engine
+(``engines``) computes; ``scoring`` adds the checkpoints up. So ReTrac's formula reads, from
+``rl.attribute`` to the arithmetic: ``scoring.score``, this module, ``engines``. Chapter 3,
+"TracIn by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one checkpoint",
+write both formulas as a few lines of tensor code.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import dataclasses
 import torch
 
 from .. import validation
+from .engines import Engine, FuncEngine
 from .options import METHODS, QUERY_NORMALIZATIONS
 
 
@@ -74,8 +77,7 @@ class ReTrac:
         validation.choice(self.normalization, "normalization", QUERY_NORMALIZATIONS)
 
     def draws_per_group(self, n_timesteps: int, n_noise: int) -> int:
-        return {"per_timestep": n_noise, "per_draw": 1,
-                "cosine": n_timesteps * n_noise}[self.normalization]
+        return _RETRAC_GROUPS[self.normalization](n_timesteps, n_noise)
 
     def group_weights(self, norms: torch.Tensor) -> torch.Tensor:
         return 1 / clamp_norm(norms)
@@ -95,23 +97,70 @@ class Cosine(ReTrac):
 
     def __post_init__(self):
         if self.normalization != "cosine":
-            raise ValueError(f"The cosine method normalizes the averaged vector only; got "
-                             f"normalization={self.normalization!r}. Use method='retrac' for "
-                             "the other placements.")
+            raise ValueError(f"The cosine method fixes normalization='cosine'; do not pass "
+                             f"normalization={self.normalization!r} (or use method='retrac').")
+
+
+# ReTrac's placements (``QUERY_NORMALIZATIONS``): draws per group, from T' and K
+_RETRAC_GROUPS = {"per_timestep": lambda n_t, k: k, "per_draw": lambda n_t, k: 1,
+                  "cosine": lambda n_t, k: n_t * k}
+BY_NAME = {m.name: m for m in (TracIn, ReTrac, Cosine)}   # the classes of ``METHODS``
 
 
 def method_for(name: str, normalization: str | None = None) -> TracIn | ReTrac:
-    """The method object for ``name`` ("tracin", "retrac" or "cosine"). ``normalization`` is
-    ReTrac's placement (None: "per_timestep"); TracIn ignores it, and the cosine method refuses
-    any placement but its own."""
+    """The method object for ``name`` (one of ``METHODS``). ``normalization`` is ReTrac's
+    placement (None: "per_timestep"); TracIn ignores it, and the cosine method refuses any
+    placement but its own."""
     validation.choice(name, "method", METHODS)
-    if normalization is not None:
-        validation.choice(normalization, "normalization", QUERY_NORMALIZATIONS)
     if name == "tracin":
+        if normalization is not None:
+            validation.choice(normalization, "normalization", QUERY_NORMALIZATIONS)
         return TracIn()
-    if name == "cosine":
-        if normalization not in (None, "cosine"):
-            raise ValueError(f"The cosine method fixes normalization='cosine'; do not pass "
-                             f"normalization={normalization!r} (or use method='retrac').")
-        return Cosine()
-    return ReTrac(normalization or "per_timestep")
+    return BY_NAME[name]() if normalization is None else BY_NAME[name](normalization)
+
+
+def query_vectors(model, scheduler, queries, timesteps, noise, method, loss: str = "mse",
+                  chunk_size: int = 256, checkpoint: int = 0,
+                  engine: Engine = FuncEngine()) -> torch.Tensor:
+    """The query side [Q, P] of ``method`` (an object of this module): ``v_c(z) = (1/G)
+    sum_g a_g m_g(z)`` for every query ``z``.
+
+    ``noise`` is [T', K, *sample], the same for every query, or [Q, T', K, *sample]. Each
+    query's T' x K draws are split into the method's groups (``method.draws_per_group``); the
+    engine gives each group's averaged gradient ``m_g`` (one batched backward pass per chunk,
+    or with ``engine`` "loop" one per draw) weighted by ``method.group_weights``. Derived in
+    chapter 3, "TracIn by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one
+    checkpoint".
+    """
+    per_query = noise.dim() == queries.dim() + 2
+    n_t, k = noise.shape[1:3] if per_query else noise.shape[:2]
+    group = method.draws_per_group(n_t, k)
+    out = []
+    for q, z in enumerate(queries):
+        x, t, eps = query_groups(z, timesteps, noise[q] if per_query else noise, group)
+        v, norms = engine.query_sum(model, scheduler, x, t, eps, method.group_weights, loss,
+                                    chunk_size)
+        check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
+        out.append(v / len(t))
+    return torch.stack(out)
+
+
+def query_groups(z, timesteps, noise, group: int):
+    """The T' x K noised copies of query ``z`` (``noise`` [T', K, *sample]) as groups of ``group``
+    draws: ``(x, t, eps)`` of shapes [G, group, *sample], [G, group], [G, group, *sample]."""
+    n_t, k = noise.shape[:2]
+    x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
+    t = timesteps.repeat_interleave(k).reshape(-1, group)
+    return x, t, noise.reshape(-1, group, *z.shape)
+
+
+def check_finite(values: torch.Tensor, what: str, offset: int, checkpoint: int) -> None:
+    """Refuse rows [n, ...] with a NaN or infinite entry (a gradient, or its norm and dot
+    products), naming the first such sample."""
+    bad = (~torch.isfinite(values.flatten(1)).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        raise FloatingPointError(
+            f"The gradient of {what} {offset + int(bad[0])} at checkpoint {checkpoint} is NaN or "
+            "infinite. Check that sample for NaN/inf values and the checkpoint for diverged "
+            "weights."
+        )

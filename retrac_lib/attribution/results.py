@@ -28,7 +28,9 @@ class AttributionResult:
     """
 
     scores: torch.Tensor
-    config: AttributionConfig   # a baseline's own config for D-TRAK and the neighbour baselines
+    # an AttributionConfig, or a baseline's own (dtrak.DTrakConfig, baselines.BaselineConfig):
+    # each has ``method`` and ``to_dict()``
+    config: object
     checkpoint_weights: torch.Tensor
     train_grad_norms: torch.Tensor
     seconds: float = 0.0
@@ -48,6 +50,9 @@ class AttributionResult:
 
     def recorded_timesteps(self, run) -> torch.Tensor:
         """[C, N] recorded timesteps of every training sample before each checkpoint used."""
+        if not isinstance(self.config, AttributionConfig):
+            raise ValueError(f"The {self.config.method!r} baseline scores no checkpoints, so it "
+                             "has no recorded timesteps.")
         return torch.stack([run.recorded(c)[0] for c in self.config.checkpoints])
 
     def save(self, folder: Path, key: dict | None = None, *, exist_ok: bool = False) -> Path:

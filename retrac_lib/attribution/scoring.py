@@ -5,9 +5,10 @@ For training sample ``x_i``, query ``z`` and checkpoints ``c`` with weights ``w_
 * TracIn:  ``I(x_i, z) = sum_c w_c < g_c(x_i), (1/|T'|) sum_t m_c(z, t) >``
 * ReTrac:  ``I(x_i, z) = sum_c w_c < g_c(x_i)/|g_c(x_i)|, (1/|T'|) sum_t m_c(z, t)/|m_c(z, t)| >``
 
-A call is validated once, at the door, into a ``ScoringPlan`` (``plan``); ``score`` then adds
-up the checkpoints: the method object (``methods``) owns each formula's normalizations, ``sides``
-computes the query vectors and streams the training gradients against them. Chapter 3, "TracIn
+A call is validated once, at the door, into a ``ScoringPlan`` (``ScoringPlan.resolve``);
+``score`` then adds up the checkpoints: the method object (``methods``) owns each formula's
+normalizations and forms the query vectors, ``sides`` streams the training gradients against
+them, a gradient engine (``engines``) computes both. Chapter 3, "TracIn
 by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one checkpoint", compute both
 in a few lines of tensor code and check ``attribute`` against them.
 """
@@ -25,10 +26,10 @@ from ..losses import check_loss
 from ..models import check_samples
 from ..timesteps import parse_timesteps, per_query_noise_draws, query_noise_draws
 from .engines import Engine, engine_for
-from .methods import ReTrac, TracIn, method_for
+from .methods import ReTrac, TracIn, method_for, query_vectors
 from .options import TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult, cache_key, cached
-from .sides import TrainingGradients, query_vectors
+from .sides import TrainingGradients
 from .sketch import TrainingSketch, projection_size, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
@@ -77,13 +78,15 @@ def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
             timestep, default 16); ``noise_seed``; ``noise_per_query`` (fresh seeded query noise
             for every query and checkpoint, as the paper's official code draws it);
             ``train_side`` ("recorded", "fresh_noise" or "timestep_average"); ``normalization``
-            (ReTrac's query-side placement: "per_timestep", "per_draw" or "cosine"; ignored by
-            TracIn and cosine); ``loss`` ("mse" or "l1", default the run's); ``projection_seed``.
+            (ReTrac's query-side placement: "per_timestep" by default, "per_draw" or "cosine";
+            ignored by TracIn, fixed by cosine); ``loss`` ("mse" or "l1", default the run's);
+            ``projection_seed``.
     """
     start = time.perf_counter()
     how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine,
                allow_out_of_range=allow_out_of_range, train_slice=train_slice)
-    return score(plan(run, queries, method, query_noise, projection, options, how), start)
+    return score(ScoringPlan.resolve(run, queries, method, query_noise, projection, options,
+                                     how), start)
 
 
 def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: Path | None = None,
@@ -93,13 +96,16 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
 
     The key (``results.cache_key``) covers the run's configuration and data (and a recorded run's
     weights and log), the query values, the resolved ``AttributionConfig`` and the query noise
-    values, so nothing is reused when any of them changed. ``kwargs`` are ``attribute``'s.
+    values, so nothing is reused when any of them changed. ``kwargs`` are ``attribute``'s;
+    those that say how to compute (engine, device, chunk_size) are validated even when the
+    result comes from the cache, as they would be for computing it.
     """
     if kwargs.get("train_slice") is not None:
-        raise ValueError("load_or_attribute caches whole score matrices; call attribute for a train_slice.")
+        raise ValueError("load_or_attribute caches whole score matrices; call attribute for a "
+                         "train_slice.")
     start = time.perf_counter()
     options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
-    the_plan = plan(run, queries, method, query_noise, projection, options, kwargs)
+    the_plan = ScoringPlan.resolve(run, queries, method, query_noise, projection, options, kwargs)
     payload = cache_key(run, queries, the_plan.noise, the_plan.config)
     folder, result = cached(payload, root)
     if result is not None:
@@ -113,11 +119,12 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     return result
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ScoringPlan:
     """Everything an ``attribute`` call computes, validated once: the resolved ``config`` (saved
     with the scores, part of their cache key), its method and engine objects, the query grid
-    [T'] and shared query noise [T', K, *sample], the training side, and how to compute."""
+    [T'] and shared query noise [T', K, *sample], the training side, a given ``TrainingSketch``
+    (a projection size ``k`` alone is in ``config.projection``) and how to compute."""
 
     run: object
     queries: torch.Tensor
@@ -127,49 +134,52 @@ class ScoringPlan:
     grid: torch.Tensor
     noise: torch.Tensor
     training: TrainingGradients
-    projection: int | TrainingSketch | None
-    chunk_size: int
+    sketch: TrainingSketch | None
+    chunk_size: int          # training samples per chunk
+    query_chunk: int         # query draws per chunk
     device: torch.device
     progress: bool
     train_slice: range | None
 
+    @classmethod
+    def resolve(cls, run, queries, method: str, query_noise, projection, options: dict,
+                how: dict) -> "ScoringPlan":
+        """Validate an ``attribute`` call (its ``options`` name what the scores depend on,
+        ``how`` how to compute them) and resolve what the defaults leave open: all checkpoints,
+        the run's loss, the grid's timesteps, the query noise drawn from ``noise_seed``.
 
-def plan(run, queries, method: str, query_noise, projection, options: dict,
-         how: dict) -> ScoringPlan:
-    """Validate an ``attribute`` call (its ``options`` name what the scores depend on, ``how``
-    how to compute them) and resolve what the defaults leave open: all checkpoints, the run's
-    loss, the grid's timesteps, the query noise drawn from ``noise_seed``.
-
-    Queries on another scale than the training data are refused (``validation.data_range``), or
-    with ``allow_out_of_range`` scored with a warning.
-    """
-    _refuse_unknown(options, _OPTIONS)
-    _refuse_unknown(how, _HOW + ("train_slice",))
-    how = {**dict(chunk_size=64, device=None, progress=True, engine="auto",
-                  allow_out_of_range=False, train_slice=None), **how}
-    config = AttributionConfig(method=method, **options)
-    run.require_log()
-    the_method = method_for(config.method, config.normalization)
-    validation.choice(config.train_side, "train_side", TRAIN_SIDES)
-    loss = config.loss or run.config.loss
-    check_loss(loss)
-    checkpoints = validation.checkpoints(config.checkpoints, len(run.checkpoints))
-    model = run.model_at(checkpoints[0])
-    _check_queries(queries, run, model, how["allow_out_of_range"])
-    grid, noise = _query_noise(config, run, queries, query_noise, model)
-    k, seed = projection_size(projection, config.projection_seed)
-    config = dataclasses.replace(
-        config, checkpoints=checkpoints, timesteps=tuple(grid.tolist()), n_noise=noise.shape[1],
-        normalization=the_method.normalization, loss=loss,
-        noise_per_query=bool(config.noise_per_query), projection=k, projection_seed=seed)
-    if isinstance(projection, TrainingSketch):
-        projection.check_matches(run, config)
-    train_slice = _train_slice(how["train_slice"], len(run.data), projection)
-    return ScoringPlan(
-        run, queries, config, the_method, engine_for(how["engine"], model), grid, noise,
-        TrainingGradients(run, config.train_side, grid, config.noise_seed, loss), projection,
-        validation.chunk_size(how["chunk_size"]), validation.device(how["device"]),
-        bool(how["progress"]), train_slice)
+        Queries on another scale than the training data are refused
+        (``validation.data_range``), or with ``allow_out_of_range`` scored with a warning.
+        """
+        _refuse_unknown(options, _OPTIONS)
+        _refuse_unknown(how, _HOW + ("train_slice",))
+        how = {**dict(chunk_size=64, device=None, progress=True, engine="auto",
+                      allow_out_of_range=False, train_slice=None), **how}
+        train_slice = _train_slice(how["train_slice"], len(run.data), projection)
+        config = AttributionConfig(method=method, **options)
+        run.require_log()
+        the_method = method_for(config.method, config.normalization)
+        validation.choice(config.train_side, "train_side", TRAIN_SIDES)
+        loss = config.loss or run.config.loss
+        check_loss(loss)
+        checkpoints = validation.checkpoints(config.checkpoints, len(run.checkpoints))
+        model = run.model_at(checkpoints[0])
+        _check_queries(queries, run, model, how["allow_out_of_range"])
+        grid, noise = _query_noise(config, run, queries, query_noise, model)
+        k, seed = projection_size(projection, config.projection_seed)
+        config = dataclasses.replace(
+            config, checkpoints=checkpoints, timesteps=tuple(grid.tolist()),
+            n_noise=noise.shape[1], normalization=the_method.normalization, loss=loss,
+            noise_per_query=bool(config.noise_per_query), projection=k, projection_seed=seed)
+        sketch = projection if isinstance(projection, TrainingSketch) else None
+        if sketch is not None:
+            sketch.check_matches(run, config)
+        chunk_size = validation.chunk_size(how["chunk_size"])
+        return cls(run, queries, config, the_method, engine_for(how["engine"], model), grid,
+                   noise, TrainingGradients(run, config.train_side, grid, config.noise_seed,
+                                            loss),
+                   sketch, chunk_size, 4 * chunk_size, validation.device(how["device"]),
+                   bool(how["progress"]), train_slice)
 
 
 def _refuse_unknown(given: dict, allowed) -> None:
@@ -207,27 +217,27 @@ def _query_noise(config: AttributionConfig, run, queries, query_noise, model):
     return grid, query_noise_draws(shape, len(grid), n_noise, config.noise_seed)
 
 
-def score(plan: ScoringPlan, start: float | None = None) -> AttributionResult:
-    """The scores of a ``plan``: for every checkpoint, the query vectors and the training side's
-    dot products with them (exact, or from a CountSketch), normalized by the method and weighted
-    by the checkpoint. ``result.seconds`` counts from ``start`` (default: now)."""
+def score(p: ScoringPlan, start: float | None = None) -> AttributionResult:
+    """The scores of the plan ``p``: for every checkpoint, the query vectors and the training
+    side's dot products with them (exact, or from a CountSketch), normalized by the method and
+    weighted by the checkpoint. ``result.seconds`` counts from ``start`` (default: now)."""
     start = time.perf_counter() if start is None else start
-    p, config = plan, plan.config
+    config = p.config
     n = len(p.run.data)
     scores = torch.zeros(len(p.queries), n, dtype=torch.float64)
     norms = torch.zeros(len(config.checkpoints), n)
     weights = p.run.checkpoint_weights()[list(config.checkpoints)]
     sketch = _sketch(p)
     n_scored = n if p.train_slice is None else len(p.train_slice)
-    steps_per_checkpoint = 1 + (0 if sketch else -(-n_scored // p.chunk_size))
+    steps_per_checkpoint = 1 + (0 if sketch is not None else -(-n_scored // p.chunk_size))
     bar = tqdm(total=len(config.checkpoints) * steps_per_checkpoint, desc=config.method,
                disable=not p.progress)
     for j, c in enumerate(config.checkpoints):
         model = p.run.model_at(c).to(p.device)
         v = query_vectors(model, p.run.scheduler, p.queries, p.grid, _noise_at(p, c), p.method,
-                          config.loss, 4 * p.chunk_size, c, p.engine)
+                          config.loss, p.query_chunk, c, p.engine)
         bar.update()
-        if sketch:
+        if sketch is not None:
             s = sketch.checkpoints.index(c)
             norms[j] = sketch.norms[s]
             dots = sketch.projector()(v.cpu()) @ sketch.sketches[s].T   # S is linear
@@ -244,27 +254,26 @@ def score(plan: ScoringPlan, start: float | None = None) -> AttributionResult:
                              p.noise.detach().cpu().contiguous())
 
 
-def _noise_at(plan: ScoringPlan, c: int) -> torch.Tensor:
+def _noise_at(p: ScoringPlan, c: int) -> torch.Tensor:
     """The query noise at checkpoint ``c``: the shared draws, or with ``noise_per_query`` fresh
     draws [Q, T', K, *sample] for every query."""
-    config = plan.config
+    config = p.config
     if not config.noise_per_query:
-        return plan.noise
-    return per_query_noise_draws(plan.run.data.sample_shape, len(plan.queries), len(plan.grid),
+        return p.noise
+    return per_query_noise_draws(p.run.data.sample_shape, len(p.queries), len(p.grid),
                                  config.n_noise, config.noise_seed, c)
 
 
-def _sketch(plan: ScoringPlan) -> TrainingSketch | None:
-    """The plan's sketch of the training gradients: the one passed, one built for a projection
-    size ``k``, or None for exact scores."""
-    config = plan.config
-    if not config.projection or isinstance(plan.projection, TrainingSketch):
-        return plan.projection if config.projection else None
-    return sketch_training(plan.run, config.projection, checkpoints=config.checkpoints,
-                           timesteps=plan.grid, train_side=config.train_side, loss=config.loss,
+def _sketch(p: ScoringPlan) -> TrainingSketch | None:
+    """The sketch to score against: the one given, one built for a projection size ``k``, or
+    None for exact scores."""
+    config = p.config
+    if p.sketch is not None or not config.projection:
+        return p.sketch
+    return sketch_training(p.run, config.projection, checkpoints=config.checkpoints,
+                           timesteps=p.grid, train_side=config.train_side, loss=config.loss,
                            noise_seed=config.noise_seed, seed=config.projection_seed,
-                           chunk_size=plan.chunk_size, device=plan.device,
-                           progress=plan.progress)
+                           chunk_size=p.chunk_size, device=p.device, progress=p.progress)
 
 
 def _train_slice(train_slice, n: int, projection) -> range | None:

@@ -1,11 +1,10 @@
-"""The two sides of an influence score: query vectors and streamed training gradients.
+"""The training side of an influence score, streamed; and a query's per-timestep gradients.
 
 Both sums of chapter 3's formula collapse to one *query vector* per query and checkpoint
-(``query_vectors``); the training side (``TrainingGradients``) is streamed in chunks of
-``g_c(x_i)`` against those vectors, so memory is bounded by one chunk, never N x P. The query
-side never loops over draws: the mean of gradients is the gradient of the mean loss, so each
-averaged gradient is one batched backward pass. The method (``methods``) says how draws are
-grouped and weighted; the engine (``engines``) computes the groups' gradients.
+(``methods.query_vectors``); the training side (``TrainingGradients``) is streamed in chunks of
+``g_c(x_i)`` against those vectors, so memory is bounded by one chunk, never N x P.
+``timestep_gradients`` gives chapter 4 the per-timestep gradients ``m(z, t)`` that ReTrac
+normalizes.
 """
 from __future__ import annotations
 
@@ -16,50 +15,7 @@ import torch
 from .. import seeding
 from ..grads import grouped_grads
 from .engines import Engine, FuncEngine
-
-
-def check_finite(values: torch.Tensor, what: str, offset: int, checkpoint: int) -> None:
-    """Refuse rows [n, ...] with a NaN or infinite entry (a gradient, or its norm and dot
-    products), naming the first such sample."""
-    bad = (~torch.isfinite(values.flatten(1)).all(dim=1)).nonzero().flatten()
-    if len(bad):
-        raise FloatingPointError(
-            f"The gradient of {what} {offset + int(bad[0])} at checkpoint {checkpoint} is NaN or "
-            "infinite. Check that sample for NaN/inf values and the checkpoint for diverged weights."
-        )
-
-
-def query_vectors(model, scheduler, queries, timesteps, noise, method, loss: str = "mse",
-                  chunk_size: int = 256, checkpoint: int = 0,
-                  engine: Engine = FuncEngine()) -> torch.Tensor:
-    """The query side [Q, P] of ``method`` (a ``methods`` object): ``(1/G) sum_g a_g m_g(z)``.
-
-    ``noise`` is [T', K, *sample], the same for every query, or [Q, T', K, *sample]. Each
-    query's T' x K draws are split into the method's groups (``method.draws_per_group``); one
-    batched backward pass yields each group's averaged gradient ``m_g``, weighted by
-    ``method.group_weights``. Derived in chapter 3, "TracIn by hand, for one checkpoint", and
-    chapter 4, "ReTrac by hand, for one checkpoint".
-    """
-    per_query = noise.dim() == queries.dim() + 2
-    n_t, k = noise.shape[1:3] if per_query else noise.shape[:2]
-    group = method.draws_per_group(n_t, k)
-    out = []
-    for q, z in enumerate(queries):
-        x, t, eps = _query_groups(z, timesteps, noise[q] if per_query else noise, group)
-        v, norms = engine.query_sum(model, scheduler, x, t, eps, method.group_weights, loss,
-                                    chunk_size)
-        check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
-        out.append(v / len(t))
-    return torch.stack(out)
-
-
-def _query_groups(z, timesteps, noise, group: int):
-    """The T' x K noised copies of query ``z`` (``noise`` [T', K, *sample]) as groups of ``group``
-    draws: ``(x, t, eps)`` of shapes [G, group, *sample], [G, group], [G, group, *sample]."""
-    n_t, k = noise.shape[:2]
-    x = z.expand(n_t * k, *z.shape).reshape(-1, group, *z.shape)
-    t = timesteps.repeat_interleave(k).reshape(-1, group)
-    return x, t, noise.reshape(-1, group, *z.shape)
+from .methods import check_finite, query_groups
 
 
 def timestep_gradients(model, scheduler, z, timesteps, noise, loss: str = "mse",
@@ -67,7 +23,7 @@ def timestep_gradients(model, scheduler, z, timesteps, noise, loss: str = "mse",
     """``m(z, t)`` [T', P] for one query ``z``: its loss gradient at each grid timestep, averaged
     over that timestep's K draws of ``noise`` [T', K, *sample] (chapter 4, "Every metric, both
     methods", draws their cosines); ReTrac normalizes these rows before averaging them."""
-    x, t, eps = _query_groups(z, timesteps, noise, noise.shape[1])
+    x, t, eps = query_groups(z, timesteps, noise, noise.shape[1])
     return grouped_grads(model, scheduler, x, t, eps, loss, chunk_size)
 
 
@@ -112,12 +68,11 @@ class TrainingGradients:
             idx = torch.arange(a, min(a + chunk_size, span.stop))
             yield idx, x[idx], t[idx], eps[idx]
 
-    def rows(self, model, c: int, chunk_size: int, span: range | None = None,
-             engine=FuncEngine()):
-        """Yield ``(indices, g_c(x_i) rows [n, P])``, ``chunk_size`` samples at a time (memory:
-        one chunk x P); a NaN or infinite gradient raises, naming the sample."""
+    def rows(self, model, c: int, chunk_size: int, span: range | None = None):
+        """Yield ``(indices, g_c(x_i) rows [n, P])`` from ``torch.func``, ``chunk_size`` samples
+        at a time (memory: one chunk x P); a NaN or infinite gradient raises, naming the sample."""
         for idx, x, t, eps in self._batches(c, chunk_size, span):
-            g = engine.rows(model, self.run.scheduler, x, t, eps, self.loss, chunk_size)
+            g = FuncEngine().rows(model, self.run.scheduler, x, t, eps, self.loss, chunk_size)
             check_finite(g, "training sample", int(idx[0]), c)
             yield idx, g
 

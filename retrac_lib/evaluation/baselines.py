@@ -41,7 +41,8 @@ NEIGHBOURS = ("pixel", "feature")
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-    """What a neighbour or random baseline's scores depend on: its name and seed."""
+    """What names a neighbour or random baseline's scores: the method and the seed (which only
+    "random" draws from)."""
 
     method: str
     seed: int = 0
