@@ -116,10 +116,9 @@ def engines(model, scheduler, run, grid, noise) -> list[dict]:
 
     fn = grads.grouped_grads
     add(f"ReTrac query side: {n_t} groups of {k}", "ghost",
-        lambda: rl.attribution.query_vectors(model, scheduler, z[None], grid, noise,
-                                             rl.attribution.ReTrac(), chunk_size=256,
-                                             engine=rl.attribution.engine_for("ghost", model)),
-        n_t * k)
+        lambda: rl.attribution.query_vectors(
+            rl.attribution.engine_for("ghost", model, scheduler), z[None], grid, noise,
+            rl.attribution.ReTrac(), chunk_size=256), n_t * k)
     add(f"ReTrac query side: {n_t} groups of {k}", "vmap",
         lambda: fn(model, scheduler, xq.reshape(n_t, k, *z.shape), tq.reshape(n_t, k),
                    nq.reshape(n_t, k, *z.shape), "mse", 256), n_t * k)
@@ -195,14 +194,13 @@ def main() -> None:
                  "training side cpu s": lt.cpu, "training wall s": lt.wall, "scores rel. error": 0.0}]
         frac[method] = {"loop": (lq, lt)}
         for engine in ("ghost", "func"):
-            eng = rl.attribution.engine_for(engine, model)
+            eng = rl.attribution.engine_for(engine, model, run.scheduler)
             with Timer() as bq:
-                vb = rl.attribution.query_vectors(model, run.scheduler, z, grid, noise,
+                vb = rl.attribution.query_vectors(eng, z, grid, noise,
                                                   rl.attribution.method_for(method),
-                                                  chunk_size=256, engine=eng)
+                                                  chunk_size=256)
             with Timer() as bt:
-                norm, dots = eng.training_terms(model, run.scheduler, xs[:, None], ts[:, None],
-                                                es[:, None], "mse", vb, 64)
+                norm, dots = eng.training_terms(xs[:, None], ts[:, None], es[:, None], vb, 64)
                 dots = dots[0]
             s_lib = w * (dots.double() / norm.double() if method == "retrac" else dots.double())
             err = ((s_loop - s_lib).norm() / s_loop.norm()).item()

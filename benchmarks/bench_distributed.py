@@ -66,8 +66,9 @@ def main() -> None:
     noise = rl.timesteps.query_noise_draws(run.data.sample_shape, len(grid), OPTIONS["n_noise"], 0)
     t, eps = run.recorded(c)
     with Timer() as tq:
-        rl.attribution.query_vectors(model, run.scheduler, queries, grid, noise,
-                                     rl.attribution.ReTrac(), chunk_size=256)
+        rl.attribution.query_vectors(rl.attribution.engine_for("func", model, run.scheduler),
+                                     queries, grid, noise, rl.attribution.ReTrac(),
+                                     chunk_size=256)
     with Timer() as ts:
         grads.grouped_grads(model, run.scheduler, run.data.images[:, None], t[:, None], eps[:, None], "mse", 64)
     t_q, t_s = tq.wall / draws, ts.wall / n

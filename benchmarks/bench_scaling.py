@@ -64,13 +64,12 @@ def child_parts(spec: dict) -> dict:
     z = common.contract_queries(1)
     t, eps = run.recorded(c)
     out = {}
+    func = rl.attribution.engine_for("func", model, run.scheduler)
     for name, fn in (
         ("ReTrac query side (1,600 draws)", lambda: rl.attribution.query_vectors(
-            model, run.scheduler, z, grid, noise, rl.attribution.ReTrac(),
-            chunk_size=spec["query_chunk"])),
+            func, z, grid, noise, rl.attribution.ReTrac(), chunk_size=spec["query_chunk"])),
         ("TracIn query side (1,600 draws)", lambda: rl.attribution.query_vectors(
-            model, run.scheduler, z, grid, noise, rl.attribution.TracIn(),
-            chunk_size=spec["query_chunk"])),
+            func, z, grid, noise, rl.attribution.TracIn(), chunk_size=spec["query_chunk"])),
         ("training side (512 samples)", lambda: grads.grouped_grads(
             model, run.scheduler, run.data.images[:512, None], t[:512, None], eps[:512, None],
             "mse", spec["chunk"])),

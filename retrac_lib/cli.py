@@ -247,7 +247,7 @@ def _options(parser, args, run, queries) -> dict:
         options["query_noise"] = check("--query-noise", lambda: validation.query_noise(
             load_tensor(args.query_noise, "query_noise", "[K, *sample] or [T', K, *sample]"),
             len(grid), run.data.sample_shape, dtype))
-    check("--engine", lambda: attribution.engine_for(args.engine, run.model_at(0)))
+    check("--engine", lambda: attribution.engine_name(args.engine, run.model_at(0)))
     return options
 
 

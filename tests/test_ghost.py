@@ -126,7 +126,7 @@ def test_attribute_engines_agree(case, tiny_run, tiny_points_run):
     assert _rel(fast.scores, slow.scores) <= TOL
     assert _rel(fast.train_grad_norms, slow.train_grad_norms) <= TOL
     # the default, for the book's models
-    assert rl.attribution.engine_for("auto", run.model_at(0)).name == "ghost"
+    assert rl.attribution.engine_name("auto", run.model_at(0)) == "ghost"
 
 
 def test_non_finite_training_gradient_names_the_sample(tiny_run, monkeypatch):
@@ -182,11 +182,11 @@ def test_unsupported_layers_are_named():
     grouped = nn.Module()
     grouped.conv = nn.Conv2d(4, 4, 3, groups=2)
     assert ghost.unsupported_layers(grouped) == ["conv (Conv2d)"]
-    assert rl.attribution.engine_for("auto", model).name == "func"
+    assert rl.attribution.engine_name("auto", model) == "func"
     with pytest.raises(NotImplementedError, match="Use engine='func'"):
-        rl.attribution.engine_for("ghost", model)
+        rl.attribution.engine_name("ghost", model)
     with pytest.raises(ValueError, match="engine must be one of"):
-        rl.attribution.engine_for("fast", model)
+        rl.attribution.engine_name("fast", model)
 
 
 def test_a_layer_applied_twice_is_refused():

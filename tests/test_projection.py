@@ -116,8 +116,9 @@ def test_projection_equals_sketched_exact_gradients(method, tiny_run, queries):
     for j, c in enumerate(res.config.checkpoints):
         model = tiny_run.model_at(c)
         s = CountSketch(sum(p.numel() for p in model.parameters()), k, seed=2)
-        v = rl.attribution.query_vectors(model, tiny_run.scheduler, queries, grid, noise,
-                                          rl.attribution.method_for(method))
+        engine = rl.attribution.engine_for("func", model, tiny_run.scheduler)
+        v = rl.attribution.query_vectors(engine, queries, grid, noise,
+                                         rl.attribution.method_for(method))
         t, eps = tiny_run.recorded(c)
         g = rl.per_sample_grads(model, tiny_run.scheduler, tiny_run.data.images, t, eps)
         if method == "retrac":

@@ -15,7 +15,7 @@
 The timestep grid and the query noise draws live one layer below, in ``retrac_lib.timesteps``.
 """
 from .cost import CostEstimate, estimate
-from .engines import Engine, engine_for
+from .engines import Engine, engine_for, engine_name
 from .methods import Cosine, ReTrac, TracIn, method_for, query_vectors
 from .options import ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult
@@ -27,5 +27,5 @@ __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
     "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac", "Cosine",
-    "method_for", "Engine", "engine_for", "ScoringPlan", "score", "TrainingGradients",
+    "method_for", "Engine", "engine_for", "engine_name", "ScoringPlan", "score", "TrainingGradients",
 ]

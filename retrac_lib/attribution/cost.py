@@ -90,7 +90,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     repeats = validation.integer(repeats, "repeats", 1)
     c = config.checkpoints[0]
     resolved = time.perf_counter()
-    model = run.model_at(c).to(p.device)
+    engine = p.engine_at(c)
     per_checkpoint = time.perf_counter() - resolved   # loading each checkpoint's weights
     n_t = max(1, min(len(grid), p.query_chunk // config.n_noise))   # one query chunk of draws
     n = len(run.data)
@@ -99,8 +99,8 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     peak = _Peak(p.device)
 
     def query_pass():
-        return query_vectors(model, run.scheduler, queries[:1], grid[:n_t], noise[:n_t], p.method,
-                             config.loss, p.query_chunk, c, p.engine)
+        return query_vectors(engine, queries[:1], grid[:n_t], noise[:n_t], p.method,
+                             p.query_chunk, c)
 
     q_seconds, vectors = fastest(query_pass, repeats, p.device)
     if p.sketch is not None:   # the training side is stored: nothing to measure
@@ -108,10 +108,10 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     else:
         def training_pass():
             if config.projection:   # sketch_training forms the rows
-                chunks = p.training.rows(model, c, chunk_size, span)
+                chunks = p.training.rows(p.engine_at(c, rows=True), c, chunk_size, span)
             else:
-                chunks = p.training.dots(model, c, vectors.expand(len(queries), -1), chunk_size,
-                                         p.engine, span)
+                chunks = p.training.dots(engine, c, vectors.expand(len(queries), -1), chunk_size,
+                                         span)
             return list(chunks)
 
         t_seconds, _ = fastest(training_pass, repeats, p.device)
@@ -120,7 +120,7 @@ def estimate(run, queries: torch.Tensor, method: str = "retrac", *,
     result_bytes = (8 * len(queries) * n + 4 * n_c * n
                     + (0 if config.noise_per_query else noise.numel() * noise.element_size()))
     return CostEstimate(
-        config, p.engine.name, n_c * len(queries) * len(grid) * config.n_noise,
+        config, p.engine, n_c * len(queries) * len(grid) * config.n_noise,
         0 if p.sketch is not None else n_c * n * per_sample,
         q_seconds / (n_t * config.n_noise), t_seconds / measured if measured else 0.0,
         n_t * config.n_noise, measured, resolved - start + n_c * per_checkpoint, *peak.read(),

@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from .. import validation
-from .engines import Engine, FuncEngine
+from .engines import Engine
 from .options import METHODS, QUERY_NORMALIZATIONS
 
 
@@ -119,16 +119,17 @@ def method_for(name: str, normalization: str | None = None) -> TracIn | ReTrac:
     return BY_NAME[name]() if normalization is None else BY_NAME[name](normalization)
 
 
-def query_vectors(model, scheduler, queries, timesteps, noise, method, loss: str = "mse",
-                  chunk_size: int = 256, checkpoint: int = 0,
-                  engine: Engine = FuncEngine()) -> torch.Tensor:
+def query_vectors(engine: Engine, queries, timesteps, noise, method, chunk_size: int = 256,
+                  checkpoint: int = 0) -> torch.Tensor:
     """The query side [Q, P] of ``method`` (an object of this module): ``v_c(z) = (1/G)
-    sum_g a_g m_g(z)`` for every query ``z``.
+    sum_g a_g m_g(z)`` for every query ``z``, from ``engine`` (``engines.engine_for``: the
+    checkpoint's model, its scheduler and the loss).
 
     ``noise`` is [T', K, *sample], the same for every query, or [Q, T', K, *sample]. Each
     query's T' x K draws are split into the method's groups (``method.draws_per_group``); the
-    engine gives each group's averaged gradient ``m_g`` (one batched backward pass per chunk,
-    or with ``engine`` "loop" one per draw) weighted by ``method.group_weights``. Derived in
+    engine gives each group's averaged gradient ``m_g`` (one batched backward pass per chunk of
+    ``chunk_size`` draws, or with the "loop" engine one per draw) weighted by
+    ``method.group_weights``; ``checkpoint`` only names the checkpoint in errors. Derived in
     chapter 3, "TracIn by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one
     checkpoint".
     """
@@ -138,8 +139,7 @@ def query_vectors(model, scheduler, queries, timesteps, noise, method, loss: str
     out = []
     for q, z in enumerate(queries):
         x, t, eps = query_groups(z, timesteps, noise[q] if per_query else noise, group)
-        v, norms = engine.query_sum(model, scheduler, x, t, eps, method.group_weights, loss,
-                                    chunk_size)
+        v, norms = engine.query_sum(x, t, eps, method.group_weights, chunk_size)
         check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
         out.append(v / len(t))
     return torch.stack(out)

@@ -25,7 +25,7 @@ from .. import cache, validation
 from ..losses import check_loss
 from ..models import check_samples
 from ..timesteps import parse_timesteps, per_query_noise_draws, query_noise_draws
-from .engines import Engine, engine_for
+from .engines import BY_NAME as ENGINE_CLASSES, Engine, FuncEngine, engine_name
 from .methods import ReTrac, TracIn, method_for, query_vectors
 from .options import TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult, cache_key, cached
@@ -122,7 +122,7 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScoringPlan:
     """Everything an ``attribute`` call computes, validated once: the resolved ``config`` (saved
-    with the scores, part of their cache key), its method and engine objects, the query grid
+    with the scores, part of their cache key), its method object and engine name, the query grid
     [T'] and shared query noise [T', K, *sample], the training side, a given ``TrainingSketch``
     (a projection size ``k`` alone is in ``config.projection``) and how to compute."""
 
@@ -130,7 +130,7 @@ class ScoringPlan:
     queries: torch.Tensor
     config: AttributionConfig
     method: TracIn | ReTrac
-    engine: Engine
+    engine: str              # resolved: "func", "ghost" or "loop"
     grid: torch.Tensor
     noise: torch.Tensor
     training: TrainingGradients
@@ -175,11 +175,16 @@ class ScoringPlan:
         if sketch is not None:
             sketch.check_matches(run, config)
         chunk_size = validation.chunk_size(how["chunk_size"])
-        return cls(run, queries, config, the_method, engine_for(how["engine"], model), grid,
-                   noise, TrainingGradients(run, config.train_side, grid, config.noise_seed,
-                                            loss),
+        return cls(run, queries, config, the_method, engine_name(how["engine"], model), grid,
+                   noise, TrainingGradients(run, config.train_side, grid, config.noise_seed),
                    sketch, chunk_size, 4 * chunk_size, validation.device(how["device"]),
                    bool(how["progress"]), train_slice)
+
+    def engine_at(self, c: int, rows: bool = False) -> Engine:
+        """The plan's engine bound to checkpoint ``c``'s model (on the plan's device), the run's
+        scheduler and the loss; ``rows=True`` the ``torch.func`` engine, for sketches."""
+        engine = FuncEngine if rows else ENGINE_CLASSES[self.engine]
+        return engine(self.run.model_at(c).to(self.device), self.run.scheduler, self.config.loss)
 
 
 def _refuse_unknown(given: dict, allowed) -> None:
@@ -233,9 +238,8 @@ def score(p: ScoringPlan, start: float | None = None) -> AttributionResult:
     bar = tqdm(total=len(config.checkpoints) * steps_per_checkpoint, desc=config.method,
                disable=not p.progress)
     for j, c in enumerate(config.checkpoints):
-        model = p.run.model_at(c).to(p.device)
-        v = query_vectors(model, p.run.scheduler, p.queries, p.grid, _noise_at(p, c), p.method,
-                          config.loss, p.query_chunk, c, p.engine)
+        engine = p.engine_at(c)
+        v = query_vectors(engine, p.queries, p.grid, _noise_at(p, c), p.method, p.query_chunk, c)
         bar.update()
         if sketch is not None:
             s = sketch.checkpoints.index(c)
@@ -243,8 +247,7 @@ def score(p: ScoringPlan, start: float | None = None) -> AttributionResult:
             dots = sketch.projector()(v.cpu()) @ sketch.sketches[s].T   # S is linear
             scores += weights[j] * p.method.training_scores(dots, norms[j]).double()
             continue
-        for idx, norm, dots in p.training.dots(model, c, v, p.chunk_size, p.engine,
-                                               p.train_slice):
+        for idx, norm, dots in p.training.dots(engine, c, v, p.chunk_size, p.train_slice):
             norms[j, idx] = norm.cpu()
             scores[:, idx] += weights[j] * p.method.training_scores(dots, norm).double().cpu()
             bar.update()

@@ -27,10 +27,11 @@ def timestep_gradients(model, scheduler, z, timesteps, noise, loss: str = "mse",
     return grouped_grads(model, scheduler, x, t, eps, loss, chunk_size)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainingGradients:
-    """What defines ``g_c(x_i)`` for every training sample of ``run``: the training side, the
-    query grid (for "timestep_average"), the seed of fresh noise and the loss.
+    """What defines ``g_c(x_i)`` for every training sample of ``run`` (with the loss, which the
+    engine holds): the training side, the query grid (for "timestep_average") and the seed of
+    fresh noise.
 
     ``train_side`` "recorded" (M = 1 draw per sample): the timestep and noise each sample was
     last trained with before checkpoint ``c``; "fresh_noise" (M = 1): the recorded timestep with
@@ -42,7 +43,6 @@ class TrainingGradients:
     train_side: str
     timesteps: torch.Tensor
     noise_seed: int
-    loss: str
 
     def draws(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps [N, M] and noise [N, M, *sample] of every training sample at
@@ -68,20 +68,19 @@ class TrainingGradients:
             idx = torch.arange(a, min(a + chunk_size, span.stop))
             yield idx, x[idx], t[idx], eps[idx]
 
-    def rows(self, model, c: int, chunk_size: int, span: range | None = None):
-        """Yield ``(indices, g_c(x_i) rows [n, P])`` from ``torch.func``, ``chunk_size`` samples
+    def rows(self, engine: FuncEngine, c: int, chunk_size: int, span: range | None = None):
+        """Yield ``(indices, g_c(x_i) rows [n, P])`` from a row engine, ``chunk_size`` samples
         at a time (memory: one chunk x P); a NaN or infinite gradient raises, naming the sample."""
         for idx, x, t, eps in self._batches(c, chunk_size, span):
-            g = FuncEngine().rows(model, self.run.scheduler, x, t, eps, self.loss, chunk_size)
+            g = engine.rows(x, t, eps, chunk_size)
             check_finite(g, "training sample", int(idx[0]), c)
             yield idx, g
 
-    def dots(self, model, c: int, vectors: torch.Tensor, chunk_size: int, engine: Engine,
+    def dots(self, engine: Engine, c: int, vectors: torch.Tensor, chunk_size: int,
              span: range | None = None):
         """Yield ``(indices, |g_c(x_i)| [n], <vectors, g_c(x_i)> [Q, n])`` over the training set
         (or the indices ``span``), from ``engine.training_terms``."""
         for idx, x, t, eps in self._batches(c, chunk_size, span):
-            norm, dots = engine.training_terms(model, self.run.scheduler, x, t, eps, self.loss,
-                                               vectors, chunk_size)
+            norm, dots = engine.training_terms(x, t, eps, vectors, chunk_size)
             check_finite(torch.cat([norm[:, None], dots.T], 1), "training sample", int(idx[0]), c)
             yield idx, norm, dots

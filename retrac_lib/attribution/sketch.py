@@ -18,6 +18,7 @@ from ..projection import CountSketch
 from ..runs import run_identity
 from ..timesteps import parse_timesteps
 from .options import TRAIN_SIDES
+from .engines import FuncEngine
 from .sides import TrainingGradients
 
 
@@ -108,11 +109,11 @@ def sketch_training(run, k: int, *, checkpoints=None, timesteps=100, train_side:
     project = CountSketch(n_params, k, seed)
     sketches = torch.zeros(len(checkpoints), n, k)
     norms = torch.zeros(len(checkpoints), n)
-    training = TrainingGradients(run, train_side, grid, noise_seed, loss)
+    training = TrainingGradients(run, train_side, grid, noise_seed)
     bar = tqdm(total=len(checkpoints) * -(-n // chunk_size), desc="sketch", disable=not progress)
     for j, c in enumerate(checkpoints):
-        model = run.model_at(c).to(device)
-        for idx, g in training.rows(model, c, chunk_size):
+        engine = FuncEngine(run.model_at(c).to(device), run.scheduler, loss)
+        for idx, g in training.rows(engine, c, chunk_size):
             norms[j, idx] = g.norm(dim=1).cpu()
             sketches[j, idx] = project(g).cpu()
             bar.update()
