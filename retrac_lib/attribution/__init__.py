@@ -26,6 +26,7 @@ from .sketch import TrainingSketch, sketch_training
 __all__ = [
     "AttributionConfig", "AttributionResult", "attribute", "load_or_attribute", "ENGINES",
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
-    "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac", "Cosine",
-    "method_for", "Engine", "engine_for", "engine_name", "ScoringPlan", "score", "TrainingGradients",
+    "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac",
+    "Cosine", "method_for", "Engine", "engine_for", "engine_name", "ScoringPlan", "score",
+    "TrainingGradients",
 ]
