@@ -17,7 +17,10 @@ Prints, in one process:
    on a measured fraction (1 query x 1 checkpoint x 1,600 draws, and 200 training samples)
    and extrapolated linearly; the library is timed on the same fraction side by side and on the
    whole contract. The fraction's scores of both are compared;
-5. the FLOP limit: (query draws + training samples) x FLOPs per draw / measured matmul rate.
+5. the FLOP limit: (query draws + training samples) x FLOPs per draw / measured matmul rate;
+6. the batched-pass limit (the honest limit on a CPU): what one ordinary batched forward and
+   backward pass of the mean loss costs per draw (the fastest of three passes over one query's
+   T' x K draws, in this process), and each side's cost and the whole contract's against it.
 
 Use ``--quick`` for a small smoke version (4 queries, 10 x 4 draws).
 """
@@ -79,6 +82,21 @@ def plain_pass(model, scheduler, x, t, noise) -> None:
     """One plain batched forward + backward pass of the mean loss (no per-sample rows), for scale."""
     model.zero_grad(set_to_none=True)
     diffusion_loss(model, scheduler, x, t, noise).mean().backward()
+
+
+def batched_pass_seconds(model, scheduler, z, grid, noise, repeats: int = 3) -> float:
+    """CPU seconds per draw of one plain batched pass over query ``z``'s T' x K draws (the
+    fastest of ``repeats``, after one warm-up)."""
+    n_t, k = noise.shape[:2]
+    x, t = z.expand(n_t * k, *z.shape), grid.repeat_interleave(k)
+    eps = noise.reshape(-1, *z.shape)
+    plain_pass(model, scheduler, x, t, eps)
+    best = float("inf")
+    for _ in range(repeats):
+        with Timer() as tm:
+            plain_pass(model, scheduler, x, t, eps)
+        best = min(best, tm.cpu)
+    return best / (n_t * k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +195,13 @@ def main() -> None:
         rows = engines(model, run.scheduler, run, grid, noise)
         print(table(rows, f"Gradient engines, one query and checkpoint ({common.load()})"))
 
-    # ---- the measured fraction: batch-1 loop and both engines side by side
+    # ---- the batched-pass limit: one ordinary forward + backward pass per draw
     z = common.contract_queries(1)
+    batched = batched_pass_seconds(model, run.scheduler, z[0], grid, noise)
+    print(f"batched pass: {1e3 * batched:.3f} ms per draw (CPU s of one forward + backward of "
+          f"the mean loss over {len(grid) * opts['n_noise']} draws, fastest of 3)")
+
+    # ---- the measured fraction: batch-1 loop and both engines side by side
     t, eps = run.recorded(c)
     xs, ts, es = run.data.images[:REF_TRAIN], t[:REF_TRAIN], eps[:REF_TRAIN]
     w = float(run.checkpoint_weights()[c])
@@ -190,8 +213,16 @@ def main() -> None:
             gl = loop_train_grads(model, run.scheduler, xs, ts, es)
         sl = gl.double() @ vq.double()
         s_loop = w * (sl / gl.norm(dim=1).double() if method == "retrac" else sl)
-        rows = [{"engine": "batch-1 loop", "query side cpu s": lq.cpu, "query wall s": lq.wall,
-                 "training side cpu s": lt.cpu, "training wall s": lt.wall, "scores rel. error": 0.0}]
+        n_q = len(grid) * opts["n_noise"]
+
+        def side_rows(engine, q, tr, err):
+            return {"engine": engine, "query side cpu s": q.cpu, "query wall s": q.wall,
+                    "query x batched pass": q.cpu / (n_q * batched),
+                    "training side cpu s": tr.cpu, "training wall s": tr.wall,
+                    "training x batched pass": tr.cpu / (REF_TRAIN * batched),
+                    "scores rel. error": err}
+
+        rows = [side_rows("batch-1 loop", lq, lt, 0.0)]
         frac[method] = {"loop": (lq, lt)}
         for engine in ("ghost", "func"):
             eng = rl.attribution.engine_for(engine, model, run.scheduler)
@@ -205,9 +236,7 @@ def main() -> None:
             s_lib = w * (dots.double() / norm.double() if method == "retrac" else dots.double())
             err = ((s_loop - s_lib).norm() / s_loop.norm()).item()
             frac[method][engine] = (bq, bt)
-            rows.append({"engine": engine, "query side cpu s": bq.cpu, "query wall s": bq.wall,
-                         "training side cpu s": bt.cpu, "training wall s": bt.wall,
-                         "scores rel. error": err})
+            rows.append(side_rows(engine, bq, bt, err))
         print(table(rows, f"{method}: measured fraction, 1 query x 1 checkpoint x "
                           f"{len(grid) * opts['n_noise']} draws and {REF_TRAIN} training samples; "
                           f"scores against the loop ({common.load()})"))
@@ -232,6 +261,7 @@ def main() -> None:
                          "speed-up (wall)": loop_wall / r["wall"],
                          "x FLOP limit (cpu)": r["cpu"] / limit_cpu,
                          "x FLOP limit (wall)": r["wall"] / limit_wall,
+                         "x batched pass (cpu)": r["cpu"] / (draws * batched),
                          "vs func (cpu)": res["func"]["cpu"] / r["cpu"],
                          "peak RSS MiB": r["peak_rss_mb"], "ghost vs func rel. error": agree})
     ghost = {r["method"]: r for r in full if r["engine"] == "ghost"}
@@ -241,6 +271,8 @@ def main() -> None:
     print(f"FLOP limit: {draws:,} forward+backward draws x {per_draw / 1e6:.1f} MFLOP = "
           f"{flops / 1e12:.2f} TFLOP; {limit_cpu:.1f} s at {rate['cpu']:.0f} GFLOP/s per CPU second, "
           f"{limit_wall:.1f} s at {rate['wall']:.0f} GFLOP/s per wall second")
+    print(f"batched-pass limit: {draws:,} draws x {1e3 * batched:.3f} ms = "
+          f"{draws * batched:.1f} CPU s")
     print(f"ReTrac / TracIn (ghost, cpu): {ghost['retrac']['cpu s'] / ghost['tracin']['cpu s']:.2f}")
     print("(batch-1 loop: measured on the fraction above and extrapolated linearly: "
           f"{n_qc} x query-side time + {n_ckpt * n} x per-sample time)")
