@@ -1,0 +1,33 @@
+"""benchmarks/bench_book.py: one chapter executed and timed as the build would, its claims read."""
+import os
+import re
+import subprocess
+import sys
+
+from book_tools import ROOT   # a script of the repository: this test stays in the checkout
+
+SCRIPT = ROOT / "benchmarks" / "bench_book.py"
+
+
+def _run(*args, cache):
+    env = {**os.environ, "RETRAC_SMOKE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args, "--cache", str(cache)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_chapter_is_timed_with_its_cells_and_claims(tmp_path):
+    proc = _run("07", "--top", "2", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines()
+               if line.startswith("|") and "07_fast_attribution" in line and "ok" in line)
+    seconds, cells, claims = [c.strip() for c in row.strip("|").split("|")][1:4]
+    assert float(seconds) >= float(cells) > 0
+    assert re.fullmatch(r"[0-2] of 2 hold", claims)     # smoke claims are recorded, not enforced
+    slow = [line for line in proc.stdout.splitlines() if line.startswith("| 07_fast")]
+    assert len(slow) == 1 + 2                            # its row, then its two slowest cells
+    assert (tmp_path / "cache" / "runs").is_dir()        # the chapter trained into --cache
+
+
+def test_an_unknown_chapter_is_refused(tmp_path):
+    proc = _run("99", cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "no chapter of _toc.yml starts with ['99']" in proc.stderr
