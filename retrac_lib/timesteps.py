@@ -32,11 +32,12 @@ def query_noise_draws(sample_shape, n_timesteps: int, n_noise: int, seed: int) -
 
 
 def per_query_noise_draws(sample_shape, n_queries: int, n_timesteps: int, n_noise: int, seed: int,
-                          checkpoint: int) -> torch.Tensor:
+                          checkpoint: int, first: int = 0) -> torch.Tensor:
     """Seeded noise [Q, T', K, *sample]: fresh draws for every query and checkpoint, as the
     paper's official code draws them (``attribute(..., noise_per_query=True)``), each from its
-    own stream of ``seed`` (``seeding.PER_QUERY_NOISE``, checkpoint, query)."""
+    own stream of ``seed`` (``seeding.PER_QUERY_NOISE``, checkpoint, query); the queries are
+    numbered from ``first``, so a slice of the queries gets the draws it has in the whole."""
     shape = (n_timesteps, n_noise, *sample_shape)
     return torch.stack([torch.randn(shape, generator=seeding.generator(
         seed, seeding.PER_QUERY_NOISE, checkpoint, q, name="noise_seed"))
-        for q in range(n_queries)])
+        for q in range(first, first + n_queries)])

@@ -227,6 +227,41 @@ def _check_against_reference(res, expected, norms, grid, used, method, eff_loss,
         assert err <= REL_TOL, f"{engine}: train_grad_norms of checkpoint {c}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("method", ["tracin", "retrac"])
+def test_self_scores_equal_the_slow_references_diagonal(method, tiny_points_run):
+    run = tiny_points_run
+    grid = _even_grid(3, run.config.num_train_timesteps)
+    noise = rl.timesteps.query_noise_draws(run.data.sample_shape, len(grid), K, 5)  # the draws
+    expected, _ = ref_scores(run, run.data.images, [0, 2], grid, noise, run.config.loss, method)
+    got = rl.attribution.self_scores(run, method, checkpoints=[0, 2], timesteps=3, n_noise=K,
+                                     noise_seed=5, chunk_size=20, progress=False)
+    assert got.dtype == torch.float64 and got.shape == (len(run.data),)
+    assert rel_err(got, expected.diagonal()) <= REL_TOL
+
+
+@pytest.mark.parametrize("method, engine, options", [
+    ("tracin", "ghost", {}), ("retrac", "ghost", {}), ("cosine", "func", {}),
+    ("retrac", "loop", {"checkpoints": [2]}),
+    ("retrac", "ghost", {"noise_per_query": True}),
+    ("tracin", "func", {"train_side": "timestep_average"}),
+])
+def test_self_scores_are_the_diagonal_of_the_whole_matrix(method, engine, options, tiny_run):
+    opts = dict(timesteps=3, n_noise=K, engine=engine, progress=False, **options)
+    whole = rl.attribute(tiny_run, tiny_run.data.images, method, chunk_size=64, **opts)
+    got = rl.attribution.self_scores(tiny_run, method, chunk_size=7, **opts)  # 7 does not divide N
+    torch.testing.assert_close(got, whole.scores.diagonal(), rtol=1e-5, atol=0)
+
+
+def test_self_scores_name_the_training_sample_whose_gradient_is_not_finite(tiny_run):
+    images = tiny_run.data.images.clone()
+    images[9] = 3e38   # finite, but its loss and gradient overflow
+    broken = dataclasses.replace(tiny_run, data=rl.data.Dataset("huge-digit", images,
+                                                                tiny_run.data.labels))
+    with pytest.raises(FloatingPointError, match=r"query 9 at checkpoint"):
+        rl.attribution.self_scores(broken, "tracin", timesteps=2, n_noise=1, chunk_size=4,
+                                   progress=False)
+
+
 def test_integer_timesteps_give_an_even_grid(tiny_run):
     assert rl.timesteps.timestep_grid(3, 1000).tolist() == [1, 500, 999]
     assert rl.timesteps.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]

@@ -120,7 +120,7 @@ def method_for(name: str, normalization: str | None = None) -> TracIn | ReTrac:
 
 
 def query_vectors(engine: Engine, queries, timesteps, noise, method, chunk_size: int = 256,
-                  checkpoint: int = 0) -> torch.Tensor:
+                  checkpoint: int = 0, first: int = 0) -> torch.Tensor:
     """The query side [Q, P] of ``method`` (an object of this module): ``v_c(z) = (1/G)
     sum_g a_g m_g(z)`` for every query ``z``, from ``engine`` (``engines.engine_for``: the
     checkpoint's model, its scheduler and the loss).
@@ -129,7 +129,8 @@ def query_vectors(engine: Engine, queries, timesteps, noise, method, chunk_size:
     query's T' x K draws are split into the method's groups (``method.draws_per_group``); the
     engine gives each group's averaged gradient ``m_g`` (one batched backward pass per chunk of
     ``chunk_size`` draws, or with the "loop" engine one per draw) weighted by
-    ``method.group_weights``; ``checkpoint`` only names the checkpoint in errors. Derived in
+    ``method.group_weights``; ``checkpoint`` and ``first`` (the number of the first query)
+    only name the checkpoint and the query in errors. Derived in
     chapter 3, "TracIn by hand, for one checkpoint", and chapter 4, "ReTrac by hand, for one
     checkpoint".
     """
@@ -140,7 +141,7 @@ def query_vectors(engine: Engine, queries, timesteps, noise, method, chunk_size:
     for q, z in enumerate(queries):
         x, t, eps = query_groups(z, timesteps, noise[q] if per_query else noise, group)
         v, norms = engine.query_sum(x, t, eps, method.group_weights, chunk_size)
-        check_finite(torch.cat([norms, v])[None], "query", q, checkpoint)
+        check_finite(torch.cat([norms, v])[None], "query", first + q, checkpoint)
         out.append(v / len(t))
     return torch.stack(out)
 

@@ -257,14 +257,47 @@ def score(p: ScoringPlan, start: float | None = None) -> AttributionResult:
                              p.noise.detach().cpu().contiguous())
 
 
-def _noise_at(p: ScoringPlan, c: int) -> torch.Tensor:
+def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=None,
+                progress: bool = True, engine: str = "auto", **options) -> torch.Tensor:
+    """Self-influence ``I(x_i, x_i)`` [N] (float64) of every training sample of ``run``: the
+    diagonal of ``attribute(run, run.data.images, method, **options).scores``, without the
+    other N x (N - 1) scores.
+
+    Each chunk of ``chunk_size`` training samples is scored as queries against itself only, so
+    the cost grows with N, not N^2 (the query side, N x T' x K draws, is the same). ``options``
+    and the other arguments are ``attribute``'s; exact gradients only (no projection).
+    """
+    how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine)
+    p = ScoringPlan.resolve(run, run.data.images, method, None, None, options, how)
+    n, config = len(run.data), p.config
+    out = torch.zeros(n, dtype=torch.float64)
+    weights = run.checkpoint_weights()[list(config.checkpoints)]
+    bar = tqdm(total=len(config.checkpoints) * -(-n // p.chunk_size),
+               desc=f"{config.method} self-influence", disable=not p.progress)
+    for j, c in enumerate(config.checkpoints):
+        engine_c = p.engine_at(c)
+
+        def vectors_for(idx):   # the query vectors of these training samples
+            span = range(int(idx[0]), int(idx[-1]) + 1)
+            return query_vectors(engine_c, p.queries[idx], p.grid, _noise_at(p, c, span),
+                                 p.method, p.query_chunk, c, first=span.start)
+
+        for idx, norm, dots in p.training.self_dots(engine_c, c, vectors_for, p.chunk_size):
+            out[idx] += weights[j] * p.method.training_scores(dots, norm).double().cpu()
+            bar.update()
+    bar.close()
+    return out
+
+
+def _noise_at(p: ScoringPlan, c: int, queries: range | None = None) -> torch.Tensor:
     """The query noise at checkpoint ``c``: the shared draws, or with ``noise_per_query`` fresh
-    draws [Q, T', K, *sample] for every query."""
+    draws [Q, T', K, *sample] for every query (or for the queries of the range ``queries``)."""
     config = p.config
     if not config.noise_per_query:
         return p.noise
-    return per_query_noise_draws(p.run.data.sample_shape, len(p.queries), len(p.grid),
-                                 config.n_noise, config.noise_seed, c)
+    queries = range(len(p.queries)) if queries is None else queries
+    return per_query_noise_draws(p.run.data.sample_shape, len(queries), len(p.grid),
+                                 config.n_noise, config.noise_seed, c, first=queries.start)
 
 
 def _sketch(p: ScoringPlan) -> TrainingSketch | None:

@@ -84,3 +84,12 @@ class TrainingGradients:
             norm, dots = engine.training_terms(x, t, eps, vectors, chunk_size)
             check_finite(torch.cat([norm[:, None], dots.T], 1), "training sample", int(idx[0]), c)
             yield idx, norm, dots
+
+    def self_dots(self, engine: Engine, c: int, vectors_for, chunk_size: int):
+        """Yield ``(indices, |g_c(x_i)| [n], <v_i, g_c(x_i)> [n])`` over the training set, each
+        sample against its own query vector only: ``vectors_for(indices)`` gives those samples'
+        query vectors [n, P] (self-influence)."""
+        for idx, x, t, eps in self._batches(c, chunk_size, None):
+            norm, dots = engine.training_terms(x, t, eps, vectors_for(idx), chunk_size)
+            check_finite(torch.cat([norm[:, None], dots.T], 1), "training sample", int(idx[0]), c)
+            yield idx, norm, dots.diagonal()

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import cache, seeding, validation
+from ..attribution import METHODS, self_scores
 from ..config import TrainConfig
 from ..data import Dataset
 from ..ensemble import full_float32, train_many
@@ -609,7 +610,11 @@ def self_influence(scores: torch.Tensor, method: str = "") -> torch.Tensor:
 def run_self_influence(run: Run, method: str, *, cached: bool = True, **options) -> torch.Tensor:
     """Self-influence [N] of every training sample of ``run`` under ``method`` (any method of
     ``baselines.attribute_any``), with every training image as a query; ``options`` go to the
-    attribution (negative checkpoint indices count from the end)."""
+    attribution (negative checkpoint indices count from the end). The gradient methods of
+    ``rl.attribute`` compute the diagonal alone (``attribution.self_scores``: N, not N^2,
+    scores; not cached); the others score the whole matrix (from the cache with ``cached``)."""
+    if method in METHODS:
+        return self_scores(run, method, **options)
     result = attribute_any(run, run.data.images, method, cached=cached, **options)
     return self_influence(result.scores, method)
 
