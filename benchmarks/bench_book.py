@@ -6,9 +6,10 @@
 
 Runs the chapters of ``_toc.yml`` in its order (the build's order: later chapters load the runs
 earlier ones trained) with nbclient in one kernel per notebook, its working folder the notebook's,
-``RETRAC_CACHE`` a fresh temporary folder unless ``--cache`` names one and ``RETRAC_CLAIMS_DIR``
-beside it, so a claim that does not hold at full quality stops its chapter here as in the
-build. Prints the wall seconds of every chapter (the cell times summed, and the whole execution
+``RETRAC_CACHE`` a fresh temporary folder unless ``--cache`` names one (a full run leaves
+gigabytes there: the folder is printed at the end) and ``RETRAC_CLAIMS_DIR`` beside it, where
+the chapters' claim records are read from. A claim that does not hold at full quality stops its
+chapter, as in the build. Prints the wall seconds of every chapter (the cell times summed, and the whole execution
 with the kernel's start), the ``--top`` slowest cells with their first line, the claims each
 chapter made, and the load average and this CPU's matmul rate before and after. ``RETRAC_SMOKE=1`` times the smoke sizes.
 """
@@ -68,7 +69,8 @@ def run_notebook(path: Path, timeout: int) -> tuple[float, list[tuple[float, int
     try:
         client.execute()
     except Exception as err:   # a failed cell or claim: report it, time what ran
-        error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
+        name = getattr(err, "ename", type(err).__name__)          # the cell's exception
+        error = f"{name}: {getattr(err, 'evalue', str(err)).strip()[:200]}"
     total = time.perf_counter() - start
     cells = [(cell_seconds(c), i, (c.source.strip().splitlines() or [""])[0][:70])
              for i, c in enumerate(nb.cells) if c.cell_type == "code"]
@@ -125,7 +127,7 @@ def main() -> int:
                  "cells' seconds": "", "claims": "", "status": ""})
     print(table(rows, "seconds per chapter (kernel start included)"))
     print(table(slow, f"the {args.top} slowest cells of each chapter"))
-    print(f"\nafter: {common.load()}, {rate()}")
+    print(f"\nafter: {common.load()}, {rate()}; cache and claims left in {work}")
     return 1 if failed else 0
 
 

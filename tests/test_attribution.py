@@ -244,6 +244,7 @@ def test_self_scores_equal_the_slow_references_diagonal(method, tiny_points_run)
     ("retrac", "loop", {"checkpoints": [2]}),
     ("retrac", "ghost", {"noise_per_query": True}),
     ("tracin", "func", {"train_side": "timestep_average"}),
+    ("retrac", "ghost", {"normalization": "per_draw", "train_side": "fresh_noise"}),
 ])
 def test_self_scores_are_the_diagonal_of_the_whole_matrix(method, engine, options, tiny_run):
     opts = dict(timesteps=3, n_noise=K, engine=engine, progress=False, **options)
@@ -252,7 +253,14 @@ def test_self_scores_are_the_diagonal_of_the_whole_matrix(method, engine, option
     torch.testing.assert_close(got, whole.scores.diagonal(), rtol=1e-5, atol=0)
 
 
-def test_self_scores_name_the_training_sample_whose_gradient_is_not_finite(tiny_run):
+def test_self_scores_refuse_a_projection_and_unknown_options(tiny_points_run):
+    with pytest.raises(ValueError, match=r"exact gradients only; do not pass \['projection'\]"):
+        rl.attribution.self_scores(tiny_points_run, "tracin", projection=4, progress=False)
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['query_noise'\]; self_scores"):
+        rl.attribution.self_scores(tiny_points_run, "tracin", query_noise=None)
+
+
+def test_self_scores_name_the_sample_whose_gradient_is_not_finite(tiny_run):
     images = tiny_run.data.images.clone()
     images[9] = 3e38   # finite, but its loss and gradient overflow
     broken = dataclasses.replace(tiny_run, data=rl.data.Dataset("huge-digit", images,

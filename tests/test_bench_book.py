@@ -1,4 +1,6 @@
 """benchmarks/bench_book.py: one chapter executed and timed as the build would, its claims read."""
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -31,3 +33,14 @@ def test_a_chapter_is_timed_with_its_cells_and_claims(tmp_path):
 def test_an_unknown_chapter_is_refused(tmp_path):
     proc = _run("99", cache=tmp_path / "cache")
     assert proc.returncode == 2 and "no chapter of _toc.yml starts with ['99']" in proc.stderr
+
+
+def test_a_chapter_reads_the_claims_of_its_prefix(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_book", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for chapter, stem in (("ch4b", "04b_recipes"), ("ch5", "05_is_it_right"),
+                          ("ch10", "10_more")):
+        (tmp_path / f"{chapter}.json").write_text(json.dumps([{"name": chapter}]))
+        assert bench.claims_of(tmp_path, ROOT / f"{stem}.ipynb") == [{"name": chapter}]
+    assert bench.claims_of(tmp_path, ROOT / "11_none.ipynb") == []

@@ -34,3 +34,9 @@ def test_setups_that_differ_keep_their_retrains_apart(cache):
     paths = {s.ledger("ch5").path for s in variants}
     assert len(paths) == len(variants)
     assert smoke.ledger("other").path != smoke.ledger("ch5").path
+
+
+@pytest.mark.parametrize("name", ["../ch5", "ch5/points", "", "Ch5", 5])
+def test_a_ledger_name_must_be_a_plain_file_name(cache, name):
+    with pytest.raises(ValueError, match="name must be lower-case words joined by '-'"):
+        setups.counterfactual_setup(smoke=True).ledger(name)

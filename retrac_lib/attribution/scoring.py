@@ -190,7 +190,7 @@ class ScoringPlan:
 def _refuse_unknown(given: dict, allowed) -> None:
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise TypeError(f"Unknown option(s) {unknown}; attribute takes query_noise, projection, "
+        raise TypeError(f"Unknown option(s) {unknown}; attribute takes query_noise, "
                         f"{', '.join(_HOW)}, train_slice and the options {', '.join(_OPTIONS)}.")
 
 
@@ -267,6 +267,15 @@ def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=Non
     the cost grows with N, not N^2 (the query side, N x T' x K draws, is the same). ``options``
     and the other arguments are ``attribute``'s; exact gradients only (no projection).
     """
+    exact = [name for name in ("projection", "projection_seed") if name in options]
+    if exact:
+        raise ValueError(f"self_scores computes exact gradients only; do not pass {exact} (for "
+                         "projected self-influence, take the diagonal of attribute's scores).")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}; self_scores takes chunk_size, device, "
+                        "progress, engine and the options "
+                        f"{', '.join(o for o in _OPTIONS if not o.startswith('projection'))}.")
     how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine)
     p = ScoringPlan.resolve(run, run.data.images, method, None, None, options, how)
     n, config = len(run.data), p.config

@@ -6,6 +6,7 @@ With ``RETRAC_SMOKE=1`` (``config.is_smoke``) they shrink to run in seconds on t
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .. import cache
 from ..config import TrainConfig, cache_dir, is_smoke
@@ -131,6 +132,9 @@ class CounterfactualSetup:
         """The ledger of this setup's retrains, ``<cache>/ledgers/NAME-<hash>.json``: missing
         retrains are trained on the CPU in ensembles of ``RETRAIN_ENSEMBLE``, and a rebuild
         reads their query losses back instead of training again."""
+        if not (isinstance(name, str) and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name)):
+            raise ValueError(f"name must be lower-case words joined by '-' (a file name), such "
+                             f"as 'ch5-points'; got {name!r}.")
         owner = cache.key_for({"kind": "book-retrains", "name": name,
                                "config": self.config.to_dict(), "data": self.data.fingerprint(),
                                "queries": self.queries.fingerprint(),
