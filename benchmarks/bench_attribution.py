@@ -22,7 +22,9 @@ Prints, in one process:
    backward pass of the mean loss costs per draw (the fastest of three passes over one query's
    T' x K draws, in this process), and each side's cost and the whole contract's against it.
 
-Use ``--quick`` for a small smoke version (4 queries, 10 x 4 draws).
+Use ``--quick`` for a small smoke version (4 queries, 10 x 4 draws), ``--profile-training``
+for where the ghost engine's training side spends its time instead (``torch.profiler`` over the
+norms and dot products of 200 training samples against 16 query vectors, last checkpoint).
 """
 from __future__ import annotations
 
@@ -160,15 +162,39 @@ def engines(model, scheduler, run, grid, noise) -> list[dict]:
     return rows
 
 
+def profile_training_side(run, n_queries: int = common.N_QUERIES) -> None:
+    """Print the operators that take the ghost engine's training-side CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = len(run.checkpoints) - 1
+    engine = rl.attribution.engine_for("ghost", run.model_at(c), run.scheduler,
+                                       run.config.loss)
+    t, noise = run.recorded(c)
+    x, t, noise = run.data.images[:REF_TRAIN, None], t[:REF_TRAIN, None], noise[:REF_TRAIN, None]
+    n_params = sum(p.numel() for p in run.model_at(c).parameters())
+    vectors = torch.randn(n_queries, n_params, generator=torch.Generator().manual_seed(0))
+    engine.training_terms(x, t, noise, vectors, 64)   # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.training_terms(x, t, noise, vectors, 64)
+    print(f"ghost training side, {REF_TRAIN} samples x {n_queries} query vectors "
+          f"({common.load()}):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                    max_name_column_width=40))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small smoke version")
     ap.add_argument("--child", choices=["tracin", "retrac"], help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="ghost", help=argparse.SUPPRESS)
     ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--profile-training", action="store_true",
+                    help="profile the ghost engine's training side instead")
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.quick, args.engine)
+    if args.profile_training:
+        return profile_training_side(rl.load_or_train(*common.contract_setup(), progress=False))
 
     print(f"torch {torch.__version__}, {common.threads()} thread(s), {common.load()}")
     run = rl.load_or_train(*common.contract_setup(), progress=False)
