@@ -260,6 +260,16 @@ def test_self_scores_refuse_a_projection_and_unknown_options(tiny_points_run):
         rl.attribution.self_scores(tiny_points_run, "tracin", query_noise=None)
 
 
+def test_self_scores_check_the_memory_of_one_chunk_of_per_query_noise(tiny_run, monkeypatch):
+    checked = []
+    grid_memory = rl.validation.grid_memory
+    monkeypatch.setattr(rl.validation, "grid_memory",
+                        lambda *a, **k: checked.append(a[3]) or grid_memory(*a, **k))
+    rl.attribution.self_scores(tiny_run, "tracin", timesteps=2, n_noise=1, chunk_size=8,
+                               noise_per_query=True, checkpoints=[0], progress=False)
+    assert checked == [8] and len(tiny_run.data) > 8   # one chunk of queries, not all N
+
+
 def test_self_scores_name_the_sample_whose_gradient_is_not_finite(tiny_run):
     images = tiny_run.data.images.clone()
     images[9] = 3e38   # finite, but its loss and gradient overflow

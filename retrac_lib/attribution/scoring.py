@@ -277,7 +277,10 @@ def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=Non
                         "progress, engine and the options "
                         f"{', '.join(o for o in _OPTIONS if not o.startswith('projection'))}.")
     how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine)
-    p = ScoringPlan.resolve(run, run.data.images, method, None, None, options, how)
+    images = run.data.images
+    # planned for one chunk of queries: only one chunk's per-query noise is ever held
+    p = ScoringPlan.resolve(run, images[:validation.chunk_size(chunk_size)], method, None, None,
+                            options, how)
     n, config = len(run.data), p.config
     out = torch.zeros(n, dtype=torch.float64)
     weights = run.checkpoint_weights()[list(config.checkpoints)]
@@ -288,7 +291,7 @@ def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=Non
 
         def vectors_for(idx):   # the query vectors of these training samples
             span = range(int(idx[0]), int(idx[-1]) + 1)
-            return query_vectors(engine_c, p.queries[idx], p.grid, _noise_at(p, c, span),
+            return query_vectors(engine_c, images[idx], p.grid, _noise_at(p, c, span),
                                  p.method, p.query_chunk, c, first=span.start)
 
         for idx, norm, dots in p.training.self_dots(engine_c, c, vectors_for, p.chunk_size):
