@@ -80,16 +80,18 @@ class TrainingGradients:
              span: range | None = None):
         """Yield ``(indices, |g_c(x_i)| [n], <vectors, g_c(x_i)> [Q, n])`` over the training set
         (or the indices ``span``), from ``engine.training_terms``."""
-        for idx, x, t, eps in self._batches(c, chunk_size, span):
-            norm, dots = engine.training_terms(x, t, eps, vectors, chunk_size)
-            check_finite(torch.cat([norm[:, None], dots.T], 1), "training sample", int(idx[0]), c)
-            yield idx, norm, dots
+        yield from self._terms(engine, c, lambda idx: vectors, chunk_size, span)
 
     def self_dots(self, engine: Engine, c: int, vectors_for, chunk_size: int):
         """Yield ``(indices, |g_c(x_i)| [n], <v_i, g_c(x_i)> [n])`` over the training set, each
         sample against its own query vector only: ``vectors_for(indices)`` gives those samples'
         query vectors [n, P] (self-influence)."""
-        for idx, x, t, eps in self._batches(c, chunk_size, None):
+        for idx, norm, dots in self._terms(engine, c, vectors_for, chunk_size, None):
+            yield idx, norm, dots.diagonal()
+
+    def _terms(self, engine: Engine, c: int, vectors_for, chunk_size: int, span: range | None):
+        """``dots`` with the query vectors of each chunk's ``indices`` from ``vectors_for``."""
+        for idx, x, t, eps in self._batches(c, chunk_size, span):
             norm, dots = engine.training_terms(x, t, eps, vectors_for(idx), chunk_size)
             check_finite(torch.cat([norm[:, None], dots.T], 1), "training sample", int(idx[0]), c)
-            yield idx, norm, dots.diagonal()
+            yield idx, norm, dots
