@@ -13,6 +13,7 @@ timestep and noise draw; no code from ``retrac_lib.attribution`` or ``retrac_lib
                  cosine: M/|M| with M = 1/|T'| sum_t m_c
     w_c        = lr_c * visits_c / N
 """
+import contextlib
 import dataclasses
 import json
 import copy
@@ -280,6 +281,44 @@ def test_self_scores_name_the_sample_whose_gradient_is_not_finite(tiny_run):
                                    progress=False)
 
 
+def test_load_or_self_scores_caches_and_keys_on_options(tiny_run, tmp_path, monkeypatch):
+    kw = dict(timesteps=2, n_noise=1, checkpoints=[0, 2], progress=False)
+    load = rl.attribution.load_or_self_scores
+    first = load(tiny_run, "retrac", root=tmp_path, chunk_size=8, **kw)
+    assert torch.equal(first, rl.attribution.self_scores(tiny_run, "retrac", chunk_size=8, **kw))
+    folders = _result_folders(tmp_path)
+    assert len(folders) == 1
+
+    with gradients_forbidden(monkeypatch):
+        again = load(tiny_run, "retrac", root=tmp_path, chunk_size=16, **kw)  # how, not what
+        with pytest.raises(ValueError, match="engine"):    # checked on a cache hit too
+            load(tiny_run, "retrac", root=tmp_path, engine="fast", **kw)
+    assert torch.equal(again, first) and _result_folders(tmp_path) == folders
+
+    for i, (method, options) in enumerate([("retrac", dict(kw, noise_seed=1)),
+                                           ("tracin", kw)]):
+        other = load(tiny_run, method, root=tmp_path, **options)
+        assert len(_result_folders(tmp_path)) == len(folders) + 1 + i, (method, options)
+        assert not torch.equal(other, first), (method, options)
+    # the whole matrix of the same options is another entry, not these scores
+    whole = rl.load_or_attribute(tiny_run, tiny_run.data.images, "retrac", root=tmp_path, **kw)
+    assert len(_result_folders(tmp_path)) == len(folders) + 3
+    torch.testing.assert_close(whole.scores.diagonal(), first, rtol=1e-5, atol=0)
+
+
+def test_cached_self_scores_for_other_inputs_are_refused(tiny_run, tmp_path):
+    kw = dict(timesteps=2, n_noise=1, checkpoints=[0], progress=False)
+    rl.attribution.load_or_self_scores(tiny_run, "tracin", root=tmp_path, **kw)
+    (folder,) = (tmp_path / "attributions").iterdir()
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["key"]["kind"] == "self_scores"
+    meta["key"]["noise"] = "something else"
+    (folder / "config.json").write_text(json.dumps(meta))
+    rl.cache.write_manifest(folder)
+    with pytest.raises(rl.cache.CacheError, match="another run, queries or options"):
+        rl.attribution.load_or_self_scores(tiny_run, "tracin", root=tmp_path, **kw)
+
+
 def test_integer_timesteps_give_an_even_grid(tiny_run):
     assert rl.timesteps.timestep_grid(3, 1000).tolist() == [1, 500, 999]
     assert rl.timesteps.timestep_grid(4, 1000).tolist() == _even_grid(4, 1000) == [1, 334, 666, 999]
@@ -390,6 +429,18 @@ def test_other_train_sides_differ_from_recorded(tiny_run, digit_queries):
         assert not torch.allclose(other.train_grad_norms, rec.train_grad_norms), side
 
 
+@contextlib.contextmanager
+def gradients_forbidden(monkeypatch):
+    """Inside, any gradient computation fails: what runs there must come from the cache."""
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("a cached result must not recompute gradients")
+
+    with monkeypatch.context() as m:
+        m.setattr(rl.attribution.sides, "grouped_grads", no_gradients)
+        m.setattr(rl.ghost, "capture", no_gradients)
+        yield
+
+
 def _result_folders(root):
     return {p.parent for p in root.rglob("*") if p.is_file()}
 
@@ -408,12 +459,7 @@ def test_load_or_attribute_caches_and_keys_on_options(tiny_run, digit_queries, t
     folders = _result_folders(tmp_path)
     assert len(folders) == 1
 
-    def no_gradients(*args, **kwargs):
-        raise AssertionError("a cached result must not recompute gradients")
-
-    with monkeypatch.context() as m:
-        m.setattr(rl.attribution.sides, "grouped_grads", no_gradients)
-        m.setattr(rl.ghost, "capture", no_gradients)
+    with gradients_forbidden(monkeypatch):
         again = rl.load_or_attribute(tiny_run, digit_queries, "retrac", root=tmp_path, **kw)
     _assert_same_result(first, again)
     assert _result_folders(tmp_path) == folders

@@ -7,7 +7,8 @@
 * ``engines``: how gradients are computed (``"func"``, ``"ghost"``, ``"loop"``), one protocol;
 * ``sides``: the training gradients, streamed against the query vectors;
 * ``scoring``: ``attribute`` and its cached twin ``load_or_attribute``, through one
-  ``ScoringPlan`` validated at the door, and ``self_scores``, the self-influence diagonal alone;
+  ``ScoringPlan`` validated at the door, and ``self_scores``, the self-influence diagonal alone
+  (cached by ``load_or_self_scores``);
 * ``results``: ``AttributionResult`` and its cache format;
 * ``sketch``: training gradients stored once, CountSketch-projected;
 * ``cost``: what an ``attribute`` call will cost, measured on a few of its passes.
@@ -19,7 +20,8 @@ from .engines import Engine, engine_for, engine_name
 from .methods import Cosine, ReTrac, TracIn, method_for, query_vectors
 from .options import ENGINES, METHODS, QUERY_NORMALIZATIONS, TRAIN_SIDES, AttributionConfig
 from .results import AttributionResult
-from .scoring import ScoringPlan, attribute, load_or_attribute, score, self_scores
+from .scoring import (ScoringPlan, attribute, load_or_attribute, load_or_self_scores, score,
+                      self_scores)
 from .sides import TrainingGradients, timestep_gradients
 from .sketch import TrainingSketch, sketch_training
 
@@ -28,5 +30,5 @@ __all__ = [
     "METHODS", "QUERY_NORMALIZATIONS", "TRAIN_SIDES", "query_vectors", "timestep_gradients",
     "TrainingSketch", "sketch_training", "CostEstimate", "estimate", "TracIn", "ReTrac",
     "Cosine", "method_for", "Engine", "engine_for", "engine_name", "ScoringPlan", "score",
-    "TrainingGradients", "self_scores",
+    "TrainingGradients", "self_scores", "load_or_self_scores",
 ]

@@ -102,9 +102,10 @@ def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: Attributi
             "draws": seeding.DRAWS_VERSION}
 
 
-def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionResult | None]:
-    """The cache folder for ``payload`` and the result saved there (None when there is none);
-    a folder written for another payload raises ``cache.CacheError``."""
+def cached(payload: dict, root: Path | None = None, load=None) -> tuple[Path, object]:
+    """The cache folder for ``payload`` and what is saved there, read by ``load`` (default
+    ``AttributionResult.load``; None when there is nothing); a folder written for another
+    payload raises ``cache.CacheError``."""
     folder = Path(root or cache_dir()) / "attributions" / cache.key_for(payload)
     cache.clean_orphans(folder.parent)
     if not folder.exists():
@@ -113,4 +114,17 @@ def cached(payload: dict, root: Path | None = None) -> tuple[Path, AttributionRe
     if cache.read_json(folder / "config.json").get("key") != payload:
         raise cache.CacheError(f"The cached attribution in {folder} was computed for another "
                                f"run, queries or options. {cache.hint(folder)}")
-    return folder, AttributionResult.load(folder)
+    return folder, (load or AttributionResult.load)(folder)
+
+
+def save_self_scores(values: torch.Tensor, folder: Path, key: dict, seconds: float) -> None:
+    """Write self-influence scores [N] (``scoring.load_or_self_scores``) atomically to the
+    cache folder ``folder``, keeping a folder a concurrent writer finished first."""
+    with cache.atomic_folder(Path(folder), exist_ok=True) as tmp:
+        cache.save_tensors(tmp / "scores.safetensors", {"self_scores": values})
+        cache.write_json(tmp / "config.json", {"key": key, "seconds": seconds})
+
+
+def load_self_scores(folder: Path) -> torch.Tensor:
+    """The self-influence scores [N] that ``save_self_scores`` wrote to ``folder``."""
+    return cache.load_tensors(Path(folder) / "scores.safetensors")["self_scores"]

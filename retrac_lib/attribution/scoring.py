@@ -28,13 +28,15 @@ from ..timesteps import parse_timesteps, per_query_noise_draws, query_noise_draw
 from .engines import BY_NAME as ENGINE_CLASSES, Engine, FuncEngine, engine_name
 from .methods import ReTrac, TracIn, method_for, query_vectors
 from .options import TRAIN_SIDES, AttributionConfig
-from .results import AttributionResult, cache_key, cached
+from .results import (AttributionResult, cache_key, cached, load_self_scores,
+                      save_self_scores)
 from .sides import TrainingGradients
 from .sketch import TrainingSketch, projection_size, sketch_training
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
 # how to compute, not what: not in the key
 _HOW = ("chunk_size", "device", "progress", "engine", "allow_out_of_range")
+_SELF_HOW = _HOW[:4]   # self-influence scores the training images, which are in range
 
 
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
@@ -267,21 +269,51 @@ def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=Non
     the cost grows with N, not N^2 (the query side, N x T' x K draws, is the same). ``options``
     and the other arguments are ``attribute``'s; exact gradients only (no projection).
     """
+    how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine)
+    return _diagonal(_self_plan(run, method, options, how))
+
+
+def load_or_self_scores(run, method: str = "retrac", root: Path | None = None,
+                        **kwargs) -> torch.Tensor:
+    """``self_scores`` with a cache (folder ``root``, default ``$RETRAC_CACHE``): the saved
+    scores for exactly this run, method and options, under ``load_or_attribute``'s key with
+    every training image as a query. The arguments that say how to compute are validated
+    even when the scores come from the cache."""
+    how = {name: kwargs.pop(name) for name in _SELF_HOW if name in kwargs}
+    p = _self_plan(run, method, kwargs, how)
+    payload = {**cache_key(run, run.data.images, p.noise, p.config), "kind": "self_scores"}
+    folder, values = cached(payload, root, load_self_scores)
+    if values is not None:
+        return values
+    can_save = cache.prepare(folder)
+    start = time.perf_counter()
+    values = _diagonal(p)
+    if can_save:
+        seconds = time.perf_counter() - start
+        cache.try_save(lambda: save_self_scores(values, folder, payload, seconds), folder)
+    return values
+
+
+def _self_plan(run, method: str, options: dict, how: dict) -> ScoringPlan:
+    """The ``ScoringPlan`` of ``self_scores``, for one chunk of the training images as
+    queries: only one chunk's per-query noise is ever held, so its memory check counts one."""
     exact = [name for name in ("projection", "projection_seed") if name in options]
     if exact:
         raise ValueError(f"self_scores computes exact gradients only; do not pass {exact} (for "
                          "projected self-influence, take the diagonal of attribute's scores).")
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise TypeError(f"Unknown option(s) {unknown}; self_scores takes chunk_size, device, "
-                        "progress, engine and the options "
+        raise TypeError(f"Unknown option(s) {unknown}; self_scores takes "
+                        f"{', '.join(_SELF_HOW)} and the options "
                         f"{', '.join(o for o in _OPTIONS if not o.startswith('projection'))}.")
-    how = dict(chunk_size=chunk_size, device=device, progress=progress, engine=engine)
-    images = run.data.images
-    # planned for one chunk of queries: only one chunk's per-query noise is ever held
-    p = ScoringPlan.resolve(run, images[:validation.chunk_size(chunk_size)], method, None, None,
-                            options, how)
-    n, config = len(run.data), p.config
+    chunk = validation.chunk_size(how.get("chunk_size", 64))
+    return ScoringPlan.resolve(run, run.data.images[:chunk], method, None, None, options, how)
+
+
+def _diagonal(p: ScoringPlan) -> torch.Tensor:
+    """The self-influence scores [N] of the plan ``p`` of ``_self_plan``."""
+    run, config = p.run, p.config
+    images, n = run.data.images, len(run.data)
     out = torch.zeros(n, dtype=torch.float64)
     weights = run.checkpoint_weights()[list(config.checkpoints)]
     bar = tqdm(total=len(config.checkpoints) * -(-n // p.chunk_size),

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import cache, seeding, validation
-from ..attribution import METHODS, self_scores
+from ..attribution import METHODS, load_or_self_scores, self_scores
 from ..config import TrainConfig
 from ..data import Dataset
 from ..ensemble import full_float32, train_many
@@ -612,9 +612,9 @@ def run_self_influence(run: Run, method: str, *, cached: bool = True, **options)
     ``baselines.attribute_any``), with every training image as a query; ``options`` go to the
     attribution (negative checkpoint indices count from the end). The gradient methods of
     ``rl.attribute`` compute the diagonal alone (``attribution.self_scores``: N, not N^2,
-    scores; not cached); the others score the whole matrix (from the cache with ``cached``)."""
+    scores); the others score the whole matrix. With ``cached`` both come from the cache."""
     if method in METHODS:
-        return self_scores(run, method, **options)
+        return (load_or_self_scores if cached else self_scores)(run, method, **options)
     result = attribute_any(run, run.data.images, method, cached=cached, **options)
     return self_influence(result.scores, method)
 
