@@ -205,6 +205,20 @@ def test_run_self_influence_is_the_diagonal_of_attribution(tiny_points_run):
     assert torch.allclose(si, full.scores.diagonal())
 
 
+def test_run_self_influence_reads_its_cache(tiny_points_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path))
+    opts = dict(timesteps=3, n_noise=2, progress=False)
+    first = cf.run_self_influence(tiny_points_run, "tracin", **opts)
+    assert len(list((tmp_path / "attributions").iterdir())) == 1
+    computed = []
+    monkeypatch.setattr(rl.attribution.scoring, "_diagonal",
+                        lambda p: computed.append(p) or torch.zeros(len(p.run.data)))
+    assert torch.equal(cf.run_self_influence(tiny_points_run, "tracin", **opts), first)
+    assert not computed                  # read back, not computed again
+    cf.run_self_influence(tiny_points_run, "tracin", cached=False, **opts)
+    assert len(computed) == 1            # cached=False computes
+
+
 def test_removal_test_averages_seeds_and_draws_random_sets(points_config, points, tmp_path, generator):
     queries = rl.data.moons(n=8, seed=1).images[:2]
     scores = {"a": torch.randn(2, 24, generator=generator)}

@@ -1,4 +1,5 @@
-"""A score matrix with everything that produced it, and its on-disk cache format."""
+"""A score matrix with everything that produced it, and the on-disk cache format of score
+matrices and of self-influence scores."""
 from __future__ import annotations
 
 import dataclasses
@@ -112,19 +113,34 @@ def cached(payload: dict, root: Path | None = None, load=None) -> tuple[Path, ob
         return folder, None
     cache.verify_folder(folder)
     if cache.read_json(folder / "config.json").get("key") != payload:
-        raise cache.CacheError(f"The cached attribution in {folder} was computed for another "
+        raise cache.CacheError(f"The cached scores in {folder} were computed for another "
                                f"run, queries or options. {cache.hint(folder)}")
     return folder, (load or AttributionResult.load)(folder)
 
 
-def save_self_scores(values: torch.Tensor, folder: Path, key: dict, seconds: float) -> None:
-    """Write self-influence scores [N] (``scoring.load_or_self_scores``) atomically to the
-    cache folder ``folder``, keeping a folder a concurrent writer finished first."""
+def load_or_compute(payload: dict, root: Path | None, load, compute, save):
+    """What the cache holds for ``payload`` (``cached`` with ``load``), or else ``compute()``,
+    saved with ``save(result, folder)`` when the cache can be written (``cache.try_save``:
+    a failed save warns and the result is still returned)."""
+    folder, found = cached(payload, root, load)
+    if found is not None:
+        return found
+    can_save = cache.prepare(folder)
+    result = compute()
+    if can_save:
+        cache.try_save(lambda: save(result, folder), folder)
+    return result
+
+
+def save_self_scores(values: torch.Tensor, folder: Path, key: dict) -> None:
+    """Write self-influence scores [N] (``scoring.load_or_self_scores``) and their cache
+    ``key`` atomically to ``folder``, keeping a folder a concurrent writer finished first."""
     with cache.atomic_folder(Path(folder), exist_ok=True) as tmp:
         cache.save_tensors(tmp / "scores.safetensors", {"self_scores": values})
-        cache.write_json(tmp / "config.json", {"key": key, "seconds": seconds})
+        cache.write_json(tmp / "config.json", {"key": key})
 
 
 def load_self_scores(folder: Path) -> torch.Tensor:
-    """The self-influence scores [N] that ``save_self_scores`` wrote to ``folder``."""
+    """The self-influence scores [N] that ``save_self_scores`` wrote to ``folder`` (which
+    ``cached`` has verified against its manifest)."""
     return cache.load_tensors(Path(folder) / "scores.safetensors")["self_scores"]

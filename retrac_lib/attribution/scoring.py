@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache, validation
+from .. import validation
 from ..losses import check_loss
 from ..models import check_samples
 from ..timesteps import parse_timesteps, per_query_noise_draws, query_noise_draws
 from .engines import BY_NAME as ENGINE_CLASSES, Engine, FuncEngine, engine_name
 from .methods import ReTrac, TracIn, method_for, query_vectors
 from .options import TRAIN_SIDES, AttributionConfig
-from .results import (AttributionResult, cache_key, cached, load_self_scores,
+from .results import (AttributionResult, cache_key, load_or_compute, load_self_scores,
                       save_self_scores)
 from .sides import TrainingGradients
 from .sketch import TrainingSketch, projection_size, sketch_training
@@ -36,7 +36,8 @@ from .sketch import TrainingSketch, projection_size, sketch_training
 _OPTIONS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name != "method")
 # how to compute, not what: not in the key
 _HOW = ("chunk_size", "device", "progress", "engine", "allow_out_of_range")
-_SELF_HOW = _HOW[:4]   # self-influence scores the training images, which are in range
+# self-influence scores the training images, which are in range: no allow_out_of_range
+_SELF_HOW = ("chunk_size", "device", "progress", "engine")
 
 
 def attribute(run, queries: torch.Tensor, method: str = "retrac", *,
@@ -109,15 +110,11 @@ def load_or_attribute(run, queries: torch.Tensor, method: str = "retrac", root: 
     options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
     the_plan = ScoringPlan.resolve(run, queries, method, query_noise, projection, options, kwargs)
     payload = cache_key(run, queries, the_plan.noise, the_plan.config)
-    folder, result = cached(payload, root)
-    if result is not None:
-        if result.query_noise is None and not the_plan.config.noise_per_query:
-            result.query_noise = the_plan.noise   # saved before results held it: the key's noise
-        return result
-    can_save = cache.prepare(folder)
-    result = score(the_plan, start)
-    if can_save:
-        cache.try_save(lambda: result.save(folder, key=payload, exist_ok=True), folder)
+    result = load_or_compute(payload, root, AttributionResult.load,
+                             lambda: score(the_plan, start),
+                             lambda res, folder: res.save(folder, key=payload, exist_ok=True))
+    if result.query_noise is None and not the_plan.config.noise_per_query:
+        result.query_noise = the_plan.noise   # saved before results held it: the key's noise
     return result
 
 
@@ -275,23 +272,15 @@ def self_scores(run, method: str = "retrac", *, chunk_size: int = 64, device=Non
 
 def load_or_self_scores(run, method: str = "retrac", root: Path | None = None,
                         **kwargs) -> torch.Tensor:
-    """``self_scores`` with a cache (folder ``root``, default ``$RETRAC_CACHE``): the saved
-    scores for exactly this run, method and options, under ``load_or_attribute``'s key with
-    every training image as a query. The arguments that say how to compute are validated
-    even when the scores come from the cache."""
+    """``self_scores`` with a cache (folder ``root``, default ``rl.config.cache_dir()``): the
+    saved scores for exactly this run, method and options, under ``load_or_attribute``'s key
+    with every training image as a query (kind "self_scores"). The arguments that say how to
+    compute are validated even when the scores come from the cache."""
     how = {name: kwargs.pop(name) for name in _SELF_HOW if name in kwargs}
     p = _self_plan(run, method, kwargs, how)
     payload = {**cache_key(run, run.data.images, p.noise, p.config), "kind": "self_scores"}
-    folder, values = cached(payload, root, load_self_scores)
-    if values is not None:
-        return values
-    can_save = cache.prepare(folder)
-    start = time.perf_counter()
-    values = _diagonal(p)
-    if can_save:
-        seconds = time.perf_counter() - start
-        cache.try_save(lambda: save_self_scores(values, folder, payload, seconds), folder)
-    return values
+    return load_or_compute(payload, root, load_self_scores, lambda: _diagonal(p),
+                           lambda values, folder: save_self_scores(values, folder, payload))
 
 
 def _self_plan(run, method: str, options: dict, how: dict) -> ScoringPlan:
@@ -303,9 +292,10 @@ def _self_plan(run, method: str, options: dict, how: dict) -> ScoringPlan:
                          "projected self-influence, take the diagonal of attribute's scores).")
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
+        exact_options = ", ".join(o for o in _OPTIONS if not o.startswith("projection"))
         raise TypeError(f"Unknown option(s) {unknown}; self_scores takes "
-                        f"{', '.join(_SELF_HOW)} and the options "
-                        f"{', '.join(o for o in _OPTIONS if not o.startswith('projection'))}.")
+                        f"{', '.join(_SELF_HOW)} (load_or_self_scores also root) and the "
+                        f"options {exact_options}.")
     chunk = validation.chunk_size(how.get("chunk_size", 64))
     return ScoringPlan.resolve(run, run.data.images[:chunk], method, None, None, options, how)
 
