@@ -444,6 +444,6 @@ def test_ladder_figure_draws_every_stored_measure_with_its_interval():
             and line.get_linestyle() == "-"]
     assert bars == [(m["removal"]["paired_pct"][f"{x}-random"]["low"],
                      m["removal"]["paired_pct"][f"{x}-random"]["high"]) for x in study.METHODS]
-    assert "not yet measured: next" in removal.get_title()
+    assert "(not yet measured:\nnext)" in removal.get_title()
     assert "not yet measured" not in fig.axes[1].get_title()
     matplotlib.pyplot.close(fig)

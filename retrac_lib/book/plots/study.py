@@ -52,8 +52,8 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([f"{rung}: {METHOD_LABELS[m]}" for rung, m in rows], fontsize=SMALL)
         ax.invert_yaxis()
-        ax.set_title(title + (f"\n(not yet measured: {', '.join(missing)})" if missing else ""),
-                     fontsize=9)
+        pending = f"\n(not yet measured:\n{', '.join(missing)})" if missing else ""
+        ax.set_title(title + pending, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=SMALL)
         ax.tick_params(axis="x", labelsize=SMALL)
     for ax in axes:
