@@ -33,7 +33,8 @@ def smoke_result(tmp_path_factory):
 
 def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     rung, result, path, _ = smoke_result
-    assert path.name == "n250-smoke.json" and path.stat().st_size < 20_000
+    # about 8 kB of measurements and 11.5 kB of kept images (8 at 32 x 32, base64)
+    assert path.name == "n250-smoke.json" and path.stat().st_size < 32_000
     assert path.stat().st_mode & 0o777 == rl.cache.modes()[1]
     doc = study.read_result(path)
     assert doc["format"] == study.FORMAT and doc["config_hash"] == rung.config_hash()
@@ -77,6 +78,72 @@ def test_recorded_values_are_recomputable(smoke_result):
     q = torch.bincount(data.labels, minlength=10).double() / len(data)
     tv = float(0.5 * (p - q).abs().sum())
     assert result["measurements"]["quality"]["nearest_label_tv"] == pytest.approx(tv)
+
+
+def test_recognizable_images_and_kept_samples_are_recomputable(smoke_result):
+    rung, result, _, run = smoke_result
+    quality = result["measurements"]["quality"]
+    data, is_min, _ = study.rung_data(rung)
+    gen = rl.generate(run.model_at(-1), run.scheduler, rung.n_generated,
+                      steps=rung.generation_steps, seed=rung.generation_seed)
+    # by hand, one test digit at a time: its distance to the nearest training image
+    test = rl.data.mnist("test")
+    d_test = torch.stack([(data.images - x).flatten(1).double().norm(dim=1).min()
+                          for x in test.images])
+    radius = float(torch.quantile(d_test, 0.95))
+    d_gen, nearest = torch.stack([(data.images - x).flatten(1).double().norm(dim=1)
+                                  for x in gen]).min(1)
+    recognizable = d_gen <= radius
+    assert quality["recognition_radius"] == pytest.approx(radius, rel=1e-6)
+    assert quality["recognizable_share"] == float(recognizable.double().mean())
+    assert quality["recognizable_minority_share"] == float(
+        (recognizable & is_min[nearest]).double().mean())
+    kept = study.stored_samples(quality)
+    n = min(study.SAMPLES_KEPT, len(gen))
+    assert kept.images.shape == (n, 1, 32, 32)
+    assert (kept.images - gen[:n].clamp(-1, 1)).abs().max() <= 0.5 / 127.5 + 1e-6
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRAC_CACHE", str(smoke_result[2].parents[1] / "cache"))
+        net = features.load_or_train_classifier(features.classifier_config(True)).net
+    with torch.no_grad():
+        assert kept.classifier_label.tolist() == net(gen[:n]).argmax(1).tolist()
+    assert kept.recognizable.tolist() == recognizable[:n].tolist()
+    assert kept.minority_like.tolist() == (recognizable & is_min[nearest])[:n].tolist()
+
+
+def test_generation_quality_counts_recognizable_and_minority_like_images(smoke_result):
+    """On made-up images: a copy of a training zero, of a training digit and pure noise."""
+    rung, _, path, _ = smoke_result
+    data, is_min, _ = study.rung_data(rung)
+    zero, digit = int(is_min.nonzero()[0]), int((~is_min).nonzero()[0])
+    noise = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gen = torch.cat([data.images[[zero, digit, zero]], noise])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRAC_CACHE", str(path.parents[1] / "cache"))
+        classifier = features.load_or_train_classifier(features.classifier_config(True))
+    quality = study.generation_quality(gen, data, is_min, classifier)
+    radius = study.recognition_radius(data, rl.data.mnist("test"))
+    assert float(torch.cdist(noise.flatten(1), data.images.flatten(1)).min()) > radius
+    assert quality["recognizable_share"] == 3 / 4            # the three copies
+    assert quality["recognizable_minority_share"] == 2 / 4   # the two copies of a zero
+    assert quality["nearest_minority_share"] == 2 / 4
+    kept = study.stored_samples(quality)
+    assert kept.recognizable.tolist() == [True, True, True, False]
+    assert kept.minority_like.tolist() == [True, False, True, False]
+    assert kept.nearest_distance[:3].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_stored_samples_refuses_a_result_without_them():
+    with pytest.raises(ValueError, match="keeps no generated images.*rerun the rung"):
+        study.stored_samples({"classifier_minority_share": 0.1})
+
+
+@pytest.mark.parametrize("quantile, error", [(1.5, ValueError), (0, ValueError),
+                                             ("0.95", TypeError)])
+def test_recognition_radius_takes_a_quantile(quantile, error):
+    data = rl.data.mnist("test")
+    with pytest.raises(error, match="quantile"):
+        study.recognition_radius(data, data, quantile)
 
 
 def _edited(path, tmp_path, edit):
@@ -253,6 +320,20 @@ def test_cli_estimate_counts_the_retrains_its_ledger_holds(tmp_path, capsys, mon
     text = capsys.readouterr().out
     est = study.format_seconds(study.estimate_seconds(rung, PROBE, 17)["total"])
     assert f"    estimate {est} (train " in text and "; 17 of 34 retrains stored)" in text
+
+
+def test_cli_estimate_says_when_the_ledger_holds_more_entries_than_retrains(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
+    rung, out = study.get_rung("n250"), tmp_path / "out"
+    entries = {f"key{i}": {"losses": [1.0], "seconds": 1.0} for i in range(40)}
+    rl.cache.write_json_atomic(study.ledger_path(rung, out), {
+        "format": cf.LossLedger.FORMAT, "owner": rung.ledger_owner(), "entries": entries})
+    assert cli.main(["study", "n250", "--estimate-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "; 40 ledger entries for its 34 retrains, some of them made for removal sets " \
+           "no longer asked for)" in text
+    assert study.estimate_seconds(rung, PROBE, 40)["lds"] == 0
 
 
 def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path, capsys,
@@ -446,4 +527,21 @@ def test_ladder_figure_draws_every_stored_measure_with_its_interval():
                      m["removal"]["paired_pct"][f"{x}-random"]["high"]) for x in study.METHODS]
     assert "(not yet measured:\nnext)" in removal.get_title()
     assert "not yet measured" not in fig.axes[1].get_title()
+    matplotlib.pyplot.close(fig)
+
+
+def test_generated_images_figure_captions_the_classifier_and_marks_minority_like_ones():
+    import matplotlib
+    matplotlib.use("Agg")
+    from retrac_lib.book.plots import study as splots
+
+    kept = study.StoredSamples(torch.zeros(3, 1, 32, 32), torch.tensor([0, 0, 7]),
+                               torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64),
+                               torch.tensor([True, True, False]), 3.0)
+    fig = splots.generated_by_rung({"a": kept, "b": kept}, n=4)
+    row = fig.axes[:4]
+    assert [ax.get_title() for ax in row] == ["0", "(0)", "7", ""]
+    assert [ax.title.get_color() for ax in row[:3]] == [splots.MINORITY_COLOR, "black",
+                                                      "black"]
+    assert row[0].get_ylabel() == "a" and fig.axes[4].get_ylabel() == "b"
     matplotlib.pyplot.close(fig)

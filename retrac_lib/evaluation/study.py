@@ -12,7 +12,10 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
 
 * **quality** of ``n_generated`` generated images: the label of each one's nearest training image
   (pixel space) against the training set's labels (total variation distance), and the minority
-  share of generated images against 4 % (also by the feature classifier's predicted labels);
+  share of generated images against 4 % (also by the feature classifier's predicted labels), and
+  the shares that lie as close to a training image as real digits do (``recognition_radius``)
+  and that are, besides, nearest to a minority image; the first ``SAMPLES_KEPT`` images are kept
+  in the result (``stored_samples``);
 * **bias**: decile ratio and Spearman of recorded timestep against gradient norm at the last
   checkpoint (``diagnostics``);
 * **attribution** of the held-out queries by ``METHODS``: tracin, retrac, dtrak, pixel and
@@ -33,6 +36,7 @@ type: 1 on the CPU, which keeps ``rl.train``'s retrains).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -59,7 +63,7 @@ from ..sampling import generate
 from ..runs import run_key
 from ..training import load_or_train, train
 
-FORMAT = 1
+FORMAT = 2   # 2: generation quality counts recognizable images and keeps samples
 RESULTS = Path(__file__).parents[1] / "results" / "v1"   # committed; shipped in the wheel
 METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
 GRADIENT = ("tracin", "retrac", "dtrak")
@@ -67,6 +71,7 @@ GRADIENT = ("tracin", "retrac", "dtrak")
 PAIRS = tuple([(m, "pixel") for m in GRADIENT] + [(m, "feature") for m in GRADIENT]
               + [("retrac", "tracin")])
 MINORITY_LABEL = 0
+SAMPLES_KEPT = 32   # generated images a result keeps for the reader to see
 INLIER_LABELS = tuple(range(1, 10))
 TOP_K = 10   # proponents for the same-label rate
 ENSEMBLE_SIZE = {"cpu": 1, "cuda": 32}   # retrains trained at once, by device type
@@ -291,22 +296,92 @@ def total_variation(a: torch.Tensor, b: torch.Tensor, n_labels: int = 10) -> flo
     return float(0.5 * (p - q).abs().sum())
 
 
+def recognition_radius(data: Dataset, reference: Dataset, quantile: float = 0.95) -> float:
+    """The ``quantile`` of the real ``reference`` images' pixel distances to their nearest
+    image in ``data``: a generated image farther than this from every training image is not
+    recognizably a digit (chapter 6's rule)."""
+    quantile = validation.real(quantile, "quantile")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile}.")
+    dist = torch.cdist(reference.images.flatten(1).double(), data.images.flatten(1).double())
+    return float(dist.min(1).values.quantile(quantile))
+
+
 def generation_quality(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
                        classifier: features.Classifier) -> dict:
     """Nearest-training-image labels (pixel space) and classifier labels of ``gen`` against
-    the training labels: total variation distance and minority share."""
+    the training labels: total variation distance and minority share. Both labellers also
+    label noise and shapeless blobs, which an undertrained model draws, so the shares of all
+    of ``gen`` that are *recognizable* (within ``recognition_radius`` of the training set,
+    measured on ``mnist("test")``) and *minority-like* (recognizable, and the nearest training
+    image a minority one: chapter 6's zero-like) are reported too."""
     dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
     d_min, nearest = dist.min(1)
     predicted = classifier.predict(gen)
+    radius = recognition_radius(data, mnist("test"))
+    recognizable = d_min <= radius
     return {
         "n": len(gen),
         "nearest_label_tv": total_variation(data.labels[nearest], data.labels),
         "nearest_minority_share": float(is_minority[nearest].double().mean()),
         "classifier_label_tv": total_variation(predicted, data.labels),
         "classifier_minority_share": float((predicted == MINORITY_LABEL).double().mean()),
+        "recognition_radius": round(radius, 6),
+        "recognizable_share": float(recognizable.double().mean()),
+        "recognizable_minority_share": float((recognizable & is_minority[nearest])
+                                             .double().mean()),
         "train_minority_share": float(is_minority.double().mean()),
         "median_nearest_distance": float(d_min.median()),
+        "samples": _sample_record(gen[:SAMPLES_KEPT], predicted, d_min, is_minority[nearest]),
     }
+
+
+def _sample_record(images: torch.Tensor, predicted, nearest_distance, nearest_minority) -> dict:
+    """The first generated images as 8-bit grey levels (base64) with the classifier's label,
+    the distance to the nearest training image and whether that one is a minority image,
+    for a reader to look at (``stored_samples``)."""
+    n = len(images)
+    grey = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return {"n": n, "shape": list(grey.shape[1:]),
+            "uint8_base64": base64.b64encode(grey.numpy().tobytes()).decode("ascii"),
+            "classifier_label": predicted[:n].tolist(),
+            "nearest_distance": [round(float(d), 4) for d in nearest_distance[:n]],
+            "nearest_is_minority": nearest_minority[:n].tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSamples:
+    """Generated images of a rung as stored in its result (``generation_quality``). Their
+    distances are stored to 4 decimals and the radius to 6, so ``recognizable`` may differ
+    from the unrounded test for an image within 1e-4 of the radius."""
+
+    images: torch.Tensor          # [n, 1, 32, 32] in [-1, 1], 8-bit levels
+    classifier_label: torch.Tensor
+    nearest_distance: torch.Tensor
+    nearest_is_minority: torch.Tensor
+    recognition_radius: float
+
+    @property
+    def recognizable(self) -> torch.Tensor:
+        return self.nearest_distance <= self.recognition_radius
+
+    @property
+    def minority_like(self) -> torch.Tensor:
+        return self.recognizable & self.nearest_is_minority
+
+
+def stored_samples(quality: dict) -> StoredSamples:
+    """The generated images kept in a result's ``measurements["quality"]``."""
+    if "samples" not in quality:
+        raise ValueError("this result keeps no generated images (it was written before they "
+                         "were stored): rerun the rung to refresh it.")
+    rec = quality["samples"]
+    grey = np.frombuffer(base64.b64decode(rec["uint8_base64"]), dtype=np.uint8)
+    images = torch.from_numpy(grey.copy()).float().reshape(rec["n"], *rec["shape"])
+    return StoredSamples(images / 127.5 - 1, torch.tensor(rec["classifier_label"]),
+                         torch.tensor(rec["nearest_distance"], dtype=torch.float64),
+                         torch.tensor(rec["nearest_is_minority"], dtype=torch.bool),
+                         quality["recognition_radius"])
 
 
 def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
@@ -604,7 +679,8 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
     gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
                    steps=rung.generation_steps, seed=rung.generation_seed)
     quality = generation_quality(gen, data, is_min, classifier)
-    for key in ("nearest_minority_share", "classifier_minority_share", "nearest_label_tv"):
+    for key in ("nearest_minority_share", "classifier_minority_share", "recognizable_share",
+                "recognizable_minority_share", "nearest_label_tv"):
         checks.append(Reverification(key.replace("_", " "), stored["quality"][key],
                                      quality[key], 2 / rung.n_generated, False))
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
@@ -821,4 +897,11 @@ def describe_cost(rung: Rung, probe: Probe, estimate: dict, stored: int = 0) -> 
 
 
 def _stored_note(rung: Rung, stored: int) -> str:
-    return f"; {stored} of {sum(retrain_counts(rung))} retrains stored" if stored else ""
+    """How many of the rung's retrains its ledger holds. More entries than retrains means some
+    were made for removal sets an earlier run asked for (the top proponents of an earlier
+    attribution), which this protocol no longer reads."""
+    total = sum(retrain_counts(rung))
+    if stored > total:
+        return (f"; {stored} ledger entries for its {total} retrains, some of them made for "
+                "removal sets no longer asked for")
+    return f"; {stored} of {total} retrains stored" if stored else ""

@@ -1,9 +1,13 @@
 """Figures of the scale ladder's stored results (chapter 9): each method's same-label rate,
 self-influence AUC of the planted minority, LDS and removal test, rung by rung, with their
-intervals."""
+intervals; and the generated images each rung keeps, with the classifier's labels."""
 from __future__ import annotations
 
-from . import METHOD_COLORS, METHOD_LABELS, SMALL, page_panels
+import matplotlib.pyplot as plt
+
+from . import METHOD_COLORS, METHOD_LABELS, PAGE_WIDTH, SMALL, image_grid, page_panels
+
+MINORITY_COLOR = "#d62728"   # a minority-like generated image
 
 PANELS = (   # (part, title, x-axis label, reference line)
     ("attribution", "same-label rate\nof the top 10", "share of proponents", None),
@@ -60,4 +64,27 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
         if not ax.get_subplotspec().is_first_col():
             ax.set_yticklabels([])
     fig.tight_layout()
+    return fig
+
+
+def generated_by_rung(samples: dict, n: int = 16):
+    """A row of the first ``n`` kept generated images per rung (``samples`` maps a rung name
+    to its ``study.StoredSamples``), each captioned with the classifier's label: plain for a
+    recognizable image (as close to a training image as real digits are), in parentheses
+    for one farther from every training image, in red for a minority-like one (recognizable,
+    its nearest training image a planted minority one)."""
+    tile = PAGE_WIDTH / n
+    fig, axes = plt.subplots(len(samples), n, squeeze=False,
+                             figsize=(PAGE_WIDTH, tile * 1.3 * len(samples) + 0.2))
+    for row, (rung, kept) in zip(axes, samples.items()):
+        m = min(n, len(kept.images))
+        captions = [f"{int(c)}" if ok else f"({int(c)})"
+                    for c, ok in zip(kept.classifier_label[:m], kept.recognizable[:m])]
+        image_grid(kept.images[:m], captions, axes=list(row))
+        for ax, like in zip(row, kept.minority_like[:m]):
+            if like:
+                ax.title.set_color(MINORITY_COLOR)
+                ax.title.set_fontweight("bold")
+        row[0].set_ylabel(rung, fontsize=SMALL, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.3)
     return fig
