@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import seeding, validation
+from . import cache, seeding, validation
 from .attribution import AttributionResult
+from .attribution.results import load_or_compute, load_self_scores, save_self_scores
 from .grads import grouped_grads
 from .models import check_samples
 from .projection import GaussianProjection
+from .runs import run_identity
 
 OUTPUT_FUNCTION = "square_norm"
 
@@ -50,7 +53,24 @@ class DTrakConfig:
     method = "dtrak"
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in dataclasses.asdict(self).items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DTrakConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                      if k != "method"})
+
+
+def resolve_config(run, *, checkpoints=(-1,), timesteps: int = 10, proj_dim: int = 2048,
+                   damping: float = 0.1, seed: int = 0) -> DTrakConfig:
+    """``attribute_dtrak``'s options for ``run``, validated and resolved (module docstring):
+    what names its scores, in its result and in its cache key."""
+    damping = validation.real(damping, "damping", positive=True)
+    grid = uniform_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
+    return DTrakConfig(validation.checkpoints(checkpoints, len(run.checkpoints)),
+                       tuple(grid.tolist()), validation.integer(proj_dim, "proj_dim", 1), damping,
+                       validation.integer(seed, "seed", 0))
 
 
 def uniform_timesteps(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -111,14 +131,13 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
     """
     start = time.perf_counter()
     device = validation.device(device)
-    damping = validation.real(damping, "damping", positive=True)
-    validation.integer(seed, "seed", 0)
+    config = resolve_config(run, checkpoints=checkpoints, timesteps=timesteps, proj_dim=proj_dim,
+                            damping=damping, seed=seed)
     check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
-    grid = uniform_timesteps(timesteps, run.scheduler.config.num_train_timesteps)
-    idx = validation.checkpoints(checkpoints, len(run.checkpoints))
+    grid = torch.tensor(config.timesteps)
     scores = torch.zeros(len(queries), len(run.data), dtype=torch.float64)
-    norms = torch.zeros(len(idx), len(run.data))
-    for j, c in enumerate(tqdm(idx, desc="dtrak", disable=not progress)):
+    norms = torch.zeros(len(config.checkpoints), len(run.data))
+    for j, c in enumerate(tqdm(config.checkpoints, desc="dtrak", disable=not progress)):
         model = run.model_at(c).to(device)
         train = averaged_gradients(model, run.scheduler, run.data.images, grid, seed, chunk_size)
         query = averaged_gradients(model, run.scheduler, queries, grid, seed, chunk_size,
@@ -126,7 +145,45 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
         norms[j] = train.norm(dim=1).cpu()
         project = GaussianProjection(train.shape[1], proj_dim, seed)
         phi, phi_q = project(train).cpu(), project(query).cpu()
-        scores += whitened_scores(phi_q, phi, damping_lambda(phi, damping)) / len(idx)
-    config = DTrakConfig(tuple(idx), tuple(grid.tolist()), proj_dim, damping, seed)
-    weights = torch.full((len(idx),), 1 / len(idx), dtype=torch.float64)
+        scores += whitened_scores(phi_q, phi, damping_lambda(phi, config.damping)) / len(norms)
+    weights = torch.full((len(norms),), 1 / len(norms), dtype=torch.float64)
     return AttributionResult(scores, config, weights, norms, time.perf_counter() - start)
+
+
+_HOW = ("chunk_size", "device", "progress")   # how to compute: not part of the cache key
+
+
+def cache_key(run, queries: torch.Tensor, config: DTrakConfig) -> dict:
+    """What cached D-TRAK scores depend on: the run (``run_identity``), the query values, the
+    resolved ``config`` and ``seeding.DRAWS_VERSION`` (its noise and projection draws)."""
+    return {"kind": "dtrak", **run_identity(run), "queries": cache.tensor_fingerprint(queries),
+            "config": config.to_dict(), "draws": seeding.DRAWS_VERSION}
+
+
+def _key(run, queries: torch.Tensor, options: dict) -> dict:
+    """``cache_key`` for ``attribute_dtrak``'s ``options``, validated as computing them would."""
+    config = resolve_config(run, **{k: v for k, v in options.items() if k not in _HOW})
+    validation.device(options.get("device"))
+    check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
+    return cache_key(run, queries, config)
+
+
+def load_or_attribute_dtrak(run, queries: torch.Tensor, root: Path | None = None,
+                            **options) -> AttributionResult:
+    """``attribute_dtrak`` with a cache (folder ``root``, default ``rl.config.cache_dir()``):
+    the saved result for exactly this run, queries and resolved options (``cache_key``)."""
+    payload = _key(run, queries, options)
+    return load_or_compute(payload, root, AttributionResult.load,
+                           lambda: attribute_dtrak(run, queries, **options),
+                           lambda res, folder: res.save(folder, key=payload, exist_ok=True))
+
+
+def load_or_self_scores(run, root: Path | None = None, **options) -> torch.Tensor:
+    """D-TRAK's self-influence [N], the diagonal of its scores with every training image as a
+    query, cached alone (not the [N, N] matrix it comes from); ``options`` are
+    ``attribute_dtrak``'s."""
+    payload = {**_key(run, run.data.images, options), "kind": "dtrak_self_scores"}
+    return load_or_compute(
+        payload, root, load_self_scores,
+        lambda: attribute_dtrak(run, run.data.images, **options).scores.diagonal().clone(),
+        lambda values, folder: save_self_scores(values, folder, payload))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import retrac_lib as rl
-from retrac_lib.evaluation import baselines
+from retrac_lib.evaluation import baselines, counterfactual
 
 OPTS = dict(timesteps=3, n_noise=2, progress=False)
 
@@ -73,6 +73,63 @@ def test_load_or_attribute_baseline_caches_gradient_baselines(tiny_points_run, t
     assert both.config.method == "retrac"
 
 
+DTRAK = dict(seed=3, timesteps=4, proj_dim=16, progress=False)
+
+
+def test_dtrak_results_are_cached_under_their_resolved_options(tiny_points_run, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path))
+    run, q = tiny_points_run, tiny_points_run.data.images[:2]
+    first = baselines.load_or_attribute_baseline(run, q, "dtrak", **DTRAK)
+    assert torch.equal(first.scores, rl.dtrak.attribute_dtrak(run, q, **DTRAK).scores)
+    assert len(list((tmp_path / "attributions").iterdir())) == 1
+
+    def no_computing(*args, **kwargs):
+        raise AssertionError("the second call must come from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(rl.dtrak, "attribute_dtrak", no_computing)
+        again = baselines.load_or_attribute_baseline(run, q, "dtrak", chunk_size=1,
+                                                     checkpoints=[len(run.checkpoints) - 1],
+                                                     **DTRAK)   # -1 resolved: the same key
+        assert torch.equal(again.scores, first.scores) and again.config == first.config
+        assert torch.equal(again.train_grad_norms, first.train_grad_norms)
+        assert again.seconds == first.seconds
+        for other in ({"proj_dim": 8}, {"damping": 0.2}, {"seed": 4}):
+            with pytest.raises(AssertionError, match="from the cache"):
+                baselines.load_or_attribute_baseline(run, q, "dtrak", **{**DTRAK, **other})
+        with pytest.raises(AssertionError, match="from the cache"):   # other queries
+            baselines.load_or_attribute_baseline(run, q + 1e-3, "dtrak", **DTRAK)
+        with pytest.raises(ValueError, match="damping"):   # checked before the cache is read
+            baselines.load_or_attribute_baseline(run, q, "dtrak", **{**DTRAK, "damping": 0})
+        with pytest.raises(TypeError, match="n_noise"):
+            baselines.load_or_attribute_baseline(run, q, "dtrak", n_noise=2, **DTRAK)
+
+
+def test_dtrak_self_influence_is_the_diagonal_and_cached_alone(tiny_points_run, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("RETRAC_CACHE", str(tmp_path))
+    run = tiny_points_run
+    full = rl.dtrak.attribute_dtrak(run, run.data.images, **DTRAK).scores
+    cached = counterfactual.run_self_influence(run, "dtrak", **DTRAK)
+    assert torch.equal(cached, full.diagonal())
+    entry, = (tmp_path / "attributions").iterdir()
+    stored = rl.cache.load_tensors(entry / "scores.safetensors")
+    assert list(stored) == ["self_scores"] and stored["self_scores"].shape == (len(run.data),)
+    with monkeypatch.context() as m:
+        m.setattr(rl.dtrak, "attribute_dtrak", lambda *a, **k: pytest.fail("not from the cache"))
+        assert torch.equal(rl.dtrak.load_or_self_scores(run, **DTRAK), cached)
+    uncached = counterfactual.run_self_influence(run, "dtrak", cached=False, **DTRAK)
+    assert torch.equal(uncached, cached)
+
+
+def test_a_saved_dtrak_result_loads_with_its_config(tiny_points_run, tmp_path):
+    res = rl.dtrak.attribute_dtrak(tiny_points_run, tiny_points_run.data.images[:2], **DTRAK)
+    back = rl.AttributionResult.load(res.save(tmp_path / "dtrak"))
+    assert isinstance(back.config, rl.dtrak.DTrakConfig) and back.config == res.config
+    assert torch.equal(back.scores, res.scores) and back.query_noise is None
+
+
 def test_bad_method_or_clashing_options_are_refused(tiny_points_run):
     q = tiny_points_run.data.images[:1]
     with pytest.raises(ValueError, match="method must be one of"):
@@ -89,6 +146,6 @@ def test_baseline_results_say_what_they_lack(tiny_points_run, tmp_path):
     assert res.config == baselines.BaselineConfig("pixel", 0)
     with pytest.raises(ValueError, match="'pixel' baseline scores no checkpoints"):
         res.recorded_timesteps(tiny_points_run)
-    with pytest.raises(TypeError, match="Only rl.attribute results are saved"):
+    with pytest.raises(TypeError, match="Only rl.attribute and D-TRAK results are saved"):
         res.save(tmp_path / "pixel")
     assert not (tmp_path / "pixel").exists()

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import retrac_lib as rl
 from retrac_lib import dtrak, projection, seeding
 from retrac_lib.projection import GaussianProjection
 from retrac_lib.grads import per_sample_grads_loop

@@ -65,9 +65,10 @@ class AttributionResult:
         ``exist_ok=True`` (the cache, where a concurrent writer of the same entry may finish
         first) keeps the existing folder instead.
         """
-        if not isinstance(self.config, AttributionConfig):
-            raise TypeError(f"Only rl.attribute results are saved; the {self.config.method!r} "
-                            "baseline is cheap to recompute (rl.evaluation.baselines).")
+        if not hasattr(type(self.config), "from_dict"):
+            raise TypeError(f"Only rl.attribute and D-TRAK results are saved; the "
+                            f"{self.config.method!r} baseline is cheap to recompute "
+                            "(rl.evaluation.baselines).")
         tensors = {"scores": self.scores, "checkpoint_weights": self.checkpoint_weights,
                    "train_grad_norms": self.train_grad_norms}
         if self.query_noise is not None:
@@ -80,12 +81,17 @@ class AttributionResult:
 
     @classmethod
     def load(cls, folder: Path) -> "AttributionResult":
-        """Read a result written by ``save``, refusing a corrupted or partial folder; one saved
-        before results held their query noise loads with ``query_noise=None``."""
+        """Read a result written by ``save`` (``rl.attribute``'s or D-TRAK's), refusing a
+        corrupted or partial folder; one saved before results held their query noise loads with
+        ``query_noise=None``."""
         cache.verify_folder(folder)
         tensors = cache.load_tensors(Path(folder) / "scores.safetensors")
         meta = cache.read_json(Path(folder) / "config.json")
-        return cls(config=AttributionConfig.from_dict(meta["config"]), seconds=meta["seconds"],
+        config_type = AttributionConfig
+        if meta["config"].get("method") == "dtrak":
+            from ..dtrak import DTrakConfig   # rl.dtrak builds on this module
+            config_type = DTrakConfig
+        return cls(config=config_type.from_dict(meta["config"]), seconds=meta["seconds"],
                    **tensors)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .. import seeding, validation
 from ..attribution import AttributionResult, attribute, load_or_attribute
-from ..dtrak import attribute_dtrak
+from ..dtrak import attribute_dtrak, load_or_attribute_dtrak
 from ..models import check_samples
 
 BASELINES = ("dtrak", "cosine", "pixel", "feature", "random")
@@ -96,11 +96,14 @@ def attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *, see
 
 def load_or_attribute_baseline(run, queries: torch.Tensor, method: str = "dtrak", *,
                                seed: int = 0, **options) -> AttributionResult:
-    """``attribute_baseline`` with ``rl.load_or_attribute``'s cache for "cosine" (D-TRAK, pixel,
-    feature and random scores are cheap at the book's scale and recomputed)."""
+    """``attribute_baseline`` with a cache for the gradient baselines: "cosine" through
+    ``rl.load_or_attribute``, "dtrak" through ``rl.dtrak.load_or_attribute_dtrak`` (pixel,
+    feature and random scores are cheap and recomputed)."""
     _check(method)
     if method == "cosine":
         return load_or_attribute(run, queries, method, **options)
+    if method == "dtrak":
+        return load_or_attribute_dtrak(run, queries, seed=seed, **options)
     return attribute_baseline(run, queries, method, seed=seed, **options)
 
 

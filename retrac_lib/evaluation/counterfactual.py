@@ -36,7 +36,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache, seeding, validation
+from .. import cache, dtrak, seeding, validation
 from ..attribution import METHODS, load_or_self_scores, self_scores
 from ..config import TrainConfig
 from ..data import Dataset
@@ -612,9 +612,12 @@ def run_self_influence(run: Run, method: str, *, cached: bool = True, **options)
     ``baselines.attribute_any``), with every training image as a query; ``options`` go to the
     attribution (negative checkpoint indices count from the end). The gradient methods of
     ``rl.attribute`` compute the diagonal alone (``attribution.self_scores``: N, not N^2,
-    scores); the others score the whole matrix. With ``cached`` both come from the cache."""
+    scores); the others score the whole matrix. With ``cached`` the gradient methods' values
+    come from the cache (D-TRAK's diagonal alone, ``dtrak.load_or_self_scores``)."""
     if method in METHODS:
         return (load_or_self_scores if cached else self_scores)(run, method, **options)
+    if method == "dtrak" and cached:
+        return dtrak.load_or_self_scores(run, **options)
     result = attribute_any(run, run.data.images, method, cached=cached, **options)
     return self_influence(result.scores, method)
 
