@@ -31,14 +31,15 @@ that they hold the same run, queries and options.
 
     python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
                                [--ensemble-size M] [--out retrac_lib/results/v1]
-                               [--estimate-only] [--from-end]
+                               [--estimate-only] [--workers N] [--from-end]
 
 runs the scale ladder of ``retrac_lib.evaluation.study`` (the one place the core loads
 ``evaluation``, inside this command only): it measures each rung's unit costs with a short
 probe, prints every rung's estimated time, runs the named rungs (default all) that fit the budget,
 cheapest first, writes ``<rung>.json`` per finished rung to ``--out`` and says which did not run
 and how long each would take. ``--device cuda`` also trains the LDS and removal retrains there,
-32 at once (``--ensemble-size``). A second process started with ``--from-end`` shares the
+32 at once (``--ensemble-size``); on the CPU ``--workers N`` trains N retrains at once, each in
+a process of its own. A second process started with ``--from-end`` shares the
 rung's ledger with a first one and trains the missing retrains from the other end, so the two
 meet in the middle. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
 """
@@ -207,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
                         "working folder, the repository root)")
     s.add_argument("--estimate-only", action="store_true",
                    help="print the probes and estimates, run nothing")
+    s.add_argument("--workers", type=int, default=1,
+                   help="retrains trained at once on the CPU, each in a process of its own "
+                        "with one thread (give each a free core)")
     s.add_argument("--from-end", action="store_true",
                    help="train the missing retrains last to first: a second process sharing "
                         "the ledger with a first one, on another core or machine")
@@ -330,6 +334,12 @@ def study_command(parser, args) -> int:
     if args.ensemble_size is not None and args.ensemble_size < 1:
         parser.error(f"--ensemble-size must be >= 1, got {args.ensemble_size}.")
     size = study.ensemble_size_for(args.device, args.ensemble_size)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}.")
+    if args.workers > 1 and (args.device != "cpu" or size > 1):
+        parser.error("--workers trains single retrains in parallel CPU processes; with "
+                     "--device cuda or --ensemble-size > 1 the retrains train in ensembles "
+                     "instead: leave --workers at 1.")
     selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
     out = args.out or study.RESULTS
     estimates, parts, probes = {}, {}, {}
@@ -337,7 +347,7 @@ def study_command(parser, args) -> int:
     for r in ladder:
         probe = probes[r.name] = study.measure_cost(r, device=args.device, ensemble_size=size)
         stored = study.stored_retrains(study.ledger_path(r, out), r, args.device, size)
-        estimate = study.estimate_seconds(r, probe, stored)
+        estimate = study.estimate_seconds(r, probe, stored, args.workers)
         estimates[r.name], parts[r.name] = estimate["total"], estimate
         print("  " + study.describe_cost(r, probe, estimate, stored)
               + ("" if r in selected else "  [not selected]"))
@@ -358,7 +368,7 @@ def study_command(parser, args) -> int:
             write = lambda part: study.write_result({**part, "estimate_seconds": estimate}, out)
             path = write(study.run_rung(r, device=args.device, ledger=study.ledger_path(r, out),
                                         on_part=write, ensemble_size=size,
-                                        from_end=args.from_end))
+                                        from_end=args.from_end, workers=args.workers))
             print(f"{r.label}: written to {path}")
     for r in skipped:
         print(f"{r.label}: not run (estimated {study.format_seconds(estimates[r.name])}, "

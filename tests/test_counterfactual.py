@@ -376,6 +376,35 @@ def test_a_ledger_from_the_end_trains_the_missing_retrains_last_to_first(
     assert order == [keys[0], keys[3], keys[2], keys[1]]
 
 
+def test_ledger_workers_train_in_processes_what_one_process_would(points_config, points,
+                                                                  tmp_path):
+    jobs = _ledger_jobs(points_config, points, 3)
+    serial = cf.LossLedger(tmp_path / "serial.json", owner="t").loss_many(jobs, LEDGER_OPTIONS)
+    parallel = cf.LossLedger(tmp_path / "parallel.json", owner="t", workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(parallel.loss_many(jobs, LEDGER_OPTIONS),
+                                                 serial))
+    assert len(cf.LossLedger(tmp_path / "parallel.json", owner="t")) == 3
+
+
+def test_ledger_workers_keep_the_running_retrains_when_one_fails(points_config, points,
+                                                                 tmp_path):
+    (config, subset, queries), = _ledger_jobs(points_config, points, 1)
+    slow = (config.replace(epochs=300), subset, queries)   # still training at the failure
+    failing = (config, subset, torch.zeros(2, 3))   # trains, then its query loss refuses
+    ledger = cf.LossLedger(tmp_path / "l.json", owner="t", workers=2)
+    with pytest.raises(ValueError, match="queries"):
+        ledger.loss_many([failing, slow], LEDGER_OPTIONS)
+    stored = cf.LossLedger(tmp_path / "l.json", owner="t")
+    assert list(stored.entries) == [cf.LossLedger.key(*slow, LEDGER_OPTIONS)]
+
+
+def test_ledger_workers_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="workers must be"):
+        cf.LossLedger(tmp_path / "l.json", owner="t", workers=0)
+    with pytest.raises(ValueError, match="workers=2 trains single retrains.*pass workers=1"):
+        cf.LossLedger(tmp_path / "l.json", owner="t", workers=2, ensemble_size=4)
+
+
 def test_a_failed_ledger_write_warns_once_and_keeps_the_losses(
         points_config, points, tmp_path, monkeypatch):
     jobs = _ledger_jobs(points_config, points, 2)

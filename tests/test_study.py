@@ -229,6 +229,10 @@ def test_estimate_formula_on_a_hand_computed_probe():
     assert ens["lds"] == pytest.approx(4 * 2 * (6 * 2 * 1e-5 + 2 * 6 * 1e-4))
     assert ens["removal"] == pytest.approx(6 * 2 * 2 * (9 * 2 * 1e-5 + 6 * 1e-4)
                                            + 2 * (11 * 2 * 1e-5 + 2 * 6 * 1e-4))
+    # retrains in 4 processes: the retraining parts take a quarter of the time
+    four = study.estimate_seconds(_hand_rung(), probe, stored=6, workers=4)
+    assert four["lds"] == pytest.approx(est["lds"] / 16)
+    assert four["removal"] == pytest.approx(removal / 4) and four["train"] == est["train"]
 
 
 def test_cache_bytes_on_a_hand_computed_probe():
@@ -342,21 +346,26 @@ def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path,
     monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
     ran, ledgers, ends = [], [], []
     monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part, ensemble_size,
-                        from_end: (ran.append(rung.name), ledgers.append(ledger),
-                                   ends.append(from_end), json.loads(json.dumps(result)))[-1])
+                        from_end, workers: (ran.append(rung.name), ledgers.append(ledger),
+                                            ends.append((from_end, workers)),
+                                            json.loads(json.dumps(result)))[-1])
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "n1000", "--budget-minutes", "0.07", "--out",
                      str(out)]) == 0   # 4.2 s: n250 (3.58 s) fits, n1000 the same once more not
     text = capsys.readouterr().out
     assert ran == ["n250"] and "budget 0.07 min: runs n250" in text
-    assert ledgers == [out / "ledger" / "n250-smoke.json"] and ends == [False]
+    assert ledgers == [out / "ledger" / "n250-smoke.json"] and ends == [(False, 1)]
     assert cli.main(["study", "n250", "--budget-minutes", "1", "--out", str(out),
-                     "--from-end"]) == 0
-    assert ends == [False, True]
+                     "--from-end", "--workers", "2"]) == 0
+    assert ends == [(False, 1), (True, 2)]
     assert "n1000-smoke: not run (estimated 4 s, over the budget)" in text
     doc = study.read_result(out / "n250-smoke.json")
     assert doc["measurements"] == json.loads(json.dumps(result["measurements"]))
-    assert doc["estimate_seconds"]["total"] == 3.6   # 3.5756, rounded to 0.1 s
+    one = study.estimate_seconds(study.get_rung("n250", smoke=True), PROBE)
+    assert one["total"] == pytest.approx(3.5756)
+    # the file of the second run, whose two retraining processes halve the LDS and removal
+    halved = one["total"] - (one["lds"] + one["removal"]) / 2
+    assert doc["estimate_seconds"]["total"] == round(halved, 1) < 3.5
     assert [p.name for p in out.iterdir()] == ["n250-smoke.json"]   # no temporary file left
 
 
@@ -479,11 +488,16 @@ def test_rung_records_its_run_and_retrains_and_trains_them_in_ensembles(smoke_re
             v["per_query_pct"], abs=1e-3)
 
 
-def test_cli_ensemble_size_must_be_positive(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--ensemble-size", "0"], "--ensemble-size must be >= 1, got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "2", "--ensemble-size", "4"], "with --device cuda or --ensemble-size > 1"),
+])
+def test_cli_retraining_options_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        cli.main(["study", "--ensemble-size", "0", "--estimate-only"])
+        cli.main(["study", *argv, "--estimate-only"])
     assert err.value.code == 2
-    assert "--ensemble-size must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_committed_ledgers_stay_owned_by_their_rungs_when_the_draws_change(monkeypatch):

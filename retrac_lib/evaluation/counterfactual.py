@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
 import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -194,7 +196,8 @@ class LossLedger:
     only ever reused for exactly the retrain that made it. ``owner`` names what the file belongs
     to (e.g. a study rung's configuration hash); a file of another owner is refused.
 
-    Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default),
+    Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default;
+    with ``workers`` > 1 that many at a time, each in a process of its own with one thread),
     or, with ``ensemble_size`` > 1 or a ``device`` other than the CPU, by
     ``ensemble.train_many`` in ensembles of at most ``ensemble_size`` members on ``device``
     (``trainer`` "ensemble", in full float32 on a GPU: ``ensemble.full_float32``). The two
@@ -215,13 +218,18 @@ class LossLedger:
     TRAINERS = ("single", "ensemble")
 
     def __init__(self, path, owner: str, *, device="cpu", ensemble_size: int = 1,
-                 from_end: bool = False):
+                 from_end: bool = False, workers: int = 1):
         self.path, self.owner = Path(path), str(owner)
         self.from_end = validation.flag(from_end, "from_end")
         self.device = validation.device(device)
         self.ensemble_size = validation.integer(ensemble_size, "ensemble_size", 1)
+        self.workers = validation.integer(workers, "workers", 1)
         single = self.ensemble_size == 1 and self.device.type == "cpu"
         self.trainer = "single" if single else "ensemble"
+        if self.workers > 1 and not single:
+            raise ValueError(f"workers={workers} trains single retrains in parallel CPU "
+                             "processes; an ensemble (ensemble_size > 1 or a GPU device) "
+                             "already trains many at once in one process: pass workers=1.")
         self.entries: dict[str, dict] = {}
         self._write_failed = False
         self._read_stored()
@@ -307,9 +315,7 @@ class LossLedger:
         their entries."""
         if self.trainer == "single":
             (k, c, s, q), = jobs
-            run = train(c, s, progress=False)
-            self.entries[k] = {"losses": run_query_loss(run, q, **loss_options).tolist(),
-                               "seconds": round(run.train_seconds, 3)}
+            self.entries[k] = _retrain_entry(c, s, q, loss_options)
             return
         ens = train_many([c for _, c, _, _ in jobs], [s for _, _, s, _ in jobs], self.device)
         for m, (k, c, _, q) in enumerate(jobs):
@@ -337,6 +343,9 @@ class LossLedger:
         if self.from_end:
             chunks.reverse()
         with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
+            if self.workers > 1 and chunks:   # single retrains: one job a chunk
+                self._train_in_processes([job for job, in chunks], loss_options, bar)
+                chunks = []
             for chunk in chunks:
                 self._refresh()
                 todo = [job for job in chunk if job[0] not in self.entries]   # or done elsewhere
@@ -345,6 +354,49 @@ class LossLedger:
                     self._save()
                 bar.update(len(chunk))
         return [torch.tensor(self.entries[k]["losses"], dtype=torch.float64) for k in keys]
+
+    def _train_in_processes(self, jobs, loss_options: dict, bar) -> None:
+        """Train the single retrains ``jobs`` [(key, config, subset, queries)] in ``workers``
+        processes, storing each entry as it arrives; jobs another process stores meanwhile are
+        skipped. After a failure the retrains still running finish and are kept before the
+        error is raised."""
+        todo, running = iter(jobs), {}
+        context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked threads
+        with ProcessPoolExecutor(self.workers, mp_context=context,
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            def submit_next():
+                self._refresh()
+                for job in todo:
+                    if job[0] not in self.entries:
+                        running[pool.submit(_retrain_entry, *job[1:], loss_options)] = job[0]
+                        return
+                    bar.update(1)
+
+            for _ in range(self.workers):
+                submit_next()
+            try:
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self.entries[running.pop(future)] = future.result()
+                        self._save()
+                        bar.update(1)
+                        submit_next()
+            except BaseException:
+                for future, key in running.items():
+                    with contextlib.suppress(Exception):
+                        self.entries[key] = future.result()
+                self._save()
+                raise
+
+
+def _retrain_entry(config: TrainConfig, subset: Dataset, queries: torch.Tensor,
+                   loss_options: dict) -> dict:
+    """A single retrain's ledger entry: ``config`` trained on ``subset`` by ``rl.train``, its
+    query losses and training seconds (run in a worker process by ``workers`` > 1)."""
+    run = train(config, subset, progress=False)
+    return {"losses": run_query_loss(run, queries, **loss_options).tolist(),
+            "seconds": round(run.train_seconds, 3)}
 
 
 def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tensor,

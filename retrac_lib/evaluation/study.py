@@ -413,7 +413,7 @@ def _timed(seconds: dict, part: str):
 
 def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None = None,
              ledger=None, on_part=None, ensemble_size: int | None = None,
-             from_end: bool = False) -> dict:
+             from_end: bool = False, workers: int = 1) -> dict:
     """Every measurement of ``rung`` (module docstring) as a JSON-ready dict, without the
     provenance that ``write_result`` adds. The rung's own run and the feature classifier are
     cached in ``root`` (default ``$RETRAC_CACHE``), TracIn and ReTrac scores in
@@ -426,12 +426,14 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     it measured. The retrains train on ``device`` in ensembles of ``ensemble_size``
     (``ensemble_size_for``); ``measurements["retrains"]`` records the trainer, device type and
     ensemble size, ``measurements["train"]`` the rung's own run (cache key, fingerprint, CPU).
-    ``from_end`` trains the missing retrains last to first (``LossLedger``): a second process
-    sharing the ledger with a first one halves the retraining time on a second core."""
+    On the CPU, ``workers`` retrains train at once, each in a process of its own
+    (``LossLedger``). ``from_end`` trains the missing retrains last to first: a second process
+    sharing the ledger with a first one (on another machine, or started later) meets it in
+    the middle."""
     device = str(validation.device(device or "cpu"))
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner(), device=device,
                            ensemble_size=ensemble_size_for(device, ensemble_size),
-                           from_end=from_end)
+                           from_end=from_end, workers=workers)
     seconds, out = {}, {}
     log = print if progress else (lambda *a, **k: None)
     data, is_min, queries = rung_data(rung)
@@ -780,7 +782,7 @@ def _grid(options: dict, n_checkpoints: int) -> tuple[int, int]:
     return c, options.get("timesteps", 100) * options.get("n_noise", 16)
 
 
-def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
+def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0, workers: int = 1) -> dict:
     """Seconds of each part of ``run_rung`` extrapolated from ``probe``, and their ``total``.
 
     With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
@@ -792,9 +794,10 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
     t_grad x the gradient passes of TracIn and ReTrac (C (N + q draws) each) and D-TRAK
     (C_d |S_d| (N + q)) for the held-out (q = Q), generated (2 n_gq) and self-influence (q = N)
     queries. ``stored`` retrains already in the rung's ledger (``stored_retrains``) are taken
-    off the LDS's M S first, then the removal test's (m + R) Q S + S, in proportion. An
-    upper-side estimate otherwise: repeated removal sets and the ghost engine make the real
-    run faster.
+    off the LDS's M S first, then the removal test's (m + R) Q S + S, in proportion; with
+    ``workers`` retraining processes (``run_rung``) the two retraining parts are divided by
+    ``workers``, as if each had a free core. An upper-side estimate otherwise: repeated
+    removal sets and the ghost engine make the real run faster.
     """
     cfg = rung.config
     n, e, s, q = rung.n_train, cfg.epochs, len(rung.seeds), rung.n_queries
@@ -822,6 +825,8 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
     stored = validation.integer(stored, "stored", 0)
     parts["lds"] *= max(0, n_lds - stored) / n_lds
     parts["removal"] *= max(0, n_removal - max(0, stored - n_lds)) / n_removal
+    workers = validation.integer(workers, "workers", 1)
+    parts["lds"], parts["removal"] = parts["lds"] / workers, parts["removal"] / workers
     parts["total"] = sum(parts.values())
     return parts
 
