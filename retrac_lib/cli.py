@@ -210,10 +210,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the probes and estimates, run nothing")
     s.add_argument("--workers", type=int, default=1,
                    help="retrains trained at once on the CPU, each in a process of its own "
-                        "with one thread (give each a free core)")
+                        "with one thread, at most one per core")
     s.add_argument("--from-end", action="store_true",
                    help="train the missing retrains last to first: a second process sharing "
-                        "the ledger with a first one, on another core or machine")
+                        "the ledger with a first one (on another machine, or started later)")
     return parser
 
 
@@ -340,14 +340,19 @@ def study_command(parser, args) -> int:
         parser.error("--workers trains single retrains in parallel CPU processes; with "
                      "--device cuda or --ensemble-size > 1 the retrains train in ensembles "
                      "instead: leave --workers at 1.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.workers > cores:
+        parser.error(f"--workers {args.workers} exceeds the {cores} cores this process may "
+                     "use: each worker needs a core of its own.")
     selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
     out = args.out or study.RESULTS
     estimates, parts, probes = {}, {}, {}
     print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
     for r in ladder:
-        probe = probes[r.name] = study.measure_cost(r, device=args.device, ensemble_size=size)
+        probe = probes[r.name] = study.measure_cost(r, device=args.device, ensemble_size=size,
+                                                    workers=args.workers)
         stored = study.stored_retrains(study.ledger_path(r, out), r, args.device, size)
-        estimate = study.estimate_seconds(r, probe, stored, args.workers)
+        estimate = study.estimate_seconds(r, probe, stored)
         estimates[r.name], parts[r.name] = estimate["total"], estimate
         print("  " + study.describe_cost(r, probe, estimate, stored)
               + ("" if r in selected else "  [not selected]"))

@@ -136,17 +136,19 @@ def attribute_dtrak(run, queries: torch.Tensor, *, checkpoints=(-1,), timesteps:
     check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
     grid = torch.tensor(config.timesteps)
     scores = torch.zeros(len(queries), len(run.data), dtype=torch.float64)
-    norms = torch.zeros(len(config.checkpoints), len(run.data))
+    n_ckpt = len(config.checkpoints)
+    norms = torch.zeros(n_ckpt, len(run.data))
     for j, c in enumerate(tqdm(config.checkpoints, desc="dtrak", disable=not progress)):
         model = run.model_at(c).to(device)
-        train = averaged_gradients(model, run.scheduler, run.data.images, grid, seed, chunk_size)
-        query = averaged_gradients(model, run.scheduler, queries, grid, seed, chunk_size,
+        train = averaged_gradients(model, run.scheduler, run.data.images, grid, config.seed,
+                                   chunk_size)
+        query = averaged_gradients(model, run.scheduler, queries, grid, config.seed, chunk_size,
                                    seeding.DTRAK_QUERY_NOISE)
         norms[j] = train.norm(dim=1).cpu()
-        project = GaussianProjection(train.shape[1], proj_dim, seed)
+        project = GaussianProjection(train.shape[1], config.proj_dim, config.seed)
         phi, phi_q = project(train).cpu(), project(query).cpu()
-        scores += whitened_scores(phi_q, phi, damping_lambda(phi, config.damping)) / len(norms)
-    weights = torch.full((len(norms),), 1 / len(norms), dtype=torch.float64)
+        scores += whitened_scores(phi_q, phi, damping_lambda(phi, config.damping)) / n_ckpt
+    weights = torch.full((n_ckpt,), 1 / n_ckpt, dtype=torch.float64)
     return AttributionResult(scores, config, weights, norms, time.perf_counter() - start)
 
 
@@ -164,6 +166,8 @@ def _key(run, queries: torch.Tensor, options: dict) -> dict:
     """``cache_key`` for ``attribute_dtrak``'s ``options``, validated as computing them would."""
     config = resolve_config(run, **{k: v for k, v in options.items() if k not in _HOW})
     validation.device(options.get("device"))
+    if "chunk_size" in options:
+        validation.chunk_size(options["chunk_size"])
     check_samples(run.model_at(-1), validation.tensor(queries, "queries"), "queries")
     return cache_key(run, queries, config)
 

@@ -102,6 +102,8 @@ def test_dtrak_results_are_cached_under_their_resolved_options(tiny_points_run, 
             baselines.load_or_attribute_baseline(run, q + 1e-3, "dtrak", **DTRAK)
         with pytest.raises(ValueError, match="damping"):   # checked before the cache is read
             baselines.load_or_attribute_baseline(run, q, "dtrak", **{**DTRAK, "damping": 0})
+        with pytest.raises(ValueError, match="chunk_size"):
+            baselines.load_or_attribute_baseline(run, q, "dtrak", chunk_size=0, **DTRAK)
         with pytest.raises(TypeError, match="n_noise"):
             baselines.load_or_attribute_baseline(run, q, "dtrak", n_noise=2, **DTRAK)
 
@@ -144,7 +146,7 @@ def test_baseline_results_say_what_they_lack(tiny_points_run, tmp_path):
     q = tiny_points_run.data.images[:2]
     res = baselines.attribute_baseline(tiny_points_run, q, "pixel")
     assert res.config == baselines.BaselineConfig("pixel", 0)
-    with pytest.raises(ValueError, match="'pixel' baseline scores no checkpoints"):
+    with pytest.raises(ValueError, match="'pixel' scores read no recorded timesteps"):
         res.recorded_timesteps(tiny_points_run)
     with pytest.raises(TypeError, match="Only rl.attribute and D-TRAK results are saved"):
         res.save(tmp_path / "pixel")

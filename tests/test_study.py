@@ -230,7 +230,7 @@ def test_estimate_formula_on_a_hand_computed_probe():
     assert ens["removal"] == pytest.approx(6 * 2 * 2 * (9 * 2 * 1e-5 + 6 * 1e-4)
                                            + 2 * (11 * 2 * 1e-5 + 2 * 6 * 1e-4))
     # retrains in 4 processes: the retraining parts take a quarter of the time
-    four = study.estimate_seconds(_hand_rung(), probe, stored=6, workers=4)
+    four = study.estimate_seconds(_hand_rung(), dataclasses.replace(probe, workers=4), stored=6)
     assert four["lds"] == pytest.approx(est["lds"] / 16)
     assert four["removal"] == pytest.approx(removal / 4) and four["train"] == est["train"]
 
@@ -255,6 +255,12 @@ def test_measure_cost_gives_positive_unit_costs():
                              ensemble_size=2)
     assert ens.ensemble_size == 2 and 0 < ens.retrain_s < 1 and ens.retrain_cost == ens.retrain_s
     assert study.ensemble_size_for("cpu") == 1 and study.ENSEMBLE_SIZE["cuda"] == 32
+    threads = torch.get_num_threads()
+    par = study.measure_cost(study.get_rung("n250", smoke=True), batches=1, repeats=1, workers=2)
+    assert par.workers == 2 and 0 < par.retrain_s < 1 and par.retrain_cost == par.retrain_s
+    assert torch.get_num_threads() == threads   # timed with one thread, then restored
+    with pytest.raises(ValueError, match="workers=2 probes single retrains"):
+        study.measure_cost(study.get_rung("n250", smoke=True), ensemble_size=2, workers=2)
     with pytest.raises(ValueError, match="ensemble_size must be >= 1"):
         study.ensemble_size_for("cpu", 0)
 
@@ -295,7 +301,8 @@ PROBE = study.Probe(1e-3, 1e-2, 1e-4, n_params=100)
 
 def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, monkeypatch):
     # the probe is tested above
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size, workers:
+                        dataclasses.replace(PROBE, workers=workers))
     out = tmp_path / "out"
     assert cli.main(["study", "n250", "--estimate-only", "--budget-minutes", "0", "--out",
                      str(out)]) == 0
@@ -313,7 +320,8 @@ def test_cli_estimate_only_prints_every_rung_and_runs_nothing(tmp_path, capsys, 
 
 
 def test_cli_estimate_counts_the_retrains_its_ledger_holds(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size, workers:
+                        dataclasses.replace(PROBE, workers=workers))
     rung, out = study.get_rung("n250"), tmp_path / "out"
     entries = {f"key{i}": {"losses": [1.0], "seconds": 1.0} for i in range(17)}
     entries["gpu"] = {"losses": [1.0], "seconds": 1.0, "trainer": "ensemble", "device": "cuda"}
@@ -328,7 +336,8 @@ def test_cli_estimate_counts_the_retrains_its_ledger_holds(tmp_path, capsys, mon
 
 def test_cli_estimate_says_when_the_ledger_holds_more_entries_than_retrains(
         tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size, workers:
+                        dataclasses.replace(PROBE, workers=workers))
     rung, out = study.get_rung("n250"), tmp_path / "out"
     entries = {f"key{i}": {"losses": [1.0], "seconds": 1.0} for i in range(40)}
     rl.cache.write_json_atomic(study.ledger_path(rung, out), {
@@ -343,7 +352,8 @@ def test_cli_estimate_says_when_the_ledger_holds_more_entries_than_retrains(
 def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path, capsys,
                                                          monkeypatch):
     _, result, _, _ = smoke_result
-    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size: PROBE)
+    monkeypatch.setattr(study, "measure_cost", lambda rung, device, ensemble_size, workers:
+                        dataclasses.replace(PROBE, workers=workers))
     ran, ledgers, ends = [], [], []
     monkeypatch.setattr(study, "run_rung", lambda rung, device, ledger, on_part, ensemble_size,
                         from_end, workers: (ran.append(rung.name), ledgers.append(ledger),
@@ -492,6 +502,7 @@ def test_rung_records_its_run_and_retrains_and_trains_them_in_ensembles(smoke_re
     (["--ensemble-size", "0"], "--ensemble-size must be >= 1, got 0"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--workers", "2", "--ensemble-size", "4"], "with --device cuda or --ensemble-size > 1"),
+    (["--workers", "4096"], "--workers 4096 exceeds the"),
 ])
 def test_cli_retraining_options_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as err:

@@ -52,8 +52,8 @@ class AttributionResult:
     def recorded_timesteps(self, run) -> torch.Tensor:
         """[C, N] recorded timesteps of every training sample before each checkpoint used."""
         if not isinstance(self.config, AttributionConfig):
-            raise ValueError(f"The {self.config.method!r} baseline scores no checkpoints, so it "
-                             "has no recorded timesteps.")
+            raise ValueError(f"The {self.config.method!r} scores read no recorded timesteps "
+                             "(only rl.attribute's do), so they have none to return.")
         return torch.stack([run.recorded(c)[0] for c in self.config.checkpoints])
 
     def save(self, folder: Path, key: dict | None = None, *, exist_ok: bool = False) -> Path:

@@ -197,7 +197,8 @@ class LossLedger:
     to (e.g. a study rung's configuration hash); a file of another owner is refused.
 
     Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default;
-    with ``workers`` > 1 that many at a time, each in a process of its own with one thread),
+    with ``workers`` > 1 that many at a time, each in a spawned process of its own with one
+    thread, so a script that uses them needs the ``if __name__ == "__main__":`` guard),
     or, with ``ensemble_size`` > 1 or a ``device`` other than the CPU, by
     ``ensemble.train_many`` in ensembles of at most ``ensemble_size`` members on ``device``
     (``trainer`` "ensemble", in full float32 on a GPU: ``ensemble.full_float32``). The two
@@ -205,11 +206,11 @@ class LossLedger:
     names its trainer and device type (except "single" on the CPU, whose keys predate them):
     entries of one are never read as the other's.
 
-    Several processes may share one file (two workers splitting a protocol, on one machine or a
-    shared disk): before each retrain the ledger reads the entries others have written since,
+    Several processes may share one file (two processes splitting a protocol, on one machine or
+    a shared disk): before each retrain the ledger reads the entries others have written since,
     and each write merges under a lock file (``fcntl``; POSIX only), so nobody's entries are
     lost and a stored number is never replaced. A second process made with ``from_end=True``
-    trains the missing retrains last to first, so two workers meet in the middle instead of
+    trains the missing retrains last to first, so two processes meet in the middle instead of
     training the same ones. A write that fails (a full or read-only disk) warns once and the run
     goes on with its losses in memory.
     """
@@ -329,9 +330,9 @@ class LossLedger:
 
     def loss_many(self, jobs, loss_options: dict, progress: bool = False) -> list[torch.Tensor]:
         """Query losses [Q_j] of every job ``(config, subset, queries)``, training the missing
-        ones with this ledger's trainer: one by one, or in ensembles of at most
-        ``ensemble_size`` jobs that share their configuration but the seed and their subset's
-        size. The file is merged and rewritten after every training."""
+        ones with this ledger's trainer: one by one (``workers`` at once), or in ensembles of at
+        most ``ensemble_size`` jobs that share their configuration but the seed and their
+        subset's size. The file is merged and rewritten after every training."""
         keys = [self.key(c, s, q, loss_options, self.trainer, self.device) for c, s, q in jobs]
         missing = {k: job for k, job in zip(keys, jobs) if k not in self.entries}
         groups: dict[tuple, list] = {}
@@ -343,7 +344,7 @@ class LossLedger:
         if self.from_end:
             chunks.reverse()
         with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
-            if self.workers > 1 and chunks:   # single retrains: one job a chunk
+            if self.workers > 1 and len(chunks) > 1:   # single retrains: one job a chunk
                 self._train_in_processes([job for job, in chunks], loss_options, bar)
                 chunks = []
             for chunk in chunks:
@@ -357,37 +358,44 @@ class LossLedger:
 
     def _train_in_processes(self, jobs, loss_options: dict, bar) -> None:
         """Train the single retrains ``jobs`` [(key, config, subset, queries)] in ``workers``
-        processes, storing each entry as it arrives; jobs another process stores meanwhile are
-        skipped. After a failure the retrains still running finish and are kept before the
-        error is raised."""
+        processes, storing each entry as it arrives; jobs another process has stored by the
+        time a worker is free are skipped (ones it is still training may be trained twice).
+        When a retrain fails, the others still running finish and are stored before the error
+        is raised; an interrupt stores those finished and leaves the rest."""
         todo, running = iter(jobs), {}
         context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked threads
-        with ProcessPoolExecutor(self.workers, mp_context=context,
-                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            def submit_next():
-                self._refresh()
-                for job in todo:
-                    if job[0] not in self.entries:
-                        running[pool.submit(_retrain_entry, *job[1:], loss_options)] = job[0]
-                        return
-                    bar.update(1)
+        pool = ProcessPoolExecutor(self.workers, mp_context=context,
+                                   initializer=torch.set_num_threads, initargs=(1,))
 
+        def submit_next():
+            self._refresh()
+            for job in todo:
+                if job[0] not in self.entries:
+                    running[pool.submit(_retrain_entry, *job[1:], loss_options)] = job[0]
+                    return
+                bar.update(1)
+
+        try:
             for _ in range(self.workers):
                 submit_next()
-            try:
-                while running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        self.entries[running.pop(future)] = future.result()
-                        self._save()
-                        bar.update(1)
-                        submit_next()
-            except BaseException:
-                for future, key in running.items():
-                    with contextlib.suppress(Exception):
-                        self.entries[key] = future.result()
-                self._save()
-                raise
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key = running.pop(future)
+                    self.entries[key] = future.result()
+                    self._save()
+                    bar.update(1)
+                    submit_next()
+        except BaseException as err:
+            if isinstance(err, Exception):
+                wait(running)
+            for future, key in running.items():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self.entries[key] = future.result()
+            self._save()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _retrain_entry(config: TrainConfig, subset: Dataset, queries: torch.Tensor,

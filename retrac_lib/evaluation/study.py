@@ -490,7 +490,7 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     def result(pending: tuple[str, ...]) -> dict:
         out["retrains"] = {"entries": len(ledger), "train_seconds": round(ledger.seconds(), 1),
                            "trainer": ledger.trainer, "device": ledger.device.type,
-                           "ensemble_size": ledger.ensemble_size}
+                           "ensemble_size": ledger.ensemble_size, "workers": ledger.workers}
         return {"rung": rung.label, "configuration": rung.to_dict(), "device": device,
                 "seconds": dict(seconds), "measurements": json.loads(json.dumps(out)),
                 "pending": list(pending),
@@ -714,8 +714,9 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
 class Probe:
     """Measured unit costs of a rung's model: seconds per training sample-epoch (CPU, as
     ``rl.train``), per per-sample loss gradient and per query-loss forward draw (``device``),
-    and per retrain sample-epoch of one member of an ensemble of ``ensemble_size`` on
-    ``device`` (``retrain_s``; None: the retrains are ``rl.train``'s, ``train_s``)."""
+    and per retrain sample-epoch (``retrain_s``) of one member of an ensemble of
+    ``ensemble_size`` on ``device``, or of ``rl.train`` with one thread in each of ``workers``
+    processes (None: the retrains are this process's ``rl.train``, ``train_s``)."""
 
     train_s: float
     grad_s: float
@@ -724,6 +725,7 @@ class Probe:
     n_params: int = 0
     retrain_s: float | None = None
     ensemble_size: int = 1
+    workers: int = 1
 
     @property
     def retrain_cost(self) -> float:
@@ -732,16 +734,21 @@ class Probe:
 
 
 def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2,
-                 ensemble_size: int | None = None) -> Probe:
+                 ensemble_size: int | None = None, workers: int = 1) -> Probe:
     """A short probe on the code paths the rung runs, after a warm-up, the fastest of
     ``repeats`` timings each: ``rl.train`` for 2 epochs on ``batches`` batches of its data (with
     the recorder and checkpoints, not cached), ``rl.per_sample_grads`` on one batch and
     ``counterfactual.query_loss`` of 2 queries with its loss options; unless the retrains are
     ``rl.train``'s (``ensemble_size_for`` is 1 on the CPU), ``ensemble.train_many`` of that
-    many members for 2 epochs on ``device``. The fastest timing is the machine's uncontended
-    cost: on a loaded machine the rung runs slower than estimated."""
+    many members for 2 epochs on ``device``; with ``workers`` > 1, ``rl.train`` with one thread,
+    as each worker process trains. The fastest timing is the machine's uncontended cost: on a
+    loaded machine the rung runs slower than estimated."""
     device = validation.device(device or "cpu")
     ensemble_size = ensemble_size_for(device, ensemble_size)
+    workers = validation.integer(workers, "workers", 1)
+    if workers > 1 and (ensemble_size > 1 or device.type != "cpu"):
+        raise ValueError(f"workers={workers} probes single retrains in CPU processes; "
+                         "ensembles (ensemble_size > 1 or a GPU) train many at once already.")
     batches = validation.integer(batches, "batches", 1)
     repeats = validation.integer(repeats, "repeats", 1)
     data, _, queries = rung_data(rung)
@@ -749,10 +756,11 @@ def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2,
     sub = data.subset(range(min(len(data), batches * cfg.batch_size)))
     train(cfg.replace(epochs=1), sub.subset(range(min(len(sub), cfg.batch_size))),
           progress=False)                                                   # warm-up
-    runs = [train(cfg.replace(epochs=2, checkpoint_every=1), sub, progress=False)
-            for _ in range(repeats)]
-    train_s = min(r.train_seconds for r in runs) / (2 * len(sub))
-    run = runs[0]
+    timed = lambda: [train(cfg.replace(epochs=2, checkpoint_every=1), sub, progress=False)
+                     for _ in range(repeats)]
+    per_sample_epoch = lambda runs: min(r.train_seconds for r in runs) / (2 * len(sub))
+    runs = timed()
+    train_s, run = per_sample_epoch(runs), runs[0]
     model = run.model_at(-1).to(device)
     t, eps = (v[:cfg.batch_size] for v in run.recorded(-1))
     args = [v.to(device) for v in (sub.images[:cfg.batch_size], t, eps)]
@@ -768,8 +776,15 @@ def measure_cost(rung: Rung, device=None, batches: int = 4, repeats: int = 2,
         train_many(configs[:1], [sub.subset(range(min(len(sub), cfg.batch_size)))], device)
         retrain_s = min(train_many(configs, [sub] * ensemble_size, device).train_seconds
                         for _ in range(repeats)) / (2 * len(sub) * ensemble_size)
+    elif workers > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            retrain_s = per_sample_epoch(timed())
+        finally:
+            torch.set_num_threads(threads)
     return Probe(train_s, grad_s, forward_s, str(device),
-                 sum(p.numel() for p in model.parameters()), retrain_s, ensemble_size)
+                 sum(p.numel() for p in model.parameters()), retrain_s, ensemble_size, workers)
 
 
 def _n_checkpoints(config: TrainConfig) -> int:
@@ -782,7 +797,7 @@ def _grid(options: dict, n_checkpoints: int) -> tuple[int, int]:
     return c, options.get("timesteps", 100) * options.get("n_noise", 16)
 
 
-def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0, workers: int = 1) -> dict:
+def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
     """Seconds of each part of ``run_rung`` extrapolated from ``probe``, and their ``total``.
 
     With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
@@ -794,10 +809,10 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0, workers: int = 1
     t_grad x the gradient passes of TracIn and ReTrac (C (N + q draws) each) and D-TRAK
     (C_d |S_d| (N + q)) for the held-out (q = Q), generated (2 n_gq) and self-influence (q = N)
     queries. ``stored`` retrains already in the rung's ledger (``stored_retrains``) are taken
-    off the LDS's M S first, then the removal test's (m + R) Q S + S, in proportion; with
-    ``workers`` retraining processes (``run_rung``) the two retraining parts are divided by
-    ``workers``, as if each had a free core. An upper-side estimate otherwise: repeated
-    removal sets and the ghost engine make the real run faster.
+    off the LDS's M S first, then the removal test's (m + R) Q S + S, in proportion; with the
+    probe's ``workers`` retraining processes the two retraining parts are divided by
+    ``workers``, each on a free core. An upper-side estimate otherwise: repeated removal sets
+    and the ghost engine make the real run faster.
     """
     cfg = rung.config
     n, e, s, q = rung.n_train, cfg.epochs, len(rung.seeds), rung.n_queries
@@ -825,8 +840,7 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0, workers: int = 1
     stored = validation.integer(stored, "stored", 0)
     parts["lds"] *= max(0, n_lds - stored) / n_lds
     parts["removal"] *= max(0, n_removal - max(0, stored - n_lds)) / n_removal
-    workers = validation.integer(workers, "workers", 1)
-    parts["lds"], parts["removal"] = parts["lds"] / workers, parts["removal"] / workers
+    parts["lds"], parts["removal"] = parts["lds"] / probe.workers, parts["removal"] / probe.workers
     parts["total"] = sum(parts.values())
     return parts
 
@@ -892,8 +906,9 @@ def describe_cost(rung: Rung, probe: Probe, estimate: dict, stored: int = 0) -> 
     parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in estimate.items() if k != "total")
     gib = estimate_cache_bytes(rung, probe) / 2 ** 30
     retrain = "" if probe.retrain_s is None else (
-        f", {1e3 * probe.retrain_s:.3f} ms per retrain sample-epoch (ensembles of "
-        f"{probe.ensemble_size})")
+        f", {1e3 * probe.retrain_s:.3f} ms per retrain sample-epoch ("
+        + (f"one thread, {probe.workers} at once)" if probe.workers > 1
+           else f"ensembles of {probe.ensemble_size})"))
     return (f"{rung.label}: N = {rung.n_train}, UNet {rung.config.block_out_channels}, "
             f"{rung.config.epochs} epochs; probe {1e3 * probe.train_s:.2f} ms per sample-epoch, "
             f"{1e3 * probe.grad_s:.2f} ms per gradient, {1e3 * probe.forward_s:.3f} ms per "
