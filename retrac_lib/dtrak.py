@@ -22,7 +22,6 @@ scored by.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -31,35 +30,14 @@ from tqdm.auto import tqdm
 
 from . import cache, seeding, validation
 from .attribution import AttributionResult
+from .attribution.options import DTrakConfig   # there, so saved scores load without rl.dtrak
 from .attribution.results import load_or_compute, load_self_scores, save_self_scores
 from .grads import grouped_grads
 from .models import check_samples
 from .projection import GaussianProjection
 from .runs import run_identity
 
-OUTPUT_FUNCTION = "square_norm"
-
-
-@dataclasses.dataclass(frozen=True)
-class DTrakConfig:
-    """Every choice behind a D-TRAK score matrix (``attribute_dtrak``'s options, resolved)."""
-
-    checkpoints: tuple[int, ...]
-    timesteps: tuple[int, ...]     # the set S
-    proj_dim: int
-    damping: float
-    seed: int
-    output_function: str = OUTPUT_FUNCTION
-    method = "dtrak"
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v
-                                          for k, v in dataclasses.asdict(self).items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DTrakConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                      if k != "method"})
+OUTPUT_FUNCTION = DTrakConfig.output_function   # "square_norm"
 
 
 def resolve_config(run, *, checkpoints=(-1,), timesteps: int = 10, proj_dim: int = 2048,

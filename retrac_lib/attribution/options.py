@@ -38,7 +38,7 @@ class AttributionConfig:
     noise_per_query: bool = False  # fresh query noise for every query and checkpoint
 
     def to_dict(self) -> dict:
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = _as_json(self)
         if not self.projection:  # exact results keep the keys they had before projections existed
             del d["projection"], d["projection_seed"]
         if not self.noise_per_query:  # likewise for shared query noise, the default
@@ -47,4 +47,41 @@ class AttributionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AttributionConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return cls(**_from_json(d))
+
+
+@dataclasses.dataclass(frozen=True)
+class DTrakConfig:
+    """Every choice behind a D-TRAK score matrix (``rl.dtrak.attribute_dtrak``'s options,
+    resolved), saved with it and part of its cache key."""
+
+    checkpoints: tuple[int, ...]
+    timesteps: tuple[int, ...]     # the set S
+    proj_dim: int
+    damping: float
+    seed: int
+    output_function: str = "square_norm"   # D-TRAK's f: the squared norm of the predicted noise
+    method = "dtrak"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **_as_json(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DTrakConfig":
+        return cls(**_from_json({k: v for k, v in d.items() if k != "method"}))
+
+
+def config_from_dict(d: dict):
+    """The config a saved score matrix names: a ``DTrakConfig`` for D-TRAK's, else an
+    ``AttributionConfig``."""
+    return (DTrakConfig if d.get("method") == "dtrak" else AttributionConfig).from_dict(d)
+
+
+def _as_json(config) -> dict:
+    """A config's fields, tuples as lists (as JSON stores them, so keys compare equal)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def _from_json(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -10,7 +10,7 @@ import torch
 from .. import cache, ranking, seeding
 from ..config import cache_dir
 from ..runs import run_identity
-from .options import AttributionConfig
+from .options import AttributionConfig, config_from_dict
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class AttributionResult:
     """
 
     scores: torch.Tensor
-    # an AttributionConfig, or a baseline's own (dtrak.DTrakConfig, baselines.BaselineConfig):
+    # an AttributionConfig, or a baseline's own (options.DTrakConfig, baselines.BaselineConfig):
     # each has ``method`` and ``to_dict()``
     config: object
     checkpoint_weights: torch.Tensor
@@ -87,12 +87,7 @@ class AttributionResult:
         cache.verify_folder(folder)
         tensors = cache.load_tensors(Path(folder) / "scores.safetensors")
         meta = cache.read_json(Path(folder) / "config.json")
-        config_type = AttributionConfig
-        if meta["config"].get("method") == "dtrak":
-            from ..dtrak import DTrakConfig   # rl.dtrak builds on this module
-            config_type = DTrakConfig
-        return cls(config=config_type.from_dict(meta["config"]), seconds=meta["seconds"],
-                   **tensors)
+        return cls(config=config_from_dict(meta["config"]), seconds=meta["seconds"], **tensors)
 
 
 def cache_key(run, queries: torch.Tensor, noise: torch.Tensor, config: AttributionConfig) -> dict:
