@@ -346,14 +346,14 @@ class LossLedger:
         with tqdm(total=len(missing), desc="retrains", disable=not progress) as bar:
             if self.workers > 1 and len(chunks) > 1:   # single retrains: one job a chunk
                 self._train_in_processes([job for job, in chunks], loss_options, bar)
-                chunks = []
-            for chunk in chunks:
-                self._refresh()
-                todo = [job for job in chunk if job[0] not in self.entries]   # or done elsewhere
-                if todo:
-                    self._train(todo, loss_options)
-                    self._save()
-                bar.update(len(chunk))
+            else:
+                for chunk in chunks:
+                    self._refresh()
+                    todo = [job for job in chunk if job[0] not in self.entries]   # or elsewhere
+                    if todo:
+                        self._train(todo, loss_options)
+                        self._save()
+                    bar.update(len(chunk))
         return [torch.tensor(self.entries[k]["losses"], dtype=torch.float64) for k in keys]
 
     def _train_in_processes(self, jobs, loss_options: dict, bar) -> None:
