@@ -57,7 +57,10 @@ def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     assert m["removal"]["k"] == 2 and 0 < m["removal"]["n_retrains"] <= 24
     assert set(m["removal"]["per_method"]) == {*study.METHODS, "random"}
     assert m["quality"]["train_minority_share"] == pytest.approx(2 / 11)
-    assert m["generated_queries"]["top"] == 2
+    g = m["generated_queries"]
+    assert g["top"] == 2 and 0 <= g["minority_like"] <= g["n_per_group"] == 1
+    assert set(g["per_method"]) == set(study.METHODS)
+    assert all(set(v) == {"near_minority", "ordinary"} for v in g["per_method"].values())
 
 
 def test_recorded_values_are_recomputable(smoke_result):
@@ -131,6 +134,29 @@ def test_generation_quality_counts_recognizable_and_minority_like_images(smoke_r
     assert kept.recognizable.tolist() == [True, True, True, False]
     assert kept.minority_like.tolist() == [True, False, True, False]
     assert kept.nearest_distance[:3].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_generated_queries_count_minority_like_images_by_the_recognition_rule(smoke_result):
+    """Made-up images with a radius of 1: a copy of a training zero (minority-like), the same
+    zero brightened by 0.1 (nearest a zero, but 3.2 away: not recognizable), a copy of an
+    inlier (ordinary) and noise. The old rule called every image nearest a zero minority-like."""
+    rung = smoke_result[0]
+    data, is_min, _ = study.rung_data(rung)
+    zero, digit = int(is_min.nonzero()[0]), int((~is_min).nonzero()[0])
+    noise = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    copy, far_zero = data.images[[zero]], data.images[[zero]] + 0.1
+    inlier = data.images[[digit]]
+    gen = torch.cat([noise, far_zero, inlier, copy])
+    queries, n_like, n_plain = study.generated_queries(gen, data, is_min, 1, radius=1.0)
+    assert torch.equal(queries, torch.cat([copy, inlier])) and (n_like, n_plain) == (1, 1)
+    queries, n_like, n_plain = study.generated_queries(gen, data, is_min, 2, radius=1.0)
+    assert torch.equal(queries[:2], torch.cat([copy, far_zero]))   # nearest a zero next
+    assert torch.equal(queries[2], inlier[0]) and (n_like, n_plain) == (1, 1)
+    without_copy = torch.cat([noise, far_zero, inlier])
+    queries, n_like, n_plain = study.generated_queries(without_copy, data, is_min, 1, 1.0)
+    assert torch.equal(queries, torch.cat([far_zero, inlier])) and (n_like, n_plain) == (0, 1)
+    with pytest.raises(ValueError, match="too few for 2 near-minority and 2 ordinary"):
+        study.generated_queries(without_copy, data, is_min, 2, 1.0)
 
 
 def test_stored_samples_refuses_a_result_without_them():

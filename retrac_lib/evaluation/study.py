@@ -24,7 +24,8 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
 * **LDS** over ``n_subsets`` retrained half-size subsets, averaged over the training seeds, with
   ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k``; the
   **self-influence** AUC of the minority with its interval; and **generated queries**: the
-  minority share among the top proponents of minority-like generated images against ordinary ones.
+  minority share among the top proponents of the generated images nearest a minority image
+  against ordinary ones, and how many of the former are minority-like (``generated_queries``).
 
 ``write_result`` stores a small JSON file per rung with provenance; ``read_result`` refuses a file
 whose ``FORMAT`` or rung configuration differs from the code reading it. ``measure_cost``,
@@ -63,7 +64,7 @@ from ..sampling import generate
 from ..runs import run_key
 from ..training import load_or_train, train
 
-FORMAT = 2   # 2: generation quality counts recognizable images and keeps samples
+FORMAT = 3   # 3: generated queries count their minority-like images by chapter 6's rule
 RESULTS = Path(__file__).parents[1] / "results" / "v1"   # committed; shipped in the wheel
 METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
 GRADIENT = ("tracin", "retrac", "dtrak")
@@ -92,7 +93,7 @@ class Rung:
     is the first of ``seeds``). Protocol: ``n_subsets`` LDS subsets of ``subset_fraction`` of the
     data; every training set trained with each of ``seeds``; ``n_queries`` held-out queries;
     removal of the top ``k`` with ``random_draws`` random sets per query; ``n_generated`` images
-    (``generation_steps`` steps) for quality, ``n_generated_queries`` minority-like and as many
+    (``generation_steps`` steps) for quality, ``n_generated_queries`` near-minority and as many
     ordinary ones. ``loss_options`` go to ``counterfactual.query_loss``, ``attribution`` to
     ``rl.attribute`` (held-out and generated queries), ``self_attribution`` for self-influence,
     ``dtrak`` to ``rl.dtrak.attribute_dtrak``.
@@ -308,17 +309,19 @@ def recognition_radius(data: Dataset, reference: Dataset, quantile: float = 0.95
 
 
 def generation_quality(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
-                       classifier: features.Classifier) -> dict:
+                       classifier: features.Classifier, radius: float | None = None) -> dict:
     """Nearest-training-image labels (pixel space) and classifier labels of ``gen`` against
     the training labels: total variation distance and minority share. Both labellers also
     label noise and shapeless blobs, which an undertrained model draws, so the shares of all
     of ``gen`` that are *recognizable* (within ``recognition_radius`` of the training set,
     measured on ``mnist("test")``) and *minority-like* (recognizable, and the nearest training
-    image a minority one: chapter 6's zero-like) are reported too."""
+    image a minority one: chapter 6's zero-like) are reported too. ``radius`` is
+    ``recognition_radius(data, mnist("test"))`` unless given."""
     dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
     d_min, nearest = dist.min(1)
     predicted = classifier.predict(gen)
-    radius = recognition_radius(data, mnist("test"))
+    if radius is None:
+        radius = recognition_radius(data, mnist("test"))
     recognizable = d_min <= radius
     return {
         "n": len(gen),
@@ -384,23 +387,29 @@ def stored_samples(quality: dict) -> StoredSamples:
                          quality["recognition_radius"])
 
 
-def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
-                      n: int) -> tuple[torch.Tensor, int]:
-    """``n`` minority-like generated images (nearest training image a minority one first,
-    then by distance to the nearest minority image) followed by ``n`` ordinary ones (nearest
-    training image an inlier, closest first); also how many of the first ``n`` have a minority
-    nearest neighbour."""
+def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor, n: int,
+                      radius: float) -> tuple[torch.Tensor, int, int]:
+    """``n`` near-minority generated images followed by ``n`` ordinary ones, by chapter 6's
+    rule: the minority-like images (within ``radius`` of their nearest training image, a
+    minority one) closest to a minority image first, then the other images closest to one;
+    the ordinary ones are recognizable images whose nearest training image is an inlier,
+    closest first, then the other images by distance. Also how many near-minority queries
+    are minority-like and how many ordinary ones are recognizable: a model that draws no
+    recognizable minority image gives near-minority queries that are none."""
     dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
     d_min, nearest = dist.min(1)
-    like = is_minority[nearest]
+    recognizable = d_min <= validation.real(radius, "radius")
+    like = recognizable & is_minority[nearest]
+    plain = recognizable & ~is_minority[nearest]
     d_minority = dist[:, is_minority].min(1).values
     near = sorted(range(len(gen)), key=lambda i: (not bool(like[i]), float(d_minority[i])))[:n]
-    rest = [i for i in sorted(range(len(gen)), key=lambda i: (bool(like[i]), float(d_min[i])))
+    rest = [i for i in sorted(range(len(gen)), key=lambda i: (not bool(plain[i]),
+                                                              float(d_min[i])))
             if i not in near][:n]
     if len(rest) < n:
-        raise ValueError(f"{len(gen)} generated images are too few for {n} minority-like and "
+        raise ValueError(f"{len(gen)} generated images are too few for {n} near-minority and "
                          f"{n} ordinary queries.")
-    return gen[near + rest], int(like[near].sum())
+    return gen[near + rest], int(like[near].sum()), int(plain[rest].sum())
 
 
 @contextlib.contextmanager
@@ -458,7 +467,8 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     with _timed(seconds, "generation"):
         gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
                        steps=rung.generation_steps, seed=rung.generation_seed)
-        out["quality"] = generation_quality(gen, data, is_min, classifier)
+        radius = recognition_radius(data, mnist("test"))
+        out["quality"] = generation_quality(gen, data, is_min, classifier, radius)
     with _timed(seconds, "bias"):
         s = diagnostics.summarize(diagnostics.recorded_norms(run, -1))
         out["bias"] = {"checkpoint": s.label, "decile_ratio": s.decile_ratio,
@@ -479,12 +489,13 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         "minority_in_top": cf.outliers_in_top(v, is_min)} for m, v in self_inf.items()}
     with _timed(seconds, "generated_queries"):
         nq = rung.n_generated_queries
-        gen_q, n_like = generated_queries(gen, data, is_min, nq)
+        gen_q, n_like, n_plain = generated_queries(gen, data, is_min, nq, radius)
         gres = {m: attribute_any(run, gen_q, m, progress=False, **opts(m)) for m in METHODS}
     share = lambda r, rows: float(is_min[r.proponents(n_min)[rows]].double().mean())
     out["generated_queries"] = {
-        "n_per_group": nq, "minority_like": n_like, "top": n_min,
-        "per_method": {m: {"minority_like": share(r, slice(0, nq)),
+        "n_per_group": nq, "minority_like": n_like, "ordinary_recognizable": n_plain,
+        "top": n_min,
+        "per_method": {m: {"near_minority": share(r, slice(0, nq)),
                            "ordinary": share(r, slice(nq, 2 * nq))} for m, r in gres.items()}}
 
     def result(pending: tuple[str, ...]) -> dict:
