@@ -476,9 +476,15 @@ def test_reverify_measures_the_stored_numbers_again_and_catches_an_edit(smoke_re
     assert len(retrains) == rung.n_queries            # one subset, every query
     assert all(c.agrees for c in checks)
     assert all(c.measured == c.stored for c in retrains)   # same machine: to the last digit
-    doc["measurements"]["bias"]["decile_ratio"] *= 1.01    # an edited number
+    asked = {c.what: c for c in checks if "generated queries" in c.what}
+    assert asked["zero-like near-minority generated queries"].measured == \
+        doc["measurements"]["generated_queries"]["minority_like"]
+    doc["measurements"]["bias"]["decile_ratio"] *= 1.01    # edited numbers
+    doc["measurements"]["generated_queries"]["ordinary_recognizable"] += 2
     edited = {c.what: c.agrees for c in study.reverify(doc, ledger=ledger, n_retrains=0)}
     assert edited["decile ratio"] is False and edited["final training loss"] is True
+    assert edited["recognizable ordinary generated queries"] is False
+    assert edited["zero-like near-minority generated queries"] is True
 
 
 def test_reverification_tolerance_is_relative_or_absolute():

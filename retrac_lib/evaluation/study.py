@@ -671,12 +671,13 @@ class Reverification:
 def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = None,
              progress: bool = False) -> list[Reverification]:
     """Measure again what a stored rung result (``read_result``) can afford to: its own run's
-    final loss, the timestep bias, the generation quality and ``n_retrains`` of its ledger's
-    LDS retrains (the first subsets' first seed, recomputed with ``training.train``; only
-    those the ledger holds). A full re-run takes hours; this takes the rung's training time,
+    final loss, the timestep bias, the generation quality, how many generated queries are
+    minority-like and recognizable, and ``n_retrains`` of its ledger's LDS retrains (the
+    first subsets' first seed, recomputed with ``training.train``; only those the ledger
+    holds). A full re-run takes hours; this takes the rung's training time,
     its generation and ``n_retrains`` retrains. Same machine, same code: equal to the last
     digit; the tolerances allow another CPU's float rounding (losses and ratios 1e-3
-    relative, shares of generated images two images)."""
+    relative, shares of generated images two images, counts of generated queries one)."""
     rung = get_rung(doc["configuration"]["name"], smoke=bool(doc["configuration"].get("smoke")))
     stored = doc["measurements"]
     data, is_min, queries = rung_data(rung)
@@ -691,11 +692,18 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
                                                    root=root)
     gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
                    steps=rung.generation_steps, seed=rung.generation_seed)
-    quality = generation_quality(gen, data, is_min, classifier)
+    radius = recognition_radius(data, mnist("test"))
+    quality = generation_quality(gen, data, is_min, classifier, radius)
     for key in ("nearest_minority_share", "classifier_minority_share", "recognizable_share",
                 "recognizable_minority_share", "nearest_label_tv"):
         checks.append(Reverification(key.replace("_", " "), stored["quality"][key],
                                      quality[key], 2 / rung.n_generated, False))
+    _, n_like, n_plain = generated_queries(gen, data, is_min, rung.n_generated_queries, radius)
+    asked = stored["generated_queries"]
+    checks += [Reverification("zero-like near-minority generated queries",
+                              asked["minority_like"], n_like, 1, False),
+               Reverification("recognizable ordinary generated queries",
+                              asked["ordinary_recognizable"], n_plain, 1, False)]
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
     masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
                               seed=rung.subset_seed)
