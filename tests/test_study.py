@@ -59,6 +59,7 @@ def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     assert m["quality"]["train_minority_share"] == pytest.approx(2 / 11)
     g = m["generated_queries"]
     assert g["top"] == 2 and 0 <= g["minority_like"] <= g["n_per_group"] == 1
+    assert 0 <= g["ordinary_recognizable"] <= 1
     assert set(g["per_method"]) == set(study.METHODS)
     assert all(set(v) == {"near_minority", "ordinary"} for v in g["per_method"].values())
 
@@ -136,13 +137,13 @@ def test_generation_quality_counts_recognizable_and_minority_like_images(smoke_r
     assert kept.nearest_distance[:3].tolist() == [0.0, 0.0, 0.0]
 
 
-def test_generated_queries_count_minority_like_images_by_the_recognition_rule(smoke_result):
+def test_generated_queries_count_minority_like_images_by_the_recognition_rule():
     """Made-up images with a radius of 1: a copy of a training zero (minority-like), the same
     zero brightened by 0.1 (nearest a zero, but 3.2 away: not recognizable), a copy of an
     inlier (ordinary) and noise. The old rule called every image nearest a zero minority-like."""
-    rung = smoke_result[0]
-    data, is_min, _ = study.rung_data(rung)
-    zero, digit = int(is_min.nonzero()[0]), int((~is_min).nonzero()[0])
+    data, is_min, _ = study.rung_data(study.get_rung("n250", smoke=True))
+    zero, other_zero = is_min.nonzero().flatten()[:2].tolist()
+    digit = int((~is_min).nonzero()[0])
     noise = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     copy, far_zero = data.images[[zero]], data.images[[zero]] + 0.1
     inlier = data.images[[digit]]
@@ -150,13 +151,19 @@ def test_generated_queries_count_minority_like_images_by_the_recognition_rule(sm
     queries, n_like, n_plain = study.generated_queries(gen, data, is_min, 1, radius=1.0)
     assert torch.equal(queries, torch.cat([copy, inlier])) and (n_like, n_plain) == (1, 1)
     queries, n_like, n_plain = study.generated_queries(gen, data, is_min, 2, radius=1.0)
-    assert torch.equal(queries[:2], torch.cat([copy, far_zero]))   # nearest a zero next
-    assert torch.equal(queries[2], inlier[0]) and (n_like, n_plain) == (1, 1)
+    # near-minority: the copy, then the image nearest a zero; ordinary: the digit, then noise
+    assert torch.equal(queries, torch.cat([copy, far_zero, inlier, noise]))
+    assert (n_like, n_plain) == (1, 1)
     without_copy = torch.cat([noise, far_zero, inlier])
     queries, n_like, n_plain = study.generated_queries(without_copy, data, is_min, 1, 1.0)
     assert torch.equal(queries, torch.cat([far_zero, inlier])) and (n_like, n_plain) == (0, 1)
     with pytest.raises(ValueError, match="too few for 2 near-minority and 2 ordinary"):
         study.generated_queries(without_copy, data, is_min, 2, 1.0)
+    # three zero-like images and no plain digit: the one left over goes after the noise
+    near_copy = copy + 0.01                                   # 0.32 from the zero
+    zeros = torch.cat([copy, data.images[[other_zero]], near_copy, noise])
+    queries, n_like, n_plain = study.generated_queries(zeros, data, is_min, 2, 1.0)
+    assert torch.equal(queries[2:], torch.cat([noise, near_copy])) and (n_like, n_plain) == (2, 0)
 
 
 def test_stored_samples_refuses_a_result_without_them():
@@ -476,15 +483,15 @@ def test_reverify_measures_the_stored_numbers_again_and_catches_an_edit(smoke_re
     assert len(retrains) == rung.n_queries            # one subset, every query
     assert all(c.agrees for c in checks)
     assert all(c.measured == c.stored for c in retrains)   # same machine: to the last digit
-    asked = {c.what: c for c in checks if "generated queries" in c.what}
-    assert asked["zero-like near-minority generated queries"].measured == \
+    asked = {c.what: c for c in checks if "queries" in c.what}
+    assert asked["minority-like generated queries"].measured == \
         doc["measurements"]["generated_queries"]["minority_like"]
     doc["measurements"]["bias"]["decile_ratio"] *= 1.01    # edited numbers
     doc["measurements"]["generated_queries"]["ordinary_recognizable"] += 2
     edited = {c.what: c.agrees for c in study.reverify(doc, ledger=ledger, n_retrains=0)}
     assert edited["decile ratio"] is False and edited["final training loss"] is True
-    assert edited["recognizable ordinary generated queries"] is False
-    assert edited["zero-like near-minority generated queries"] is True
+    assert edited["plain digits among ordinary queries"] is False
+    assert edited["minority-like generated queries"] is True
 
 
 def test_reverification_tolerance_is_relative_or_absolute():

@@ -25,7 +25,8 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
   ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k``; the
   **self-influence** AUC of the minority with its interval; and **generated queries**: the
   minority share among the top proponents of the generated images nearest a minority image
-  against ordinary ones, and how many of the former are minority-like (``generated_queries``).
+  against ordinary ones, with how many of the former are minority-like and how many of the
+  latter are recognizable digits of the inlier classes (``generated_queries``).
 
 ``write_result`` stores a small JSON file per rung with provenance; ``read_result`` refuses a file
 whose ``FORMAT`` or rung configuration differs from the code reading it. ``measure_cost``,
@@ -390,12 +391,13 @@ def stored_samples(quality: dict) -> StoredSamples:
 def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor, n: int,
                       radius: float) -> tuple[torch.Tensor, int, int]:
     """``n`` near-minority generated images followed by ``n`` ordinary ones, by chapter 6's
-    rule: the minority-like images (within ``radius`` of their nearest training image, a
-    minority one) closest to a minority image first, then the other images closest to one;
-    the ordinary ones are recognizable images whose nearest training image is an inlier,
-    closest first, then the other images by distance. Also how many near-minority queries
-    are minority-like and how many ordinary ones are recognizable: a model that draws no
-    recognizable minority image gives near-minority queries that are none."""
+    rule. Near-minority: the minority-like images (within ``radius`` of their nearest
+    training image, a minority one) first, then the others, each by distance to the nearest
+    minority image. Ordinary: the plain digits (within ``radius`` of their nearest training
+    image, an inlier) first, closest first, then the unrecognizable images, then minority-like
+    ones left over, never one of the near-minority queries. Also how many near-minority
+    queries are minority-like and how many ordinary ones are plain digits: a model that draws
+    no recognizable minority image has no minority-like query to ask about."""
     dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
     d_min, nearest = dist.min(1)
     recognizable = d_min <= validation.real(radius, "radius")
@@ -404,7 +406,7 @@ def generated_queries(gen: torch.Tensor, data: Dataset, is_minority: torch.Tenso
     d_minority = dist[:, is_minority].min(1).values
     near = sorted(range(len(gen)), key=lambda i: (not bool(like[i]), float(d_minority[i])))[:n]
     rest = [i for i in sorted(range(len(gen)), key=lambda i: (not bool(plain[i]),
-                                                              float(d_min[i])))
+                                                              bool(like[i]), float(d_min[i])))
             if i not in near][:n]
     if len(rest) < n:
         raise ValueError(f"{len(gen)} generated images are too few for {n} near-minority and "
@@ -700,9 +702,9 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
                                      quality[key], 2 / rung.n_generated, False))
     _, n_like, n_plain = generated_queries(gen, data, is_min, rung.n_generated_queries, radius)
     asked = stored["generated_queries"]
-    checks += [Reverification("zero-like near-minority generated queries",
-                              asked["minority_like"], n_like, 1, False),
-               Reverification("recognizable ordinary generated queries",
+    checks += [Reverification("minority-like generated queries", asked["minority_like"],
+                              n_like, 1, False),
+               Reverification("plain digits among ordinary queries",
                               asked["ordinary_recognizable"], n_plain, 1, False)]
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
     masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
