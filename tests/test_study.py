@@ -41,6 +41,9 @@ def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     assert doc["versions"]["torch"] == torch.__version__
     assert doc["versions"]["retrac_lib"] == rl.__version__
     assert doc["device"] == "cpu" and doc["seeds"]["training"] == [0, 1]
+    # the CPU's model and instruction set: another CPU rounds differently
+    assert study.cpu_name() in doc["device_name"]
+    assert study.cpu_name().endswith(torch.backends.cpu.get_cpu_capability())
     assert set(doc["seconds"]) == set(PARTS) and all(v >= 0 for v in doc["seconds"].values())
     m = doc["measurements"]
     assert m == json.loads(json.dumps(result["measurements"]))

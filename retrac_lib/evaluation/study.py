@@ -562,11 +562,23 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def cpu_name() -> str:
+    """The CPU's model (``/proc/cpuinfo`` on Linux, else ``platform``) and the vector
+    instructions torch's kernels use on it: runs on two CPUs round differently, so results
+    differ in their last digits, and a trained model's more (``reverify``)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({platform.processor() or platform.machine()}, " \
-           f"{torch.get_num_threads()} threads)"
+    return f"{device} ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def write_result(result: dict, folder=RESULTS) -> Path:
