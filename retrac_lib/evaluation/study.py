@@ -66,6 +66,8 @@ from ..runs import run_key
 from ..training import load_or_train, train
 
 FORMAT = 3   # 3: generated queries count their minority-like images by chapter 6's rule
+# formats read besides FORMAT: the parts each one measured by an earlier rule (read_result)
+SUPERSEDED = {2: ("generated_queries",)}
 RESULTS = Path(__file__).parents[1] / "results" / "v1"   # committed; shipped in the wheel
 METHODS = ("tracin", "retrac", "dtrak", "pixel", "feature")
 GRADIENT = ("tracin", "retrac", "dtrak")
@@ -601,16 +603,22 @@ def write_result(result: dict, folder=RESULTS) -> Path:
 def read_result(path, rung: Rung | None = None) -> dict:
     """The result in ``path``, refused (``ValueError`` naming the file and what differs) unless
     its ``FORMAT`` is this module's and its configuration and hash match ``rung`` (default: the
-    ladder's rung of that name, smoke or full as the file says)."""
+    ladder's rung of that name, smoke or full as the file says). A file of an earlier format
+    in ``SUPERSEDED`` is read without the parts that format measured by an earlier rule: they
+    are listed in its ``superseded`` entry, and a rerun of the rung measures them again."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot be read as a study result ({err}).") from err
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else None
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found != FORMAT and found not in SUPERSEDED:
         raise ValueError(f"{path}: study result format {found!r}, but this code reads format "
-                         f"{FORMAT}; rerun the rung to refresh it.")
+                         f"{FORMAT} (and {', '.join(map(str, SUPERSEDED))} without the parts "
+                         "measured by an earlier rule); rerun the rung to refresh it.")
+    doc["superseded"] = list(SUPERSEDED.get(found, ()))
+    for part in doc["superseded"]:
+        doc["measurements"].pop(part, None)
     saved = doc.get("configuration")
     if not isinstance(saved, dict) or "name" not in saved:
         raise ValueError(f"{path}: no rung configuration recorded.")
@@ -657,10 +665,14 @@ def describe_result(doc: dict, ledger=None) -> str:
         book = cf.LossLedger(ledger, owner=ledger_owner(doc["configuration"]))
         retrains = {"entries": len(book), "train_seconds": book.seconds()}
     n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
-    name = {"lds": "LDS", "removal": "removal"}
-    return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence, "
-            "generated queries" + "".join(f", {name[p]}" for p in done)
-            + (f"; pending: {', '.join(name[p] for p in pending)}" if pending else "; complete")
+    name = {"lds": "LDS", "removal": "removal", "generated_queries": "generated queries"}
+    superseded = doc.get("superseded") or []
+    return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence"
+            + "".join(f", {name[p]}" for p in ["generated_queries", *done] if p in m)
+            + (f"; pending: {', '.join(name[p] for p in pending)}" if pending else "")
+            + (f"; {', '.join(name[p] for p in superseded)} measured by an earlier rule "
+               "(a rerun measures again)" if superseded else "")
+            + ("" if pending or superseded else "; complete")
             + f"; {retrains.get('entries', 0)} retrains in its ledger "
               f"({retrains.get('train_seconds', 0) / 3600:.1f} h of training)")
 
@@ -690,8 +702,13 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
     first subsets' first seed, recomputed with ``training.train``; only those the ledger
     holds). A full re-run takes hours; this takes the rung's training time,
     its generation and ``n_retrains`` retrains. Same machine, same code: equal to the last
-    digit; the tolerances allow another CPU's float rounding (losses and ratios 1e-3
-    relative, shares of generated images two images, counts of generated queries one)."""
+    digit. Another CPU rounds differently, and the difference grows through training: a rerun
+    of n250 on an AMD EPYC (AVX2) against the CPU that wrote format 2 moved the final loss by
+    1e-4 (relative), the decile ratio by 2e-3, a retrain's query losses by up to 3e-4 and the
+    classifier's share of zeros by 3 of 128 generated images (its classifier was trained again
+    too), and no share by the nearest training image. The tolerances allow that with room:
+    losses 1e-3 relative, the decile ratio 1e-2, the classifier's share 0.05, other shares of
+    generated images two images, counts of generated queries one."""
     rung = get_rung(doc["configuration"]["name"], smoke=bool(doc["configuration"].get("smoke")))
     stored = doc["measurements"]
     data, is_min, queries = rung_data(rung)
@@ -701,7 +718,7 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
                              round(float(run.losses[-10:].mean()), 6), 1e-3, True)]
     bias = diagnostics.summarize(diagnostics.recorded_norms(run, -1))
     checks.append(Reverification("decile ratio", stored["bias"]["decile_ratio"],
-                                 bias.decile_ratio, 1e-3, True))
+                                 bias.decile_ratio, 1e-2, True))
     classifier = features.load_or_train_classifier(features.classifier_config(rung.smoke),
                                                    root=root)
     gen = generate(run.model_at(-1), run.scheduler, rung.n_generated,
@@ -710,14 +727,17 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
     quality = generation_quality(gen, data, is_min, classifier, radius)
     for key in ("nearest_minority_share", "classifier_minority_share", "recognizable_share",
                 "recognizable_minority_share", "nearest_label_tv"):
+        tolerance = 0.05 if key.startswith("classifier") else 2 / rung.n_generated
         checks.append(Reverification(key.replace("_", " "), stored["quality"][key],
-                                     quality[key], 2 / rung.n_generated, False))
-    _, n_like, n_plain = generated_queries(gen, data, is_min, rung.n_generated_queries, radius)
-    asked = stored["generated_queries"]
-    checks += [Reverification("minority-like generated queries", asked["minority_like"],
-                              n_like, 1, False),
-               Reverification("plain digits among ordinary queries",
-                              asked["ordinary_recognizable"], n_plain, 1, False)]
+                                     quality[key], tolerance, False))
+    if "generated_queries" in stored:
+        _, n_like, n_plain = generated_queries(gen, data, is_min, rung.n_generated_queries,
+                                               radius)
+        asked = stored["generated_queries"]
+        checks += [Reverification("minority-like generated queries", asked["minority_like"],
+                                  n_like, 1, False),
+                   Reverification("plain digits among ordinary queries",
+                                  asked["ordinary_recognizable"], n_plain, 1, False)]
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
     masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
                               seed=rung.subset_seed)
