@@ -128,8 +128,8 @@ def test_generation_quality_counts_recognizable_and_minority_like_images(smoke_r
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RETRAC_CACHE", str(path.parents[1] / "cache"))
         classifier = features.load_or_train_classifier(features.classifier_config(True))
-    quality = study.generation_quality(gen, data, is_min, classifier)
     radius = study.recognition_radius(data, rl.data.mnist("test"))
+    quality = study.generation_quality(gen, data, is_min, classifier, radius)
     assert float(torch.cdist(noise.flatten(1), data.images.flatten(1)).min()) > radius
     assert quality["recognizable_share"] == 3 / 4            # the three copies
     assert quality["recognizable_minority_share"] == 2 / 4   # the two copies of a zero

@@ -312,19 +312,17 @@ def recognition_radius(data: Dataset, reference: Dataset, quantile: float = 0.95
 
 
 def generation_quality(gen: torch.Tensor, data: Dataset, is_minority: torch.Tensor,
-                       classifier: features.Classifier, radius: float | None = None) -> dict:
+                       classifier: features.Classifier, radius: float) -> dict:
     """Nearest-training-image labels (pixel space) and classifier labels of ``gen`` against
     the training labels: total variation distance and minority share. Both labellers also
     label noise and shapeless blobs, which an undertrained model draws, so the shares of all
     of ``gen`` that are *recognizable* (within ``recognition_radius`` of the training set,
     measured on ``mnist("test")``) and *minority-like* (recognizable, and the nearest training
-    image a minority one: chapter 6's zero-like) are reported too. ``radius`` is
-    ``recognition_radius(data, mnist("test"))`` unless given."""
+    image a minority one: chapter 6's zero-like) are reported too; ``radius`` is
+    ``recognition_radius(data, mnist("test"))``."""
     dist = torch.cdist(gen.flatten(1).double(), data.images.flatten(1).double())
     d_min, nearest = dist.min(1)
     predicted = classifier.predict(gen)
-    if radius is None:
-        radius = recognition_radius(data, mnist("test"))
     recognizable = d_min <= radius
     return {
         "n": len(gen),
