@@ -32,6 +32,7 @@ that they hold the same run, queries and options.
     python -m retrac_lib study [RUNG ...] [--budget-minutes 60] [--device cpu|cuda]
                                [--ensemble-size M] [--out retrac_lib/results/v1]
                                [--estimate-only] [--workers N] [--from-end]
+                               [--retrains-only]
 
 runs the scale ladder of ``retrac_lib.evaluation.study`` (the one place the core loads
 ``evaluation``, inside this command only): it measures each rung's unit costs with a short
@@ -41,7 +42,10 @@ and how long each would take. ``--device cuda`` also trains the LDS and removal 
 32 at once (``--ensemble-size``); on the CPU ``--workers N`` trains N retrains at once, each in
 a process of its own. A second process started with ``--from-end`` shares the
 rung's ledger with a first one and trains the missing retrains from the other end, so the two
-meet in the middle. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs instead.
+meet in the middle. ``--retrains-only`` trains only the named rungs' retrains that need no
+trained model into their ledgers (``study.train_retrains``), with no probe and no budget, so
+a fresh machine retrains from its first minute. ``RETRAC_SMOKE=1`` runs the tiny smoke rungs
+instead.
 """
 from __future__ import annotations
 
@@ -214,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--from-end", action="store_true",
                    help="train the missing retrains last to first: a second process sharing "
                         "the ledger with a first one (on another machine, or started later)")
+    s.add_argument("--retrains-only", action="store_true",
+                   help="train only the named rungs' retrains that need no trained model (the "
+                        "LDS, the removal test's random and full-set retrains and its pinned "
+                        "sets) into their ledgers; no probe, no budget, no result file")
     return parser
 
 
@@ -346,6 +354,15 @@ def study_command(parser, args) -> int:
                      "use: each worker needs a core of its own.")
     selected = [r for r in ladder if not args.rungs or r.name in args.rungs]
     out = args.out or study.RESULTS
+    if args.retrains_only:
+        if not args.rungs or args.estimate_only:
+            parser.error("--retrains-only trains the retrains of the rungs named (e.g. "
+                         "'study n3750 --retrains-only'); name them, without --estimate-only.")
+        for r in selected:
+            print(study.train_retrains(r, device=args.device, ledger=study.ledger_path(r, out),
+                                       ensemble_size=size, from_end=args.from_end,
+                                       workers=args.workers))
+        return 0
     estimates, parts, probes = {}, {}, {}
     print(f"probes and estimates ({'smoke' if ladder[0].smoke else 'full'} protocol):")
     for r in ladder:

@@ -2,6 +2,8 @@
 exactly, is about 0 for random scores, and retraining uses exactly the kept samples."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -420,6 +422,66 @@ def test_a_failed_ledger_write_warns_once_and_keeps_the_losses(
     assert len(w) == 1 and not (tmp_path / "full.json").exists()
     assert all(torch.equal(a, b) for a, b in zip(losses, reference))
 
+
+
+def test_a_ledger_pins_the_first_runs_removal_sets_for_every_later_run(
+        points_config, points, tmp_path, monkeypatch):
+    """A second machine's model ranks differently: its run removes the first run's sets, so
+    the ledger's retrains count, and it says whose sets they are and how far its own differ."""
+    queries = points.images[:2]
+    first = torch.arange(48, dtype=torch.float64).view(2, 24)    # top 4: 20..23 for both
+    other = first.clone()
+    other[0, 0], other[1, :2] = 100.0, 100.0   # query 0 swaps one sample in, query 1 two
+    path, opts = tmp_path / "ledger.json", dict(LEDGER_OPTIONS)
+    res = cf.removal_test(points_config, points, queries, {"a": first}, k=4, progress=False,
+                          loss_options=opts, ledger=cf.LossLedger(path, owner="t"),
+                          chosen_by={"fingerprint": "first"})
+    assert res.chosen_by == {"fingerprint": "first"} and res.own_overlap == {"a": 1.0}
+    assert res.removed["a"].tolist() == [[20, 21, 22, 23]] * 2
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored retrain was trained again")
+
+    monkeypatch.setattr(cf, "train", no_training)
+    again = cf.removal_test(points_config, points, queries, {"a": other}, k=4, progress=False,
+                            loss_options=opts, ledger=cf.LossLedger(path, owner="t"),
+                            chosen_by={"fingerprint": "second"})
+    assert torch.equal(again.removed["a"], res.removed["a"])
+    assert torch.equal(again.loss["a"], res.loss["a"])
+    assert again.chosen_by == {"fingerprint": "first"}
+    assert again.own_overlap == {"a": pytest.approx((3 / 4 + 2 / 4) / 2)}
+    with pytest.raises(AssertionError, match="trained again"):   # another k: sets of its own
+        cf.removal_test(points_config, points, queries, {"a": other}, k=3, progress=False,
+                        loss_options=opts, ledger=cf.LossLedger(path, owner="t"))
+    unpinned = cf.removal_test(points_config, points, queries, {"a": first}, k=4,
+                               progress=False, loss_options=opts, root=tmp_path / "runs")
+    assert unpinned.chosen_by is None and unpinned.own_overlap == {"a": 1.0}
+
+
+def test_two_ledgers_on_one_file_share_the_first_pin_and_keep_it(tmp_path):
+    path = tmp_path / "ledger.json"
+    a, b = cf.LossLedger(path, owner="t"), cf.LossLedger(path, owner="t")   # b: opened before
+    assert a.pin("sets", [1, 2], {"by": "a"}) == {"value": [1, 2], "made_by": {"by": "a"}}
+    assert b.pin("sets", [3, 4], {"by": "b"})["made_by"] == {"by": "a"}
+    b.entries["x"] = {"losses": [1.0], "seconds": 1.0}
+    b._save()                                                   # an entry written by b ...
+    stored = json.loads(path.read_text())
+    assert stored["pins"]["sets"]["value"] == [1, 2] and "x" in stored["entries"]   # ... keeps it
+
+
+def test_a_damaged_pin_is_refused_with_the_file_named(points_config, points, tmp_path):
+    path, queries = tmp_path / "ledger.json", points.images[:2]
+    scores = {"a": torch.arange(48, dtype=torch.float64).view(2, 24)}
+    cf.removal_test(points_config, points, queries, scores, k=2, progress=False,
+                    loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"))
+    doc = json.loads(path.read_text())
+    (key, pin), = doc["pins"].items()
+    pin["value"]["a"][1] = "22 99"                                # an index beyond N = 24
+    rl.cache.write_json_atomic(path, doc)
+    with pytest.raises(ValueError, match=r"ledger\.json: the removal sets pinned under .* "
+                                         r"not 2 sets of 2 indices below 24 for each of \['a'\]"):
+        cf.removal_test(points_config, points, queries, scores, k=2, progress=False,
+                        loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"))
 
 WORKER = """
 import sys, time

@@ -437,6 +437,8 @@ def test_cli_runs_a_rung_that_fits_and_writes_its_result(smoke_result, tmp_path,
 @pytest.mark.parametrize("argv, message", [
     (["study", "n9999"], "unknown rung 'n9999'; the ladder has n250, n1000, n3750, n1000-long"),
     (["study", "--budget-minutes", "-5"], "--budget-minutes must be >= 0, got -5.0"),
+    (["study", "--retrains-only"], "--retrains-only trains the retrains of the rungs named"),
+    (["study", "n250", "--retrains-only", "--estimate-only"], "without --estimate-only"),
 ])
 def test_cli_study_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -523,6 +525,54 @@ def test_reverification_tolerance_is_relative_or_absolute():
     assert not study.Reverification("x", 0.0, 0.2, 0.1, False).agrees
 
 
+def test_retrains_only_trains_what_a_full_run_would_and_its_pinned_sets(
+        smoke_result, tmp_path, capsys, monkeypatch):
+    """A machine without the rung's run trains the same retrains into the ledger: the LDS,
+    the random and full-set removals, and the method sets once a full run has pinned them."""
+    rung, _, path, _ = smoke_result
+    full = json.loads((path.parent.parent / "ledger.json").read_text())
+    assert len(full["pins"]) == 1   # the full run pinned its removal sets
+    ledger = tmp_path / "ledger" / "n250-smoke.json"
+    assert cli.main(["study", "n250", "--retrains-only", "--out", str(tmp_path)]) == 0
+    assert "removal sets not pinned yet" in capsys.readouterr().out
+    first = cf.LossLedger(ledger, owner=rung.ledger_owner())
+    n_lds, _ = study.retrain_counts(rung)
+    n_random = rung.random_draws * rung.n_queries * len(rung.seeds) + len(rung.seeds)
+    assert len(first) == n_lds + n_random and not first.pins
+    doc = json.loads(ledger.read_text())
+    doc["pins"] = full["pins"]              # as if a full run had pinned them meanwhile
+    rl.cache.write_json_atomic(ledger, doc)
+    line = study.train_retrains(rung, progress=False, ledger=ledger)
+    assert f"removal sets pinned by the run on {study._device_name('cpu')}" in line
+    again = cf.LossLedger(ledger, owner=rung.ledger_owner())
+    losses = lambda entries: {k: e["losses"] for k, e in entries.items()}
+    assert losses(again.entries) == losses(full["entries"])   # the same retrains and losses
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored retrain was trained again")
+
+    monkeypatch.setattr(cf, "train", no_training)
+    assert line in study.train_retrains(rung, progress=False, ledger=ledger)
+
+
+def test_a_run_pins_its_removal_sets_before_its_first_retrain(smoke_result, tmp_path):
+    rung, result, _, run = smoke_result
+
+    class Stopped(Exception):
+        pass
+
+    def stop(part):
+        raise Stopped(part["pending"])
+
+    ledger = tmp_path / "ledger.json"
+    with pytest.raises(Stopped, match="lds"):
+        study.run_rung(rung, progress=False, ledger=ledger, on_part=stop)
+    doc = json.loads(ledger.read_text())
+    (pin,) = doc["pins"].values()
+    assert doc["entries"] == {} and pin["made_by"]["fingerprint"] == run.fingerprint()
+    assert sorted(pin["value"]) == sorted(study.METHODS)
+
+
 def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_result):
     _, result, path, _ = smoke_result
     doc = study.read_result(path)
@@ -531,6 +581,14 @@ def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_resul
     text = study.describe_result(doc, ledger=ledger)
     assert text.startswith("n250-smoke: N = 11; measured quality") and "; complete;" in text
     assert f"; {n} retrains in its ledger" in text
+    sets = doc["measurements"]["removal"]["sets"]
+    assert sets["chosen_by"] == {"fingerprint": doc["measurements"]["train"]["fingerprint"],
+                                 "device_name": doc["device_name"]}
+    assert set(sets["own_overlap"].values()) == {1.0} and "earlier run" not in text
+    sets["chosen_by"] = {"fingerprint": "another", "device_name": "cpu (Other CPU)"}
+    sets["own_overlap"] = dict.fromkeys(sets["own_overlap"], 0.5)
+    assert ("LDS, removal (of the sets an earlier run chose on cpu (Other CPU); this run's own "
+            "top proponents are 50 % of them); complete") in study.describe_result(doc)
     doc["pending"] = ["removal"]
     del doc["measurements"]["removal"]
     assert "generated queries, LDS; pending: removal;" in study.describe_result(doc)

@@ -53,7 +53,9 @@ from .baselines import NEIGHBOURS, attribute_any
 from .metrics import text_table
 
 __all__ = ["query_loss", "run_query_loss", "retrain_on", "kept_without", "RemovalResult",
-           "LossLedger", "kept_subset", "seed_mean_loss", "random_removals", "removal_test", "PairedDifference",
+           "LossLedger", "kept_subset", "seed_mean_loss", "random_removals", "removal_test",
+           "top_k_sets", "removal_losses", "pin_removal_sets", "pinned_removal_sets",
+           "PairedDifference",
            "paired_difference", "random_subsets", "subset_losses", "LDSResult", "lds",
            "self_influence", "outlier_auc", "outlier_auc_interval", "outliers_in_top",
            "run_self_influence", "chapter_table", "format_table"]
@@ -154,6 +156,9 @@ class RemovalResult:
     "random" reference removes ``k`` random samples ``draws`` times per query: ``removed["random"]``
     is [Q, draws, k], ``draw_loss`` [Q, draws] the seed-mean loss of each draw and
     ``loss["random"]`` their mean. ``n_retrains`` counts distinct (training set, seed) runs.
+    ``chosen_by`` says what chose the removed sets (``removal_test``'s ``chosen_by``, of the run
+    that pinned them in a ledger), ``own_overlap[m]`` the mean share of the sets that the scores
+    passed to this test choose too (1 when they chose them).
     """
 
     k: int
@@ -163,6 +168,8 @@ class RemovalResult:
     n_retrains: int
     seeds: tuple[int, ...]
     draw_loss: torch.Tensor | None = None
+    chosen_by: dict | None = None
+    own_overlap: dict[str, float] | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -213,6 +220,11 @@ class LossLedger:
     trains the missing retrains last to first, so two processes meet in the middle instead of
     training the same ones. A write that fails (a full or read-only disk) warns once and the run
     goes on with its losses in memory.
+
+    A ledger also keeps choices that decide which retrains a protocol asks for (``pin``): the
+    removal test's sets are the top proponents of a trained model, which another CPU trains
+    slightly differently, so the first run that reaches the test stores its sets and every later
+    run removes those (``removal_test``), and the retrains stored for them stay valid anywhere.
     """
 
     FORMAT = 1
@@ -232,6 +244,7 @@ class LossLedger:
                              "processes; an ensemble (ensemble_size > 1 or a GPU device) "
                              "already trains many at once in one process: pass workers=1.")
         self.entries: dict[str, dict] = {}
+        self.pins: dict[str, dict] = {}
         self._write_failed = False
         self._read_stored()
 
@@ -249,6 +262,7 @@ class LossLedger:
                              f"{self.owner!r}: its retrains were made for another protocol. "
                              "Move it away or pass the ledger of this protocol.")
         self.entries = {**self.entries, **doc["entries"]}
+        self.pins = {**self.pins, **doc.get("pins", {})}
 
     @contextlib.contextmanager
     def _locked(self):
@@ -273,10 +287,34 @@ class LossLedger:
         try:
             with self._locked():
                 self._read_stored()
-                cache.write_json_atomic(self.path, {"format": self.FORMAT, "owner": self.owner,
-                                                    "entries": self.entries})
+                self._write()
         except OSError as err:
             self._warn_once(err)
+
+    def _write(self) -> None:
+        doc = {"format": self.FORMAT, "owner": self.owner, "entries": self.entries}
+        cache.write_json_atomic(self.path, {**doc, **({"pins": self.pins} if self.pins else {})})
+
+    def pin(self, key: str, value, made_by: dict) -> dict:
+        """The choice stored under ``key``: ``{"value": ..., "made_by": ...}`` as the first
+        run that pinned it stored it, or ``value`` (JSON-ready) with ``made_by`` (what made the
+        choice, e.g. a trained model's fingerprint), stored now. Read and written under the
+        lock, so of two processes pinning at once, both get the first one's choice."""
+        try:
+            with self._locked():
+                self._read_stored()
+                if key not in self.pins:
+                    self.pins[key] = {"value": value, "made_by": dict(made_by)}
+                    self._write()
+        except OSError as err:
+            self.pins.setdefault(key, {"value": value, "made_by": dict(made_by)})
+            self._warn_once(err)
+        return self.pins[key]
+
+    def pinned(self, key: str) -> dict | None:
+        """The choice stored under ``key`` (``pin``), read from the file now, or None."""
+        self._refresh()
+        return self.pins.get(key)
 
     def _warn_once(self, err: OSError) -> None:
         if not self._write_failed:
@@ -438,7 +476,8 @@ def random_removals(n: int, n_queries: int, draws: int, k: int, seed: int = 0) -
 def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
                  scores: dict[str, torch.Tensor], k: int, *, seeds=None, random_draws: int = 0,
                  random_seed: int = 0, loss_options: dict | None = None, progress: bool = True,
-                 root: Path | None = None, ledger: LossLedger | None = None) -> RemovalResult:
+                 root: Path | None = None, ledger: LossLedger | None = None,
+                 chosen_by: dict | None = None) -> RemovalResult:
     """Retrain without each method's top-``k`` proponents of each query; measure the query loss.
 
     ``scores`` maps a method name to its score matrix [Q, N] (``AttributionResult.scores``) for
@@ -446,10 +485,12 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
     of ``k`` per query (then ``scores`` must not hold "random"). Every training set is trained
     with each of ``seeds`` (default ``config.seed``, all else of ``config`` unchanged) and the
     query losses (``query_loss(**loss_options)``) are averaged over the seeds. With a
-    ``ledger`` the retrains go through it (``LossLedger``) instead of the run cache.
+    ``ledger`` the retrains go through it (``LossLedger``) instead of the run cache, and the
+    removal sets are pinned there: the first run stores its top-``k`` sets with ``chosen_by``
+    (what produced ``scores``, e.g. the trained model's fingerprint) and every later run with
+    that ledger removes the stored sets, so its stored retrains count on a machine that trains
+    a slightly different model (``RemovalResult.chosen_by`` and ``own_overlap`` say so).
     """
-    loss_options = dict(loss_options or {})
-    loss_options.setdefault("loss", config.loss)
     seeds = _seeds(config, seeds)
     n = len(data)
     if not 1 <= k < n:
@@ -461,12 +502,49 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         if tuple(s.shape) != (len(queries), n):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
                              f"[{len(queries)} queries, {n} training samples].")
-    removed = {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
-               for m, s in scores.items()}
-    sets = {m: r[:, None] for m, r in removed.items()}                    # [Q, draws, k]
+    own = top_k_sets(scores, k)
+    removed = own
+    if ledger is not None:
+        removed, chosen_by = pin_removal_sets(ledger, config, queries, n, own, chosen_by or {})
+    overlap = {m: float(torch.stack([torch.isin(own[m][q], removed[m][q]).double().mean()
+                                     for q in range(len(queries))]).mean()) for m in own}
+    removed = dict(removed)
     if random_draws:
-        removed["random"] = sets["random"] = random_removals(n, len(queries), random_draws, k, random_seed)
-    if ledger is not None:   # every missing retrain first, in ensembles when the ledger says so
+        removed["random"] = random_removals(n, len(queries), random_draws, k, random_seed)
+    base_loss, losses, n_retrains = removal_losses(config, data, queries, removed, seeds=seeds,
+                                                   loss_options=loss_options,
+                                                   progress=progress, root=root, ledger=ledger)
+    draw_loss = losses["random"] if random_draws else None
+    return RemovalResult(k, base_loss, {m: v.mean(1) for m, v in losses.items()}, removed,
+                         n_retrains, seeds, draw_loss, chosen_by, overlap)
+
+
+def top_k_sets(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Each score matrix's top-``k`` training samples of each query: [Q, k], sorted."""
+    return {m: torch.as_tensor(s).topk(k, dim=1).indices.sort(dim=1).values
+            for m, s in scores.items()}
+
+
+def removal_losses(config: TrainConfig, data: Dataset, queries: torch.Tensor,
+                   removed: dict[str, torch.Tensor], *, seeds=None,
+                   loss_options: dict | None = None, progress: bool = True,
+                   root: Path | None = None, ledger: LossLedger | None = None):
+    """``(base_loss [Q], losses {m: [Q, draws]}, n_retrains)``: the seed-mean query loss of
+    the models trained on all of ``data`` and on ``data`` without each set of ``removed[m]``
+    ([Q, k], or [Q, draws, k] for several sets per query; query ``q``'s loss after removing its
+    sets). The measuring half of ``removal_test``, which says what the arguments mean; with a
+    ``ledger`` every missing retrain is trained first, in ensembles when the ledger says so."""
+    loss_options = dict(loss_options or {})
+    loss_options.setdefault("loss", config.loss)
+    seeds, n = _seeds(config, seeds), len(data)
+    sets = {}                                                             # [Q, draws, k]
+    for m, r in removed.items():
+        r = torch.as_tensor(r)
+        sets[m] = r[:, None] if r.ndim == 2 else r
+        if sets[m].ndim != 3 or len(r) != len(queries):
+            raise ValueError(f"removed[{m!r}] has shape {tuple(r.shape)}; expected "
+                             f"[{len(queries)} queries, k] or [{len(queries)}, draws, k].")
+    if ledger is not None:
         ledger.loss_many(_ledger_jobs(config, data, [(torch.arange(n), queries)] + [
             (kept_without(n, r[q, d]), queries[q:q + 1]) for r in sets.values()
             for q in range(len(queries)) for d in range(r.shape[1])], seeds), loss_options,
@@ -486,9 +564,53 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
                 trained.add(tuple(r[q, d].tolist()))
                 bar.update()
     bar.close()
-    draw_loss = losses["random"] if random_draws else None
-    return RemovalResult(k, base_loss, {m: v.mean(1) for m, v in losses.items()}, removed,
-                         len(trained) * len(seeds), seeds, draw_loss)
+    return base_loss, losses, len(trained) * len(seeds)
+
+
+def _removal_pin_key(config: TrainConfig, queries: torch.Tensor, n: int, k: int, methods) -> str:
+    return cache.key_for({"kind": "removal-sets", "config": config.to_dict(), "n": n, "k": k,
+                          "methods": sorted(methods),
+                          "queries": cache.tensor_fingerprint(queries)})
+
+
+def pin_removal_sets(ledger: LossLedger, config: TrainConfig, queries: torch.Tensor, n: int,
+                     sets: dict[str, torch.Tensor], chosen_by: dict):
+    """``(sets, chosen_by)`` of the removal test of ``config`` on ``n`` samples for
+    ``queries``, as the first run with ``ledger`` pinned them: stored there now, with
+    ``chosen_by``, when none are (``sets``: ``top_k_sets``, [Q, k] per method)."""
+    k = next(iter(sets.values())).shape[1]
+    key = _removal_pin_key(config, queries, n, k, sets)
+    entry = ledger.pin(key, {m: [" ".join(map(str, row)) for row in r.tolist()]
+                             for m, r in sets.items()}, chosen_by)
+    return _read_pin(ledger, key, entry, sorted(sets), len(queries), k, n)
+
+
+def pinned_removal_sets(ledger: LossLedger, config: TrainConfig, queries: torch.Tensor, n: int,
+                        methods, k: int):
+    """``(sets, chosen_by)`` that a run pinned in ``ledger`` (``pin_removal_sets``) for these
+    ``methods``' top-``k`` sets, or None when no run has yet."""
+    key = _removal_pin_key(config, queries, n, k, methods)
+    entry = ledger.pinned(key)
+    return None if entry is None else _read_pin(ledger, key, entry, sorted(methods),
+                                                len(queries), k, n)
+
+
+def _read_pin(ledger: LossLedger, key: str, entry: dict, methods: list, n_queries: int, k: int,
+              n: int):
+    """A pinned entry's ``(sets, chosen_by)``, checked against what the test needs."""
+    try:
+        sets = {m: torch.tensor([[int(i) for i in row.split()] for row in rows])
+                for m, rows in entry["value"].items()}
+        valid = sorted(sets) == methods and all(
+            r.shape == (n_queries, k) and 0 <= int(r.min()) and int(r.max()) < n
+            for r in sets.values())
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{ledger.path}: the removal sets pinned under {key!r} are not "
+                         f"{n_queries} sets of {k} indices below {n} for each of {methods}; "
+                         "the file was edited or damaged: restore it from git.")
+    return sets, entry["made_by"]
 
 
 # ---------------------------------------------------------------------------------------------

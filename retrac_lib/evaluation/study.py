@@ -22,7 +22,9 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
   feature (``baselines.attribute_any``; "feature" is a CNN classifier's feature space,
   ``features``: no installed package ships pretrained image weights);
 * **LDS** over ``n_subsets`` retrained half-size subsets, averaged over the training seeds, with
-  ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k``; the
+  ``paired_difference`` intervals (``PAIRS``); the **removal** test of the top ``k`` (the sets
+  of the first run that reached it, pinned in the rung's ledger, with that run's fingerprint
+  and how much this run's own top ``k`` overlaps them: ``removal_test``); the
   **self-influence** AUC of the minority with its interval; and **generated queries**: the
   minority share among the top proponents of the generated images nearest a minority image
   against ordinary ones, with how many of the former are minority-like and how many of the
@@ -31,7 +33,8 @@ equal as the total allows: counts differ by at most one) plus planted zeros, 4 %
 ``write_result`` stores a small JSON file per rung with provenance; ``read_result`` refuses a file
 whose ``FORMAT`` or rung configuration differs from the code reading it. ``measure_cost``,
 ``estimate_seconds`` and ``plan`` size the ladder to a budget. ``python -m retrac_lib study``
-runs it. The rung's own run trains on the CPU (``rl.train``, which records what attribution
+runs it; ``train_retrains`` trains only the retrains that need no trained model into a rung's
+ledger. The rung's own run trains on the CPU (``rl.train``, which records what attribution
 needs); ``device`` moves attribution and the LDS and removal retrains, which train there in
 ensembles of ``ensemble_size`` (``ensemble.train_many``; default ``ENSEMBLE_SIZE`` per device
 type: 1 on the CPU, which keeps ``rl.train``'s retrains).
@@ -442,9 +445,7 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     sharing the ledger with a first one (on another machine, or started later) meets it in
     the middle."""
     device = str(validation.device(device or "cpu"))
-    ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner(), device=device,
-                           ensemble_size=ensemble_size_for(device, ensemble_size),
-                           from_end=from_end, workers=workers)
+    ledger = _ledger(rung, ledger, device, ensemble_size, from_end, workers)
     seconds, out = {}, {}
     log = print if progress else (lambda *a, **k: None)
     data, is_min, queries = rung_data(rung)
@@ -482,6 +483,9 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         m: {"seconds": round(r.seconds, 3), "same_label_top10": metrics.same_label_rate(
             r.proponents(min(TOP_K, len(data))), data.labels, queries.labels)}
         for m, r in res.items()}
+    chosen_by = {"fingerprint": out["train"]["fingerprint"], "device_name": _device_name(device)}
+    cf.pin_removal_sets(ledger, rung.config, q, len(data),   # now: others may retrain them
+                        cf.top_k_sets({m: r.scores for m, r in res.items()}, rung.k), chosen_by)
     with _timed(seconds, "self_influence"):
         self_inf = {m: cf.run_self_influence(run, m, progress=False, **opts(m, True))
                     for m in METHODS}
@@ -515,8 +519,7 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     if on_part is not None:
         on_part(result(("lds", "removal")))
     with _timed(seconds, "lds"):
-        masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
-                                  seed=rung.subset_seed)
+        masks = lds_subsets(rung, len(data))
         losses = cf.subset_losses(rung.config, data, masks, q, seeds=rung.seeds,
                                   loss_options=rung.loss_options, progress=progress, root=root,
                                   ledger=ledger)
@@ -532,10 +535,12 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         removal = cf.removal_test(rung.config, data, q, {m: r.scores for m, r in res.items()},
                                   rung.k, seeds=rung.seeds, random_draws=rung.random_draws,
                                   random_seed=rung.removal_seed, loss_options=rung.loss_options,
-                                  progress=progress, root=root, ledger=ledger)
+                                  progress=progress, root=root, ledger=ledger,
+                                  chosen_by=chosen_by)
     rel = {m: 100 * removal.relative_increase(m) for m in removal.methods}
     out["removal"] = {
         "k": removal.k, "n_retrains": removal.n_retrains,
+        "sets": {"chosen_by": removal.chosen_by, "own_overlap": removal.own_overlap},
         "base_loss": _floats(removal.base_loss),
         "per_method": {m: {"mean_pct": float(v.mean()), "per_query_pct": _floats(v)}
                        for m, v in rel.items()},
@@ -544,6 +549,48 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
     log(f"[{rung.label}] removal done")
     log(f"[{rung.label}] done in {sum(seconds.values()):.0f} s")
     return result(())
+
+
+def _ledger(rung: Rung, path, device: str, ensemble_size, from_end: bool,
+            workers: int) -> cf.LossLedger:
+    return cf.LossLedger(path or ledger_path(rung), owner=rung.ledger_owner(), device=device,
+                         ensemble_size=ensemble_size_for(device, ensemble_size),
+                         from_end=from_end, workers=workers)
+
+
+def lds_subsets(rung: Rung, n: int) -> torch.Tensor:
+    """The rung's LDS subsets of its ``n`` training samples, as masks [M, n]."""
+    return cf.random_subsets(n, rung.n_subsets, rung.subset_fraction, seed=rung.subset_seed)
+
+
+def train_retrains(rung: Rung, device=None, progress: bool = True, ledger=None,
+                   ensemble_size: int | None = None, from_end: bool = False,
+                   workers: int = 1) -> str:
+    """Train into the rung's ledger (as ``run_rung``'s arguments) the missing retrains that
+    need no trained model: the LDS subsets, the removal test's full-set and random retrains and
+    its method sets once a run has pinned them (``run_rung`` does after its attribution). So a
+    machine adds retrains to a rung from its first minute instead of after an hour of training
+    and attributing the rung's own run; nothing but the ledger is written. Returns a line
+    saying what the ledger holds and whether the removal sets were pinned."""
+    device = str(validation.device(device or "cpu"))
+    ledger = _ledger(rung, ledger, device, ensemble_size, from_end, workers)
+    data, _, queries = rung_data(rung)
+    q, n = queries.images, len(data)
+    cf.subset_losses(rung.config, data, lds_subsets(rung, n), q, seeds=rung.seeds,
+                     loss_options=rung.loss_options, progress=progress, ledger=ledger)
+    removed = {"random": cf.random_removals(n, len(q), rung.random_draws, rung.k,
+                                            rung.removal_seed)} if rung.random_draws else {}
+    pinned = cf.pinned_removal_sets(ledger, rung.config, q, n, METHODS, rung.k)
+    if pinned is not None:
+        removed.update(pinned[0])
+    cf.removal_losses(rung.config, data, q, removed, seeds=rung.seeds,
+                      loss_options=rung.loss_options, progress=progress, ledger=ledger)
+    n_lds, n_removal = retrain_counts(rung)
+    return (f"{rung.label}: {len(ledger)} entries in its ledger for its {n_lds + n_removal} "
+            "retrains; " + (f"removal sets pinned by the run on {pinned[1]['device_name']}"
+                            if pinned is not None else
+                            "removal sets not pinned yet (a full run pins them after its "
+                            "attribution), so their retrains wait"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,8 +712,13 @@ def describe_result(doc: dict, ledger=None) -> str:
     n = doc["configuration"]["n_inliers"] + doc["configuration"]["n_minority"]
     name = {"lds": "LDS", "removal": "removal", "generated_queries": "generated queries"}
     superseded = doc.get("superseded") or []
+    sets, pinned = m.get("removal", {}).get("sets"), ""
+    if sets and sets["chosen_by"].get("fingerprint") != m["train"]["fingerprint"]:
+        overlap = sum(sets["own_overlap"].values()) / len(sets["own_overlap"])
+        pinned = (f" (of the sets an earlier run chose on {sets['chosen_by']['device_name']}; "
+                  f"this run's own top proponents are {100 * overlap:.0f} % of them)")
     return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence"
-            + "".join(f", {name[p]}" for p in ["generated_queries", *done] if p in m)
+            + "".join(f", {name[p]}" for p in ["generated_queries", *done] if p in m) + pinned
             + (f"; pending: {', '.join(name[p] for p in pending)}" if pending else "")
             + (f"; {', '.join(name[p] for p in superseded)} measured by an earlier rule "
                "(a rerun measures again)" if superseded else "")
@@ -737,8 +789,7 @@ def reverify(doc: dict, ledger=None, n_retrains: int = 2, root: Path | None = No
                    Reverification("plain digits among ordinary queries",
                                   asked["ordinary_recognizable"], n_plain, 1, False)]
     ledger = cf.LossLedger(ledger or ledger_path(rung), owner=rung.ledger_owner())
-    masks = cf.random_subsets(len(data), rung.n_subsets, rung.subset_fraction,
-                              seed=rung.subset_seed)
+    masks = lds_subsets(rung, len(data))
     config = rung.config.replace(seed=rung.seeds[0])
     opts = {"loss": rung.config.loss, **rung.loss_options}
     for j in range(rung.n_subsets):
