@@ -452,10 +452,45 @@ def test_a_ledger_pins_the_first_runs_removal_sets_for_every_later_run(
     assert again.own_overlap == {"a": pytest.approx((3 / 4 + 2 / 4) / 2)}
     with pytest.raises(AssertionError, match="trained again"):   # another k: sets of its own
         cf.removal_test(points_config, points, queries, {"a": other}, k=3, progress=False,
+                        loss_options=opts, ledger=cf.LossLedger(path, owner="t"),
+                        chosen_by={"fingerprint": "second"})
+    with pytest.raises(AssertionError, match="trained again"):   # no chosen_by: no pin read
+        cf.removal_test(points_config, points, queries, {"a": other}, k=4, progress=False,
                         loss_options=opts, ledger=cf.LossLedger(path, owner="t"))
     unpinned = cf.removal_test(points_config, points, queries, {"a": first}, k=4,
                                progress=False, loss_options=opts, root=tmp_path / "runs")
     assert unpinned.chosen_by is None and unpinned.own_overlap == {"a": 1.0}
+    with pytest.raises(ValueError, match="chosen_by pins the removal sets in a ledger"):
+        cf.removal_test(points_config, points, queries, {"a": first}, k=4, progress=False,
+                        chosen_by={"fingerprint": "x"})
+
+
+def test_pinned_sets_keep_the_order_of_the_scores_and_only_pinned_runs_pin(
+        points_config, points, tmp_path):
+    queries, path = points.images[:2], tmp_path / "ledger.json"
+    scores = {"b": torch.arange(48.0).view(2, 24), "a": -torch.arange(48.0).view(2, 24)}
+    test = lambda **kw: cf.removal_test(points_config, points, queries, scores, k=2,
+                                        progress=False, loss_options=LEDGER_OPTIONS,
+                                        ledger=cf.LossLedger(path, owner="t"), **kw)
+    assert test().methods == ["b", "a"] and "pins" not in json.loads(path.read_text())
+    first, again = test(chosen_by={"by": 1}), test(chosen_by={"by": 2})   # pinned, then read
+    assert first.methods == again.methods == ["b", "a"] and again.chosen_by == {"by": 1}
+    assert json.loads(path.read_text())["format"] == cf.LossLedger.PINNED_FORMAT
+    only_random = cf.removal_test(points_config, points, queries, {}, k=2, random_draws=1,
+                                  progress=False, loss_options=LEDGER_OPTIONS,
+                                  ledger=cf.LossLedger(path, owner="t"), chosen_by={"by": 3})
+    assert only_random.methods == ["random"] and only_random.chosen_by == {"by": 3}
+
+
+def test_a_pin_that_cannot_be_written_warns_and_is_kept_for_this_run(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cf.cache, "write_json_atomic", read_only)
+    ledger = cf.LossLedger(tmp_path / "ledger.json", owner="t")
+    with pytest.warns(UserWarning, match=r"not pinned there: a later run may choose otherwise"):
+        assert ledger.pin("sets", [1], {"by": "me"})["value"] == [1]
+    assert ledger.pin("sets", [2], {"by": "other"})["value"] == [1]   # in memory, as pinned
 
 
 def test_two_ledgers_on_one_file_share_the_first_pin_and_keep_it(tmp_path):
@@ -473,7 +508,8 @@ def test_a_damaged_pin_is_refused_with_the_file_named(points_config, points, tmp
     path, queries = tmp_path / "ledger.json", points.images[:2]
     scores = {"a": torch.arange(48, dtype=torch.float64).view(2, 24)}
     cf.removal_test(points_config, points, queries, scores, k=2, progress=False,
-                    loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"))
+                    loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"),
+                    chosen_by={"fingerprint": "f"})
     doc = json.loads(path.read_text())
     (key, pin), = doc["pins"].items()
     pin["value"]["a"][1] = "22 99"                                # an index beyond N = 24
@@ -481,7 +517,8 @@ def test_a_damaged_pin_is_refused_with_the_file_named(points_config, points, tmp
     with pytest.raises(ValueError, match=r"ledger\.json: the removal sets pinned under .* "
                                          r"not 2 sets of 2 indices below 24 for each of \['a'\]"):
         cf.removal_test(points_config, points, queries, scores, k=2, progress=False,
-                        loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"))
+                        loss_options=LEDGER_OPTIONS, ledger=cf.LossLedger(path, owner="t"),
+                        chosen_by={"fingerprint": "g"})
 
 WORKER = """
 import sys, time

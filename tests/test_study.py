@@ -583,12 +583,19 @@ def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_resul
     assert f"; {n} retrains in its ledger" in text
     sets = doc["measurements"]["removal"]["sets"]
     assert sets["chosen_by"] == {"fingerprint": doc["measurements"]["train"]["fingerprint"],
-                                 "device_name": doc["device_name"]}
+                                 "device_name": doc["device_name"],
+                                 "trained_on": study.cpu_name()}
     assert set(sets["own_overlap"].values()) == {1.0} and "earlier run" not in text
-    sets["chosen_by"] = {"fingerprint": "another", "device_name": "cpu (Other CPU)"}
+    sets["own_overlap"]["pixel"] = 0.8   # the same model, attributed otherwise since
+    assert ("LDS, removal (of the sets an earlier run chose on " + doc["device_name"]
+            + "; this run's own top proponents are 96 % of them); complete"
+            ) in study.describe_result(doc)
+    sets["chosen_by"] = {"fingerprint": "another", "device_name": "cuda (A GPU)",
+                         "trained_on": "Other CPU"}
     sets["own_overlap"] = dict.fromkeys(sets["own_overlap"], 0.5)
-    assert ("LDS, removal (of the sets an earlier run chose on cpu (Other CPU); this run's own "
-            "top proponents are 50 % of them); complete") in study.describe_result(doc)
+    assert ("LDS, removal (of the sets an earlier run chose on cuda (A GPU), trained on Other "
+            "CPU; this run's own top proponents are 50 % of them); complete"
+            ) in study.describe_result(doc)
     doc["pending"] = ["removal"]
     del doc["measurements"]["removal"]
     assert "generated queries, LDS; pending: removal;" in study.describe_result(doc)

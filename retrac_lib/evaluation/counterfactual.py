@@ -223,11 +223,13 @@ class LossLedger:
 
     A ledger also keeps choices that decide which retrains a protocol asks for (``pin``): the
     removal test's sets are the top proponents of a trained model, which another CPU trains
-    slightly differently, so the first run that reaches the test stores its sets and every later
-    run removes those (``removal_test``), and the retrains stored for them stay valid anywhere.
+    slightly differently, so the first run of a protocol stores its sets and every later run
+    removes those (``removal_test`` with ``chosen_by``), and the retrains stored for them stay
+    valid anywhere. A file with pins is written as ``PINNED_FORMAT``, which code from before
+    pins refuses instead of rewriting the file without them; files without stay ``FORMAT``.
     """
 
-    FORMAT = 1
+    FORMAT, PINNED_FORMAT = 1, 2
     TRAINERS = ("single", "ensemble")
 
     def __init__(self, path, owner: str, *, device="cpu", ensemble_size: int = 1,
@@ -254,9 +256,10 @@ class LossLedger:
         if not self.path.exists():
             return
         doc = cache.read_json(self.path)
-        if not isinstance(doc, dict) or doc.get("format") != self.FORMAT:
-            raise ValueError(f"{self.path}: not a loss ledger of format {self.FORMAT}; move "
-                             "it away to start a new one.")
+        if not isinstance(doc, dict) or doc.get("format") not in (self.FORMAT,
+                                                                  self.PINNED_FORMAT):
+            raise ValueError(f"{self.path}: not a loss ledger of format {self.FORMAT} or "
+                             f"{self.PINNED_FORMAT}; move it away to start a new one.")
         if doc.get("owner") != self.owner:
             raise ValueError(f"{self.path} belongs to {doc.get('owner')!r}, not to "
                              f"{self.owner!r}: its retrains were made for another protocol. "
@@ -292,7 +295,8 @@ class LossLedger:
             self._warn_once(err)
 
     def _write(self) -> None:
-        doc = {"format": self.FORMAT, "owner": self.owner, "entries": self.entries}
+        doc = {"format": self.PINNED_FORMAT if self.pins else self.FORMAT, "owner": self.owner,
+               "entries": self.entries}
         cache.write_json_atomic(self.path, {**doc, **({"pins": self.pins} if self.pins else {})})
 
     def pin(self, key: str, value, made_by: dict) -> dict:
@@ -308,7 +312,10 @@ class LossLedger:
                     self._write()
         except OSError as err:
             self.pins.setdefault(key, {"value": value, "made_by": dict(made_by)})
-            self._warn_once(err)
+            warnings.warn(f"the loss ledger {self.path} cannot be read or written "
+                          f"({type(err).__name__}: {err}), so this run's choice is not pinned "
+                          "there: a later run may choose otherwise and retrain for it.",
+                          stacklevel=2)
         return self.pins[key]
 
     def pinned(self, key: str) -> dict | None:
@@ -485,11 +492,13 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
     of ``k`` per query (then ``scores`` must not hold "random"). Every training set is trained
     with each of ``seeds`` (default ``config.seed``, all else of ``config`` unchanged) and the
     query losses (``query_loss(**loss_options)``) are averaged over the seeds. With a
-    ``ledger`` the retrains go through it (``LossLedger``) instead of the run cache, and the
-    removal sets are pinned there: the first run stores its top-``k`` sets with ``chosen_by``
-    (what produced ``scores``, e.g. the trained model's fingerprint) and every later run with
-    that ledger removes the stored sets, so its stored retrains count on a machine that trains
-    a slightly different model (``RemovalResult.chosen_by`` and ``own_overlap`` say so).
+    ``ledger`` the retrains go through it (``LossLedger``) instead of the run cache. With a
+    ledger and ``chosen_by`` (what produced ``scores``, e.g. the trained model's fingerprint)
+    the removal sets are pinned there: the first run stores its top-``k`` sets with
+    ``chosen_by`` and every later run with that ledger removes the stored sets, so its stored
+    retrains count on a machine that trains a slightly different model
+    (``RemovalResult.chosen_by`` and ``own_overlap`` say so). Pin only where every run should
+    test the same sets: scores from a changed attribution method would not be tested.
     """
     seeds = _seeds(config, seeds)
     n = len(data)
@@ -502,10 +511,14 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         if tuple(s.shape) != (len(queries), n):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; expected "
                              f"[{len(queries)} queries, {n} training samples].")
+    if chosen_by is not None and ledger is None:
+        raise ValueError("chosen_by pins the removal sets in a ledger: pass the ledger too, or "
+                         "leave chosen_by out.")
     own = top_k_sets(scores, k)
     removed = own
-    if ledger is not None:
-        removed, chosen_by = pin_removal_sets(ledger, config, queries, n, own, chosen_by or {})
+    if chosen_by is not None and own:
+        pinned, chosen_by = pin_removal_sets(ledger, config, queries, n, own, chosen_by)
+        removed = {m: pinned[m] for m in own}                  # in the order of scores
     overlap = {m: float(torch.stack([torch.isin(own[m][q], removed[m][q]).double().mean()
                                      for q in range(len(queries))]).mean()) for m in own}
     removed = dict(removed)
@@ -569,7 +582,7 @@ def removal_losses(config: TrainConfig, data: Dataset, queries: torch.Tensor,
 
 def _removal_pin_key(config: TrainConfig, queries: torch.Tensor, n: int, k: int, methods) -> str:
     return cache.key_for({"kind": "removal-sets", "config": config.to_dict(), "n": n, "k": k,
-                          "methods": sorted(methods),
+                          "methods": sorted(methods), "draws": seeding.DRAWS_VERSION,
                           "queries": cache.tensor_fingerprint(queries)})
 
 
@@ -578,6 +591,8 @@ def pin_removal_sets(ledger: LossLedger, config: TrainConfig, queries: torch.Ten
     """``(sets, chosen_by)`` of the removal test of ``config`` on ``n`` samples for
     ``queries``, as the first run with ``ledger`` pinned them: stored there now, with
     ``chosen_by``, when none are (``sets``: ``top_k_sets``, [Q, k] per method)."""
+    if not sets:
+        raise ValueError("sets is empty: pin the removal sets of at least one method.")
     k = next(iter(sets.values())).shape[1]
     key = _removal_pin_key(config, queries, n, k, sets)
     entry = ledger.pin(key, {m: [" ".join(map(str, row)) for row in r.tolist()]
@@ -601,7 +616,7 @@ def _read_pin(ledger: LossLedger, key: str, entry: dict, methods: list, n_querie
     try:
         sets = {m: torch.tensor([[int(i) for i in row.split()] for row in rows])
                 for m, rows in entry["value"].items()}
-        valid = sorted(sets) == methods and all(
+        valid = sorted(sets) == methods and isinstance(entry["made_by"], dict) and all(
             r.shape == (n_queries, k) and 0 <= int(r.min()) and int(r.max()) < n
             for r in sets.values())
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):

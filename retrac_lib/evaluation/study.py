@@ -483,7 +483,8 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         m: {"seconds": round(r.seconds, 3), "same_label_top10": metrics.same_label_rate(
             r.proponents(min(TOP_K, len(data))), data.labels, queries.labels)}
         for m, r in res.items()}
-    chosen_by = {"fingerprint": out["train"]["fingerprint"], "device_name": _device_name(device)}
+    chosen_by = {"fingerprint": out["train"]["fingerprint"], "device_name": _device_name(device),
+                 "trained_on": cpu_name()}
     cf.pin_removal_sets(ledger, rung.config, q, len(data),   # now: others may retrain them
                         cf.top_k_sets({m: r.scores for m, r in res.items()}, rung.k), chosen_by)
     with _timed(seconds, "self_influence"):
@@ -576,21 +577,22 @@ def train_retrains(rung: Rung, device=None, progress: bool = True, ledger=None,
     ledger = _ledger(rung, ledger, device, ensemble_size, from_end, workers)
     data, _, queries = rung_data(rung)
     q, n = queries.images, len(data)
+    train = lambda removed: cf.removal_losses(rung.config, data, q, removed, seeds=rung.seeds,
+                                              loss_options=rung.loss_options,
+                                              progress=progress, ledger=ledger)
     cf.subset_losses(rung.config, data, lds_subsets(rung, n), q, seeds=rung.seeds,
                      loss_options=rung.loss_options, progress=progress, ledger=ledger)
-    removed = {"random": cf.random_removals(n, len(q), rung.random_draws, rung.k,
-                                            rung.removal_seed)} if rung.random_draws else {}
-    pinned = cf.pinned_removal_sets(ledger, rung.config, q, n, METHODS, rung.k)
+    train({"random": cf.random_removals(n, len(q), rung.random_draws, rung.k,
+                                        rung.removal_seed)} if rung.random_draws else {})
+    pinned = cf.pinned_removal_sets(ledger, rung.config, q, n, METHODS, rung.k)   # by now
     if pinned is not None:
-        removed.update(pinned[0])
-    cf.removal_losses(rung.config, data, q, removed, seeds=rung.seeds,
-                      loss_options=rung.loss_options, progress=progress, ledger=ledger)
-    n_lds, n_removal = retrain_counts(rung)
-    return (f"{rung.label}: {len(ledger)} entries in its ledger for its {n_lds + n_removal} "
-            "retrains; " + (f"removal sets pinned by the run on {pinned[1]['device_name']}"
-                            if pinned is not None else
-                            "removal sets not pinned yet (a full run pins them after its "
-                            "attribution), so their retrains wait"))
+        train(pinned[0])
+    stored = stored_retrains(ledger.path, rung, device, ledger.ensemble_size)
+    return (f"{rung.label}" + (_stored_note(rung, stored) or "; no retrains stored")
+            + "; " + (f"removal sets pinned by the run on {_chooser(pinned[1])}"
+                      if pinned is not None else
+                      "removal sets not pinned yet (a full run pins them after its "
+                      "attribution), so their retrains wait"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,9 +715,10 @@ def describe_result(doc: dict, ledger=None) -> str:
     name = {"lds": "LDS", "removal": "removal", "generated_queries": "generated queries"}
     superseded = doc.get("superseded") or []
     sets, pinned = m.get("removal", {}).get("sets"), ""
-    if sets and sets["chosen_by"].get("fingerprint") != m["train"]["fingerprint"]:
+    if sets and (sets["chosen_by"].get("fingerprint") != m["train"]["fingerprint"]
+                 or min(sets["own_overlap"].values()) < 1):
         overlap = sum(sets["own_overlap"].values()) / len(sets["own_overlap"])
-        pinned = (f" (of the sets an earlier run chose on {sets['chosen_by']['device_name']}; "
+        pinned = (f" (of the sets an earlier run chose on {_chooser(sets['chosen_by'])}; "
                   f"this run's own top proponents are {100 * overlap:.0f} % of them)")
     return (f"{doc['rung']}: N = {n}; measured quality, bias, attribution, self-influence"
             + "".join(f", {name[p]}" for p in ["generated_queries", *done] if p in m) + pinned
@@ -725,6 +728,13 @@ def describe_result(doc: dict, ledger=None) -> str:
             + ("" if pending or superseded else "; complete")
             + f"; {retrains.get('entries', 0)} retrains in its ledger "
               f"({retrains.get('train_seconds', 0) / 3600:.1f} h of training)")
+
+
+def _chooser(chosen_by: dict) -> str:
+    """Where the run that pinned a rung's removal sets ran (``run_rung``'s ``chosen_by``)."""
+    where = chosen_by.get("device_name", "an unnamed device")
+    trained = chosen_by.get("trained_on")
+    return where if trained is None or trained in where else f"{where}, trained on {trained}"
 
 
 @dataclasses.dataclass(frozen=True)
