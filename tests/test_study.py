@@ -676,6 +676,10 @@ def test_ladder_figure_draws_every_stored_measure_with_its_interval():
             and line.get_linestyle() == "-"]
     assert bars == [(m["removal"]["paired_pct"][f"{x}-random"]["low"],
                      m["removal"]["paired_pct"][f"{x}-random"]["high"]) for x in study.METHODS]
+    lds = [tuple(line.get_xdata()) for line in fig.axes[2].get_lines()
+           if line.get_marker() != "o" and line.get_linestyle() == "-"]
+    assert lds == [pytest.approx((v["mean"] - 1.96 * v["sem"], v["mean"] + 1.96 * v["sem"]))
+                   for v in (m["lds"]["per_method"][x] for x in study.METHODS)]
     assert "(not yet measured:\nnext)" in removal.get_title()
     assert "not yet measured" not in fig.axes[1].get_title()
     matplotlib.pyplot.close(fig)

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 from . import METHOD_COLORS, METHOD_LABELS, PAGE_WIDTH, SMALL, image_grid, page_panels
 
 MINORITY_COLOR = "#d62728"   # a minority-like generated image
+NORMAL_95 = 1.96   # standard errors either side of a mean that hold 95 % (normal)
 
 PANELS = (   # (part, title, x-axis label, reference line)
     ("attribution", "same-label rate\nof the top 10", "share of proponents", None),
@@ -31,14 +32,16 @@ def _value(measurements: dict, part: str, method: str) -> tuple[float, float, fl
         m = measurements[part]["paired_pct"][f"{method}-random"]
         return m["mean"], m["low"], m["high"]
     m = measurements[part]["per_method"][method]
-    return m["mean"], m["mean"] - m["sem"], m["mean"] + m["sem"]
+    half = NORMAL_95 * m["sem"]
+    return m["mean"], m["mean"] - half, m["mean"] + half
 
 
 def ladder_methods(measurements: dict[str, dict], methods) -> object:
     """One panel per measure (``PANELS``): a row of ``methods`` per rung (``measurements``
     maps a rung name to its stored measurements), a dot at the value and a bar for its
-    interval (bootstrap for the AUC, +-1 standard error for the LDS, the paired bootstrap
-    interval against random removal for the removal test's loss rise). A measure a rung has
+    95 % interval (bootstrap for the AUC, the normal one, +-1.96 standard errors over
+    queries, for the LDS, the paired bootstrap interval against random removal for the
+    removal test's loss rise). A measure a rung has
     not measured yet is left out of that rung's row and said in the panel."""
     fig, axes = page_panels(len(PANELS), 2.2, 0.55 + 0.42 * len(measurements) * len(methods))
     rows = [(rung, m) for rung in measurements for m in methods]
