@@ -515,13 +515,12 @@ def removal_test(config: TrainConfig, data: Dataset, queries: torch.Tensor,
         raise ValueError("chosen_by pins the removal sets in a ledger: pass the ledger too, or "
                          "leave chosen_by out.")
     own = top_k_sets(scores, k)
-    removed = own
+    removed = dict(own)
     if chosen_by is not None and own:
         pinned, chosen_by = pin_removal_sets(ledger, config, queries, n, own, chosen_by)
         removed = {m: pinned[m] for m in own}                  # in the order of scores
     overlap = {m: float(torch.stack([torch.isin(own[m][q], removed[m][q]).double().mean()
                                      for q in range(len(queries))]).mean()) for m in own}
-    removed = dict(removed)
     if random_draws:
         removed["random"] = random_removals(n, len(queries), random_draws, k, random_seed)
     base_loss, losses, n_retrains = removal_losses(config, data, queries, removed, seeds=seeds,
