@@ -29,8 +29,8 @@ METHOD_COLORS = {
 }
 METHOD_LABELS = {
     "tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "dtrak": "D-TRAK",
-    "cosine": "gradient cosine", "pixel": "pixel neighbour",
-    "feature": "feature neighbour", "random": "random",
+    "cosine": "gradient cosine", "pixel": "pixel neighbours",
+    "feature": "feature neighbours", "random": "random",
 }
 
 

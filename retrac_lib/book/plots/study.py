@@ -13,7 +13,7 @@ NORMAL_95 = 1.96   # standard errors either side of a mean that hold 95 % (norma
 PANELS = (   # (part, title, x-axis label, reference line)
     ("attribution", "same-label rate\nof the top 10", "share of proponents", None),
     ("self_influence", "self-influence AUC\nof the planted zeros", "AUC (0.5: chance)", 0.5),
-    ("lds", "LDS\n(mean over queries)", "Spearman correlation", 0.0),
+    ("lds", "LDS\n(mean over queries)", "LDS (a Spearman correlation)", 0.0),
     ("removal", "removal: loss rise\nbeyond random", "percentage points", 0.0),
 )
 
