@@ -914,7 +914,7 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
 
     With N training digits, E epochs, S seeds, M subsets of n_h = round(fraction * N), Q queries,
     L = loss timesteps x draws, k removed, R random draws, m scored methods, C checkpoints:
-    train S N E t_train (one full training per seed); lds M S (n_h E t_re + Q L t_fwd);
+    train N E t_train (the rung's own run, with its first seed); lds M S (n_h E t_re + Q L t_fwd);
     removal (m + R) Q S ((N - k) E t_re + L t_fwd) + S (N E t_re + Q L t_fwd) (the full set
     retrained once per seed), where t_re is ``probe.retrain_cost`` (``t_train`` unless the
     retrains train in ensembles); generation n_gen steps t_fwd; bias N t_grad; attribution
@@ -939,7 +939,7 @@ def estimate_seconds(rung: Rung, probe: Probe, stored: int = 0) -> dict:
         c_d = len(rung.dtrak.get("checkpoints") or range(n_ckpt))
         passes += 2 * c * (n + n_q * draws) + c_d * rung.dtrak["timesteps"] * (n + n_q)
     parts = {
-        "train": s * n * e * t_tr,
+        "train": n * e * t_tr,
         "generation": rung.n_generated * rung.generation_steps * t_f,
         "bias": n * t_g,
         "attribution": passes * t_g,
