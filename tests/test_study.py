@@ -647,7 +647,8 @@ def test_committed_ledgers_stay_owned_by_their_rungs_when_the_draws_change(monke
     assert paths
     for path in paths:
         rung = study.get_rung(path.stem, smoke=False)
-        assert len(cf.LossLedger(path, owner=rung.ledger_owner())) > 0
+        ledger = cf.LossLedger(path, owner=rung.ledger_owner())
+        assert len(ledger) > 0 or ledger.pins   # n1000-long: its removal sets pinned so far
         assert rung.ledger_owner() != rung.config_hash()
         assert rung.config_hash() == study.config_hash(rung.to_dict())
     configuration = study.get_rung("n250", smoke=False).to_dict()
