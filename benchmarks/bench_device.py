@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {common.threads()} thread(s)"
+    name = rl.machine.device_name(device)
     setup, n_queries, opts, loop_draws, loop_train = sizes(args)
 
     run = rl.load_or_train(*common.contract_setup(**setup), progress=False)

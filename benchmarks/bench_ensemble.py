@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import table  # noqa: E402
 
+from retrac_lib import machine  # noqa: E402
 from retrac_lib.evaluation import study  # noqa: E402
 from retrac_lib.ensemble import train_many  # noqa: E402
 from retrac_lib.training import train  # noqa: E402
@@ -78,8 +79,7 @@ def main() -> None:
     sizes = [1, 2] if args.tiny else [int(m) for m in args.sizes.split(",")]
     cfg, data, label = retrains(args.setup, args.tiny, args.steps)
     steps = -(-len(data) // cfg.batch_size)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {common.threads()} thread(s)")
+    name = machine.device_name(device)
 
     warm = data.subset(range(min(len(data), cfg.batch_size)))
     train(cfg.replace(epochs=1), warm, progress=False)

@@ -23,8 +23,8 @@ from .training import load_or_train, train
 
 _MODULES = (
     "attribution", "cache", "config", "data", "diagnostics", "distributed", "dtrak", "ensemble",
-    "ghost", "grads", "losses", "models", "projection", "ranking", "recorder", "runs", "sampling",
-    "timesteps", "training", "validation",
+    "ghost", "grads", "losses", "machine", "models", "projection", "ranking", "recorder", "runs",
+    "sampling", "timesteps", "training", "validation",
 )
 
 __all__ = [

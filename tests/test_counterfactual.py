@@ -310,6 +310,8 @@ def test_ledger_gives_the_cached_retrain_loss_and_resumes_without_training(
                               loss_options=opts, progress=False, ledger=ledger)
     assert torch.equal(losses, reference) and len(ledger) == 4   # 2 subsets x 2 seeds
     assert ledger.seconds() > 0
+    stored = json.loads(path.read_text())["entries"].values()
+    assert {e["machine"] for e in stored} == {rl.machine.device_name("cpu")}
     assert not (tmp_path / "cache" / "runs").exists() or len(
         list((tmp_path / "cache" / "runs").iterdir())) == 4     # only the reference's runs
 
@@ -385,7 +387,9 @@ def test_ledger_workers_train_in_processes_what_one_process_would(points_config,
     parallel = cf.LossLedger(tmp_path / "parallel.json", owner="t", workers=2)
     assert all(torch.equal(a, b) for a, b in zip(parallel.loss_many(jobs, LEDGER_OPTIONS),
                                                  serial))
-    assert len(cf.LossLedger(tmp_path / "parallel.json", owner="t")) == 3
+    stored = cf.LossLedger(tmp_path / "parallel.json", owner="t").entries.values()
+    assert len(stored) == 3   # each trained by a worker process of one thread
+    assert {e["machine"] for e in stored} == {f"cpu ({rl.machine.cpu_name()}, 1 threads)"}
 
 
 def test_ledger_workers_keep_the_running_retrains_when_one_fails(points_config, points,

@@ -159,6 +159,7 @@ def test_ledger_trains_in_ensembles_and_keeps_them_apart(members, tmp_path, monk
     torch.testing.assert_close(batched, single, rtol=1e-6, atol=0)
     entry = next(e for e in ledger.entries.values() if "trainer" in e)
     assert (entry["trainer"], entry["device"]) == ("ensemble", "cpu")
+    assert entry["machine"] == rl.machine.device_name("cpu")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored retrain was trained again")

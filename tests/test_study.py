@@ -42,8 +42,8 @@ def test_smoke_rung_writes_a_result_that_reads_back(smoke_result):
     assert doc["versions"]["retrac_lib"] == rl.__version__
     assert doc["device"] == "cpu" and doc["seeds"]["training"] == [0, 1]
     # the CPU's model and instruction set: another CPU rounds differently
-    assert study.cpu_name() in doc["device_name"]
-    assert study.cpu_name().endswith(torch.backends.cpu.get_cpu_capability())
+    assert rl.machine.cpu_name() in doc["device_name"]
+    assert rl.machine.cpu_name().endswith(torch.backends.cpu.get_cpu_capability())
     assert set(doc["seconds"]) == set(PARTS) and all(v >= 0 for v in doc["seconds"].values())
     m = doc["measurements"]
     assert m == json.loads(json.dumps(result["measurements"]))
@@ -546,7 +546,7 @@ def test_retrains_only_trains_what_a_full_run_would_and_its_pinned_sets(
     doc["pins"] = full["pins"]              # as if a full run had pinned them meanwhile
     rl.cache.write_json_atomic(ledger, doc)
     line = study.train_retrains(rung, progress=False, ledger=ledger)
-    assert f"removal sets pinned by the run on {study._device_name('cpu')}" in line
+    assert f"removal sets pinned by the run on {rl.machine.device_name('cpu')}" in line
     again = cf.LossLedger(ledger, owner=rung.ledger_owner())
     losses = lambda entries: {k: e["losses"] for k, e in entries.items()}
     assert losses(again.entries) == losses(full["entries"])   # the same retrains and losses
@@ -587,7 +587,7 @@ def test_describe_result_names_what_is_pending_and_counts_the_ledger(smoke_resul
     sets = doc["measurements"]["removal"]["sets"]
     assert sets["chosen_by"] == {"fingerprint": doc["measurements"]["train"]["fingerprint"],
                                  "device_name": doc["device_name"],
-                                 "trained_on": study.cpu_name()}
+                                 "trained_on": rl.machine.cpu_name()}
     assert set(sets["own_overlap"].values()) == {1.0} and "earlier run" not in text
     sets["own_overlap"]["pixel"] = 0.8   # the same model, attributed otherwise since
     assert ("LDS, removal (of the sets an earlier run chose on " + doc["device_name"]

@@ -38,7 +38,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache, dtrak, seeding, validation
+from .. import cache, dtrak, machine, seeding, validation
 from ..attribution import METHODS, load_or_self_scores, self_scores
 from ..config import TrainConfig
 from ..data import Dataset
@@ -196,9 +196,10 @@ class LossLedger:
 
     A retraining protocol longer than one sitting (the scale ladder of ``study``) passes a
     ledger to ``subset_losses`` and ``removal_test``: each retrain's query losses and training
-    seconds are written as soon as they are measured, so a killed run, or a later one on another
-    machine with the file committed, resumes where it stopped. The retrained weights are not
-    kept. An entry's key hashes the configuration with its seed, the kept samples' values, the
+    seconds are written as soon as they are measured, with the machine that trained them
+    (``machine.device_name``; entries from before it was recorded lack it), so a killed run, or
+    a later one on another machine with the file committed, resumes where it stopped. The
+    retrained weights are not kept. An entry's key hashes the configuration with its seed, the kept samples' values, the
     queries, the loss options, the diffusers version and ``cache.FORMAT_VERSION``, so an entry is
     only ever reused for exactly the retrain that made it. ``owner`` names what the file belongs
     to (e.g. a study rung's configuration hash); a file of another owner is refused.
@@ -371,7 +372,8 @@ class LossLedger:
             self.entries[k] = {"losses": losses.tolist(),
                                "seconds": round(ens.train_seconds / len(jobs), 3),
                                "trainer": self.trainer, "device": self.device.type,
-                               "ensemble": len(jobs)}
+                               "ensemble": len(jobs),
+                               "machine": machine.device_name(self.device)}
 
     def loss_many(self, jobs, loss_options: dict, progress: bool = False) -> list[torch.Tensor]:
         """Query losses [Q_j] of every job ``(config, subset, queries)``, training the missing
@@ -446,10 +448,11 @@ class LossLedger:
 def _retrain_entry(config: TrainConfig, subset: Dataset, queries: torch.Tensor,
                    loss_options: dict) -> dict:
     """A single retrain's ledger entry: ``config`` trained on ``subset`` by ``rl.train``, its
-    query losses and training seconds (run in a worker process by ``workers`` > 1)."""
+    query losses, training seconds and the machine that trained it (run in a worker process by
+    ``workers`` > 1)."""
     run = train(config, subset, progress=False)
     return {"losses": run_query_loss(run, queries, **loss_options).tolist(),
-            "seconds": round(run.train_seconds, 3)}
+            "seconds": round(run.train_seconds, 3), "machine": machine.device_name("cpu")}
 
 
 def seed_mean_loss(config: TrainConfig, data: Dataset, kept, queries: torch.Tensor,

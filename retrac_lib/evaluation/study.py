@@ -55,7 +55,7 @@ import diffusers
 import numpy as np
 import torch
 
-from .. import __version__, cache, diagnostics, seeding, validation
+from .. import __version__, cache, diagnostics, machine, seeding, validation
 from . import features, metrics
 from . import counterfactual as cf
 from ..attribution.cost import fastest
@@ -483,8 +483,8 @@ def run_rung(rung: Rung, device=None, progress: bool = True, root: Path | None =
         m: {"seconds": round(r.seconds, 3), "same_label_top10": metrics.same_label_rate(
             r.proponents(min(TOP_K, len(data))), data.labels, queries.labels)}
         for m, r in res.items()}
-    chosen_by = {"fingerprint": out["train"]["fingerprint"], "device_name": _device_name(device),
-                 "trained_on": cpu_name()}
+    chosen_by = {"fingerprint": out["train"]["fingerprint"],
+                 "device_name": machine.device_name(device), "trained_on": machine.cpu_name()}
     cf.pin_removal_sets(ledger, rung.config, q, len(data),   # now: others may retrain them
                         cf.top_k_sets({m: r.scores for m, r in res.items()}, rung.k), chosen_by)
     with _timed(seconds, "self_influence"):
@@ -611,25 +611,6 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def cpu_name() -> str:
-    """The CPU's model (``/proc/cpuinfo`` on Linux, else ``platform``) and the vector
-    instructions torch's kernels use on it: runs on two CPUs round differently, so results
-    differ in their last digits, and a trained model's more (``reverify``)."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({cpu_name()}, {torch.get_num_threads()} threads)"
-
-
 def write_result(result: dict, folder=RESULTS) -> Path:
     """Write ``result`` (from ``run_rung``, complete or with ``pending`` parts) to
     ``folder/<rung>.json`` atomically, with its provenance: ``FORMAT``, the rung
@@ -639,7 +620,7 @@ def write_result(result: dict, folder=RESULTS) -> Path:
         if key not in result:
             raise ValueError(f"result lacks {key!r}: pass what run_rung returned.")
     doc = {"format": FORMAT, "config_hash": config_hash(result["configuration"]),
-           "versions": versions(), "device_name": _device_name(result["device"]),
+           "versions": versions(), "device_name": machine.device_name(result["device"]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            **result}
     path = Path(folder) / f"{result['rung']}.json"
