@@ -199,9 +199,10 @@ class LossLedger:
     seconds are written as soon as they are measured, with the machine that trained them
     (``machine.device_name``; entries from before it was recorded lack it), so a killed run, or
     a later one on another machine with the file committed, resumes where it stopped. The
-    retrained weights are not kept. An entry's key hashes the configuration with its seed, the kept samples' values, the
-    queries, the loss options, the diffusers version and ``cache.FORMAT_VERSION``, so an entry is
-    only ever reused for exactly the retrain that made it. ``owner`` names what the file belongs
+    retrained weights are not kept. An entry's key hashes the configuration with its seed, the
+    kept samples' values, the queries, the loss options, the diffusers version and
+    ``cache.FORMAT_VERSION``, so an entry is only ever reused for exactly the retrain that made
+    it. ``owner`` names what the file belongs
     to (e.g. a study rung's configuration hash); a file of another owner is refused.
 
     Missing entries are trained by ``rl.train`` on the CPU (``trainer`` "single", the default;
