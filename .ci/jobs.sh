@@ -1,0 +1,18 @@
+# Sourced by the CI scripts: background steps that never outlive the script that started them.
+
+# stop_tree PID: end a process and all its children.
+stop_tree() {
+  local child
+  for child in $(pgrep -P "$1"); do stop_tree "$child"; done
+  kill "$1" 2>/dev/null || true
+}
+
+# collect PID LOG WHAT: wait for the background step PID, show its LOG, and fail naming WHAT if
+# it failed; the exit trap that would stop it is cleared.
+collect() {
+  local status=0
+  wait "$1" || status=$?
+  trap - EXIT
+  cat "$2"
+  [ "$status" = 0 ] || { echo "$3 failed (exit $status)" >&2; exit 1; }
+}
