@@ -7,6 +7,13 @@ stop_tree() {
   kill "$1" 2>/dev/null || true
 }
 
+# stop_on_exit PID: stop the background step PID when this script exits, on an error or when it
+# is interrupted or killed (bash runs no EXIT trap for a signal it does not trap).
+stop_on_exit() {
+  trap "stop_tree $1" EXIT
+  trap "exit 143" INT TERM
+}
+
 # collect PID LOG WHAT: wait for the background step PID, show its LOG, and fail naming WHAT if
 # it failed; the exit trap that would stop it is cleared.
 collect() {
