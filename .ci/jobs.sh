@@ -1,4 +1,9 @@
-# Sourced by the CI scripts: background steps that never outlive the script that started them.
+# Sourced by the CI scripts: their step headings, and background steps that never outlive the
+# script that started them.
+
+# step TITLE: a heading with the seconds since the script sourced this file.
+jobs_start=$SECONDS
+step() { echo; echo "== $1 (at $((SECONDS - jobs_start)) s)"; }
 
 # stop_tree PID: end a process and all its children.
 stop_tree() {

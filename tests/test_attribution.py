@@ -241,7 +241,7 @@ def test_self_scores_equal_the_slow_references_diagonal(method, tiny_points_run)
 
 
 # Two cases on the UNet (images), the others on the MLP's points: the option plumbing is the same
-# and the whole matrix costs a tenth of the UNet's.
+# and the whole matrix costs a fifth to a tenth of the UNet's.
 @pytest.mark.parametrize("model, method, engine, options", [
     ("unet", "retrac", "ghost", {}),
     ("unet", "retrac", "ghost", {"normalization": "per_draw", "train_side": "fresh_noise"}),
