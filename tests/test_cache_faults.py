@@ -23,6 +23,8 @@ import retrac_lib as rl
 from retrac_lib.cache import CacheError, CacheWarning
 from retrac_lib.runs import TrainingDiverged
 
+pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 ATTR = dict(timesteps=3, n_noise=2, progress=False)
 

@@ -380,6 +380,7 @@ def test_a_ledger_from_the_end_trains_the_missing_retrains_last_to_first(
     assert order == [keys[0], keys[3], keys[2], keys[1]]
 
 
+@pytest.mark.version_independent
 def test_ledger_workers_train_in_processes_what_one_process_would(points_config, points,
                                                                   tmp_path):
     jobs = _ledger_jobs(points_config, points, 3)
@@ -392,6 +393,7 @@ def test_ledger_workers_train_in_processes_what_one_process_would(points_config,
     assert {e["machine"] for e in stored} == {f"cpu ({rl.machine.cpu_name()}, 1 threads)"}
 
 
+@pytest.mark.version_independent
 def test_ledger_workers_keep_the_running_retrains_when_one_fails(points_config, points,
                                                                  tmp_path):
     (config, subset, queries), = _ledger_jobs(points_config, points, 1)
@@ -548,6 +550,7 @@ cf.LossLedger(sys.argv[1], owner="t").loss_many(jobs, {})
 """
 
 
+@pytest.mark.version_independent
 def test_two_processes_writing_one_ledger_keep_every_entry(tmp_path):
     import subprocess
     import sys

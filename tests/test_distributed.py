@@ -21,6 +21,8 @@ from retrac_lib import cli
 from retrac_lib.cli import load_queries
 from retrac_lib.distributed import shard_ranges, train_shards
 
+pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(timesteps=3, n_noise=2, chunk_size=4)
 CLI_OPTIONS = ["--timesteps", "3", "--n-noise", "2", "--chunk-size", "4"]

@@ -10,7 +10,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import retrac_lib
+
+pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE = Path(retrac_lib.__file__).resolve().parent

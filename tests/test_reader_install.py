@@ -1,9 +1,11 @@
 """The chapters need only what a reader's install has: what the Colab setup cell installs.
 
 The setup cell installs ``retrac-lib`` (with the extras it names) and so its dependencies; a
-chapter that imports anything else (myst-nb, jupyter-book, a test tool) fails in Colab. Chapters
-glue through ``retrac_lib.book.prose``, which works without myst-nb. ``.ci/reader-install`` runs every
-chapter in a venv that holds exactly this; these checks fail in seconds, before it.
+chapter, or a library function it calls, that imports anything else (myst-nb, jupyter-book, a test
+tool) fails in Colab. Chapters glue through ``retrac_lib.book.prose``, which works without myst-nb.
+``.ci/reader-install`` imports every module in a venv that holds exactly this and runs the library
+tests there, and runs the chapters in the book's build (the same versions, plus the build's
+tools); these checks are what tells that the chapters need nothing of the build's.
 """
 from __future__ import annotations
 
@@ -84,6 +86,42 @@ def test_chapter_imports_only_what_the_colab_setup_installs(path):
     assert not outside, (f"{path.name} imports {outside}, which the Colab setup cell "
                          f"({requirement}) does not install: use retrac_lib (e.g. "
                          "retrac_lib.book.prose.glue for myst-nb's glue) or add a dependency.")
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """Top-level names the library imports anywhere (functions too), with the files that do,
+    except imports inside a ``try`` that catches ImportError (optional: prose.glue's myst-nb)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "retrac_lib").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   and any(h.type is not None and "ImportError" in ast.unparse(h.type)
+                           for h in t.handlers)
+                   for stmt in t.body for node in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in guarded:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_the_library_imports_only_what_a_readers_install_has():
+    installed = _closure(Requirement("retrac-lib[book]"))
+    providers = metadata.packages_distributions()
+    outside = {name: sorted(files) for name, files in _library_imports().items()
+               if name not in sys.stdlib_module_names and name != "retrac_lib"
+               and not {_name(d) for d in providers.get(name, [])} & installed}
+    assert not outside, (f"the library imports {outside}, which retrac-lib[book] does not "
+                         "install: add a dependency, or import it in a try that catches "
+                         "ImportError and works without it")
+    assert "diffusers" in _library_imports()   # the walk sees the library's imports
 
 
 def test_readme_lists_the_readers_install():

@@ -16,6 +16,8 @@ from test_attribution import REL_TOL, ref_scores, rel_err
 import retrac_lib as rl
 from retrac_lib import cli, journal
 
+pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
+
 LOOP = Path(__file__).with_name("crashing_loop.py")
 GRID = [5, 500, 990]
 

@@ -14,6 +14,10 @@ from retrac_lib.book import setups
 from retrac_lib.evaluation import baselines, features, study
 from retrac_lib.evaluation import counterfactual as cf
 
+# With --dist loadgroup (the README's command) one worker runs this file, so the smoke rung of
+# the module fixture below is computed once, not once per worker (about a minute each).
+pytestmark = pytest.mark.xdist_group("smoke_rung")
+
 PARTS = ("train", "feature_classifier", "generation", "bias", "attribution", "lds", "removal",
          "self_influence", "generated_queries")
 
