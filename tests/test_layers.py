@@ -1,10 +1,10 @@
 """The library's layers: the core (``retrac_lib``) imports neither ``retrac_lib.evaluation`` nor
-``retrac_lib.book`` nor their plotting packages, works without them, and no two modules import
-each other in a circle (ARCHITECTURE.md, "Layers")."""
+``retrac_lib.book`` nor their plotting packages, not on import and not inside a function either,
+so it works without them; and no two modules import each other in a circle (ARCHITECTURE.md,
+"Layers")."""
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,12 +16,9 @@ import retrac_lib
 
 pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
 
-TESTS = Path(__file__).resolve().parent
 PACKAGE = Path(retrac_lib.__file__).resolve().parent
 UPPER = ("retrac_lib.evaluation", "retrac_lib.book")
 BOOK_PACKAGES = ("matplotlib", "ipywidgets")
-# Cheap core tests that cover data, models, training, runs and gradients (about 20 s).
-CORE_TESTS = ("test_training.py", "test_grads.py", "test_data_models.py")
 
 
 def _modules() -> dict[str, Path]:
@@ -50,15 +47,26 @@ def test_importing_the_core_loads_neither_evaluation_nor_book_nor_their_packages
     assert out.stdout.strip() == "[]", f"importing the core imported {out.stdout.strip()}"
 
 
-def test_core_tests_pass_without_the_book_packages():
-    """The core's own tests, with matplotlib, ipywidgets, evaluation and book unimportable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-p", "block_book_packages", *(str(TESTS / name) for name in CORE_TESTS)],
-        capture_output=True, text=True, env=env, cwd=TESTS.parent)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+def test_the_core_never_imports_the_book_packages_even_in_a_function():
+    """What importing the core cannot show: an import inside a function of the core."""
+    found = {}
+    for name, path in _modules().items():
+        if _is_core(name):
+            tops = {n.split(".")[0] for n in _absolute_imports(path)}
+            if tops & set(BOOK_PACKAGES):
+                found[name] = sorted(tops & set(BOOK_PACKAGES))
+    assert not found, f"core modules import the book's packages: {found}"
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    """The modules a file imports by absolute name, anywhere in it (in functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
 
 
 def _imports(name: str, path: Path, modules) -> set[str]:

@@ -2,10 +2,10 @@
 
 The setup cell installs ``retrac-lib`` (with the extras it names) and so its dependencies; a
 chapter, or a library function it calls, that imports anything else (myst-nb, jupyter-book, a test
-tool) fails in Colab. Chapters glue through ``retrac_lib.book.prose``, which works without myst-nb.
-``.ci/reader-install`` imports every module in a venv that holds exactly this and runs the library
-tests there, and runs the chapters in the book's build (the same versions, plus the build's
-tools); these checks are what tells that the chapters need nothing of the build's.
+tool) fails in Colab. Chapters glue through ``retrac_lib.book.prose``, which works without myst-nb
+(``tests/test_prose.py``). ``.ci/reader-install`` runs the library tests and the chapters from the
+wheel in a venv with Colab's versions that holds the book's build too; these checks are what
+tells that the chapters and the library need nothing of the build's.
 """
 from __future__ import annotations
 
