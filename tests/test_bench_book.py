@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from book_tools import ROOT   # a script of the repository: this test stays in the checkout
 
 SCRIPT = ROOT / "benchmarks" / "bench_book.py"
@@ -17,6 +19,7 @@ def _run(*args, cache):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.long
 def test_a_chapter_is_timed_with_its_cells_and_claims(tmp_path):
     proc = _run("07", "--top", "2", cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -28,6 +28,7 @@ def _tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.long
 def test_dry_run_writes_one_row_per_method_and_engine(tmp_path):
     out = tmp_path / "results" / "gpu_check.md"
     proc = _run("--dry-run", "--out", str(out), cache=tmp_path / "cache")

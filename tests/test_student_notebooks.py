@@ -317,6 +317,7 @@ def grade(path: Path, tmp: Path, target: Path) -> dict:
     return json.loads(text.split(MARKER)[-1])
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_grader(path, tmp_path, assignment):
     report = grade(path, tmp_path, assignment(path))
@@ -334,6 +335,7 @@ def test_grader(path, tmp_path, assignment):
         assert expected in messages, f"no message {expected!r} for a wrong answer in:\n{messages}"
 
 
+@pytest.mark.long
 def test_grade_submissions_with_otter_run(tmp_path, assignment):
     """``tools/grade_submissions.py`` (``otter run``, no Docker) on one chapter, a folder per
     student with the same file name: the solutions score full marks, the untouched student version
