@@ -33,15 +33,26 @@ def test_a_chapter_is_timed_with_its_cells_and_claims(tmp_path):
     assert (tmp_path / "cache" / "runs").is_dir()        # the chapter trained into --cache
 
 
-def test_an_unknown_chapter_is_refused(tmp_path):
-    proc = _run("99", cache=tmp_path / "cache")
-    assert proc.returncode == 2 and "no chapter of _toc.yml starts with ['99']" in proc.stderr
-
-
-def test_a_chapter_reads_the_claims_of_its_prefix(tmp_path):
+def _bench_book():
+    """The script as a module, for what needs no kernel (in this process: no second import of
+    torch and the library)."""
     spec = importlib.util.spec_from_file_location("bench_book", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_an_unknown_chapter_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_book.py", "99", "--cache", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        _bench_book().main()
+    assert exit_.value.code == 2
+    assert "no chapter of _toc.yml starts with ['99']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())                   # refused before anything ran
+
+
+def test_a_chapter_reads_the_claims_of_its_prefix(tmp_path):
+    bench = _bench_book()
     for chapter, stem in (("ch4b", "04b_recipes"), ("ch5", "05_is_it_right"),
                           ("ch10", "10_more")):
         (tmp_path / f"{chapter}.json").write_text(json.dumps([{"name": chapter}]))

@@ -18,6 +18,9 @@ import retrac_lib as rl
 from retrac_lib import cli, journal
 
 pytest.importorskip("accelerate")
+# One worker runs this file (--dist loadgroup, the README's command), so the three launches of
+# the module fixture below run once, not once per worker (about half a minute each).
+pytestmark = pytest.mark.xdist_group("accelerate_launches")
 SCRIPT = Path(__file__).with_name("train_unconditional.py")
 OPTIONS = ("--use_ema", "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2")
 GRID = [5, 500, 990]

@@ -16,7 +16,9 @@ from test_attribution import REL_TOL, ref_scores, rel_err
 import retrac_lib as rl
 from retrac_lib import cli, journal
 
-pytestmark = pytest.mark.version_independent   # not run again against the wheel (conftest.py)
+# Not run again against the wheel (conftest.py); one worker runs the file (--dist loadgroup),
+# so the two training processes of the module fixture below run once, not once per worker.
+pytestmark = [pytest.mark.version_independent, pytest.mark.xdist_group("crashing_loops")]
 
 LOOP = Path(__file__).with_name("crashing_loop.py")
 GRID = [5, 500, 990]

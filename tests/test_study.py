@@ -532,6 +532,7 @@ def test_reverification_tolerance_is_relative_or_absolute():
     assert not study.Reverification("x", 0.0, 0.2, 0.1, False).agrees
 
 
+@pytest.mark.version_independent   # ledger files: the retrains are the fixture's code path
 def test_retrains_only_trains_what_a_full_run_would_and_its_pinned_sets(
         smoke_result, tmp_path, capsys, monkeypatch):
     """A machine without the rung's run trains the same retrains into the ledger: the LDS,
