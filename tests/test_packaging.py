@@ -1,10 +1,10 @@
 """What pip and Colab install: the wheel holds the whole library and nothing else, the core installs
 without the book's figures and explorers, and the declared lower bounds (the core's and the
 ``[book]`` extra's, which the chapters' Colab setup cell installs) are the versions that
-`.ci/reader-install` tests (those Colab ships).
+CI's reader's venv holds (those Colab ships).
 
-`.ci/reader-install` then installs that wheel into a fresh venv and runs the tests and the book
-there; these checks fail in seconds, before that slower step.
+`.ci/reader-venv` then installs that wheel into a fresh venv, where `.ci/reader-install` runs the
+tests and `.ci/reader-book` the book; these checks fail in seconds, before those slower steps.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_lower_bounds_are_the_tested_colab_versions():
     assert not missing, f"{COLAB_VERSIONS.name} does not install {missing}"
     differ = {name: (lower, pins[name]) for name, lower in bounds.items()
               if name not in NOT_TESTED_AT_LOWER_BOUND and Version(pins[name]) != Version(lower)}
-    assert not differ, ("pyproject.toml's lower bounds must be the versions .ci/reader-install "
+    assert not differ, ("pyproject.toml's lower bounds must be the versions .ci/reader-venv "
                         f"tests (lower bound, tested): {differ}")
 
 

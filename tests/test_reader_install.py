@@ -3,9 +3,9 @@
 The setup cell installs ``retrac-lib`` (with the extras it names) and so its dependencies; a
 chapter, or a library function it calls, that imports anything else (myst-nb, jupyter-book, a test
 tool) fails in Colab. Chapters glue through ``retrac_lib.book.prose``, which works without myst-nb
-(``tests/test_prose.py``). ``.ci/reader-install`` runs the library tests and the chapters from the
-wheel in a venv with Colab's versions that holds the book's build too; these checks are what
-tells that the chapters and the library need nothing of the build's.
+(``tests/test_prose.py``). ``.ci/reader-install`` and ``.ci/reader-book`` run the library tests
+and the chapters from the wheel in a venv with Colab's versions that holds the book's build too;
+these checks are what tells that the chapters and the library need nothing of the build's.
 """
 from __future__ import annotations
 
