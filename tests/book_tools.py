@@ -1,6 +1,8 @@
-"""Shared by the book tests: the repository root, the chapters, and the scripts in tools/."""
+"""Shared by the tests: the repository root, the chapters, the scripts in tools/, and the
+imports a source file makes."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -14,3 +16,24 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def absolute_imports(source: str, *, skip_optional: bool = False) -> set[str]:
+    """The modules Python ``source`` imports by absolute name, anywhere (in functions too); with
+    ``skip_optional``, not those inside a ``try`` that catches ImportError (optional imports)."""
+    tree = ast.parse(source)
+    optional = set()
+    if skip_optional:
+        optional = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                    and any(h.type is not None and "ImportError" in ast.unparse(h.type)
+                            for h in t.handlers)
+                    for stmt in t.body for node in ast.walk(stmt)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from book_tools import absolute_imports
 
 import retrac_lib
 
@@ -52,21 +53,10 @@ def test_the_core_never_imports_the_book_packages_even_in_a_function():
     found = {}
     for name, path in _modules().items():
         if _is_core(name):
-            tops = {n.split(".")[0] for n in _absolute_imports(path)}
+            tops = {n.split(".")[0] for n in absolute_imports(path.read_text())}
             if tops & set(BOOK_PACKAGES):
                 found[name] = sorted(tops & set(BOOK_PACKAGES))
     assert not found, f"core modules import the book's packages: {found}"
-
-
-def _absolute_imports(path: Path) -> set[str]:
-    """The modules a file imports by absolute name, anywhere in it (in functions too)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module)
-    return names
 
 
 def _imports(name: str, path: Path, modules) -> set[str]:

@@ -9,7 +9,6 @@ these checks are what tells that the chapters and the library need nothing of th
 """
 from __future__ import annotations
 
-import ast
 import json
 import re
 import sys
@@ -17,7 +16,7 @@ import tomllib
 from importlib import metadata
 
 import pytest
-from book_tools import NOTEBOOKS, ROOT
+from book_tools import NOTEBOOKS, ROOT, absolute_imports
 from packaging.requirements import Requirement
 
 SETUP_PIP = re.compile(r'%pip install -q\s+(?:\\\n\s*)?"([^"]+)"')
@@ -65,11 +64,7 @@ def _imports(nb: dict) -> set[str]:
             line[:len(line) - len(line.lstrip())] + "pass"
             if line.lstrip().startswith(("%", "!")) else line
             for line in source.splitlines())
-        for node in ast.walk(ast.parse(code)):
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names.add(node.module.split(".")[0])
+        names.update(name.split(".")[0] for name in absolute_imports(code))
     return names
 
 
@@ -93,22 +88,8 @@ def _library_imports() -> dict[str, set[str]]:
     except imports inside a ``try`` that catches ImportError (optional: prose.glue's myst-nb)."""
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / "retrac_lib").rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        guarded = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try)
-                   and any(h.type is not None and "ImportError" in ast.unparse(h.type)
-                           for h in t.handlers)
-                   for stmt in t.body for node in ast.walk(stmt)}
-        for node in ast.walk(tree):
-            if id(node) in guarded:
-                continue
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                found.setdefault(name.split(".")[0], set()).add(path.relative_to(ROOT).as_posix())
+        for name in absolute_imports(path.read_text(), skip_optional=True):
+            found.setdefault(name.split(".")[0], set()).add(path.relative_to(ROOT).as_posix())
     return found
 
 
