@@ -41,8 +41,9 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
     maps a rung name to its stored measurements), a dot at the value and a bar for its
     95 % interval (bootstrap for the AUC, the normal one, +-1.96 standard errors over
     queries, for the LDS, the paired bootstrap interval against random removal for the
-    removal test's loss rise). A measure a rung has
-    not measured yet is left out of that rung's row and said in the panel."""
+    removal test's loss rise; none for the same-label rate, stored without its per-query
+    rates). A measure a rung has not measured yet is left out of that rung's row and said in
+    the panel."""
     fig, axes = page_panels(len(PANELS), 2.2, 0.55 + 0.42 * len(measurements) * len(methods))
     rows = [(rung, m) for rung in measurements for m in methods]
     for ax, (part, title, xlabel, reference) in zip(axes, PANELS):
