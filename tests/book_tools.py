@@ -1,5 +1,5 @@
-"""Shared by the tests: the repository root, the chapters, the scripts in tools/, and the
-imports a source file makes."""
+"""Shared by the tests: the repository root, the chapters, the scripts in tools/, the imports a
+source file makes, and the markdown tables a script prints."""
 from __future__ import annotations
 
 import ast
@@ -37,3 +37,17 @@ def absolute_imports(source: str, *, skip_optional: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module)
     return names
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables of ``text``: each a list of rows (header first, no separator) of
+    stripped cells."""
+    tables, previous = [], False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            if not line.startswith("|-"):
+                tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line.startswith("|")
+    return tables

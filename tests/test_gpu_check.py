@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from book_tools import ROOT   # a script of the repository: this test stays in the checkout
+from book_tools import ROOT, markdown_tables   # a script of the repository: stays in the checkout
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
@@ -15,19 +15,6 @@ def _run(*args, cache):
                           timeout=240)
 
 
-def _tables(text: str) -> list[list[list[str]]]:
-    """The markdown tables of ``text``: each a list of rows (header first, no separator)."""
-    tables, previous = [], False
-    for line in text.splitlines():
-        if line.startswith("|"):
-            if not previous:
-                tables.append([])
-            if not line.startswith("|-"):
-                tables[-1].append([c.strip() for c in line.strip("|").split("|")])
-        previous = line.startswith("|")
-    return tables
-
-
 @pytest.mark.long
 def test_dry_run_writes_one_row_per_method_and_engine(tmp_path):
     out = tmp_path / "results" / "gpu_check.md"
@@ -35,7 +22,7 @@ def test_dry_run_writes_one_row_per_method_and_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert f"torch {torch.__version__}, diffusers" in text and "# GPU check: cpu" in text
-    (header, *rows), (ens_header, *ens_rows) = _tables(text)
+    (header, *rows), (ens_header, *ens_rows) = markdown_tables(text)
     assert header == ["method", "engine", "contract s", "batch-1 loop s (extrap.)",
                       "speed-up (goal >= 30x)", "x plain batched pass (goal <= 2x)", "peak MiB",
                       "max rel. err vs CPU"]
