@@ -155,7 +155,8 @@ class RemovalResult:
     on all data, ``loss[m]`` [Q] of the models retrained without ``removed[m]`` [Q, k]. The
     "random" reference removes ``k`` random samples ``draws`` times per query: ``removed["random"]``
     is [Q, draws, k], ``draw_loss`` [Q, draws] the seed-mean loss of each draw and
-    ``loss["random"]`` their mean. ``n_retrains`` counts distinct (training set, seed) runs.
+    ``loss["random"]`` their mean. ``n_retrains`` counts the distinct (removed set, seed)
+    retrains, not the models trained on all data behind ``base_loss`` (one per seed).
     ``chosen_by`` says what chose the removed sets (``removal_test``'s ``chosen_by``, of the run
     that pinned them in a ledger), ``own_overlap[m]`` the mean share of the sets that the scores
     passed to this test choose too (1 when they chose them).
