@@ -1,5 +1,7 @@
 """Shared by the tests: the repository root, the chapters, the scripts in tools/, the imports a
-source file makes, and the markdown tables a script prints."""
+source file makes, and the markdown tables a script prints. A test that imports this module tests
+the repository's own files: it stays in the checkout (``.ci/reader-install`` leaves it out of the
+installed wheel's run)."""
 from __future__ import annotations
 
 import ast

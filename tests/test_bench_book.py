@@ -4,11 +4,12 @@ notebooks: the real chapters run in the book's own tests and build)."""
 import importlib.util
 import json
 import sys
+import tempfile
 
 import nbformat
 import pytest
 
-from book_tools import ROOT, markdown_tables   # a script of the repository: stays in the checkout
+from book_tools import NOTEBOOKS, ROOT, markdown_tables   # a script of the repository: stays in the checkout
 
 SCRIPT = ROOT / "benchmarks" / "bench_book.py"
 
@@ -54,21 +55,23 @@ def test_chapters_are_timed_in_toc_order_with_their_cells_and_claims(tmp_path, m
     (book / "notebooks").mkdir(parents=True)
     (book / "_toc.yml").write_text(
         "format: jb-book\nroot: intro\nparts:\n- chapters:\n"
-        "  - file: notebooks/02_breaks\n  - file: notebooks/01_sleeps\n"
+        "  - file: notebooks/02_breaks\n    sections:\n    - file: notebooks/01_sleeps\n"
         "  - file: notebooks/03_missing\n")
     _write_notebook(book / "notebooks" / "01_sleeps.ipynb",
                     "import os, time\ntime.sleep(1.0)",
                     "from retrac_lib.book import claims\n"
                     "claims.check('ch1-slept', 'The chapter slept', True, '1 s')\n"
                     "claims.check('ch1-woke', 'The chapter woke', False, 'no')",
-                    "cache = os.environ['RETRAC_CACHE']\nos.makedirs(cache)\n"
+                    "cache = os.environ['RETRAC_CACHE']\nos.makedirs(cache, exist_ok=True)\n"
                     "open(os.path.join(cache, 'ran-in'), 'w').write(os.getcwd())")
     _write_notebook(book / "notebooks" / "02_breaks.ipynb", "x = 1",
                     "raise ValueError('broken on purpose')", "print('never')")
     bench = _bench_book()
     monkeypatch.setattr(bench, "ROOT", book)
+    monkeypatch.setattr(bench, "rate", lambda: "matmul not measured")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # main's work folder: in here
     for name in ("RETRAC_CACHE", "RETRAC_CLAIMS_DIR"):   # main sets them: restored after
-        monkeypatch.setenv(name, "unset by the test")
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RETRAC_SMOKE", "1")              # smoke claims are recorded, not enforced
     cache = tmp_path / "cache"
     monkeypatch.setattr(sys, "argv", ["bench_book.py", "--top", "2", "--cache", str(cache)])
@@ -86,4 +89,10 @@ def test_chapters_are_timed_in_toc_order_with_their_cells_and_claims(tmp_path, m
     assert float(slept["0"][2]) >= 1.0 and slept["0"][3] == "import os, time"
     ran_in = cache / "ran-in"                            # the chapter's cache: --cache
     assert ran_in.read_text() == str(book / "notebooks")  # its working folder: its own
+    (work,) = tmp_path.glob("bench-book-*")
+    assert [c["name"] for c in bench.claims_of(work / "claims", ROOT / "01_sleeps.ipynb")] == [
+        "ch1-slept", "ch1-woke"]
 
+
+def test_the_chapters_are_the_books_in_its_order():
+    assert _bench_book().toc_notebooks() == NOTEBOOKS     # _toc.yml lists them by file name

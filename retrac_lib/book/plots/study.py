@@ -53,7 +53,8 @@ def ladder_methods(measurements: dict[str, dict], methods) -> object:
             if value is None:
                 continue
             v, lo, hi = value
-            ax.plot([lo, hi], [y, y], color=METHOD_COLORS[method], lw=2)
+            if hi > lo:
+                ax.plot([lo, hi], [y, y], color=METHOD_COLORS[method], lw=2)
             ax.plot(v, y, "o", color=METHOD_COLORS[method], ms=5)
         if reference is not None:
             ax.axvline(reference, color="grey", lw=0.8, ls=":")
